@@ -1,0 +1,199 @@
+"""The schedule IR: actions, stage placement and per-rank action lists.
+
+A pipeline schedule is plain data. For every rank it holds the ordered list of
+actions that rank performs in one training step. Every other part of Conveyor
+(validator, lowering, runtime, simulator, plots) reads this data; none of them
+knows a schedule by name.
+
+Text form of an action is ``<stage><kind><microbatch>``, e.g. ``1F0`` (stage 1,
+forward of microbatch 0) or ``0SEND_F3``. ``Action.parse`` reads it back.
+
+No torch here: schedules are tested without processes.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Kind",
+    "Action",
+    "Placement",
+    "Schedule",
+    "ScheduleError",
+    "COMPUTE_KINDS",
+    "COMM_KINDS",
+]
+
+
+class ScheduleError(ValueError):
+    """A schedule (built-in, hand-written or lowered) is malformed or cannot run."""
+
+
+class Kind(enum.Enum):
+    """What an action does. F/B/W compute; the rest move tensors between ranks."""
+
+    F = "F"  # forward
+    B = "B"  # backward: input-grad only if the schedule has W actions, else full backward
+    W = "W"  # weight-grad (only in split-backward schedules)
+    SEND_F = "SEND_F"  # send this stage's output activation to the next stage
+    RECV_F = "RECV_F"  # receive this stage's input activation from the previous stage
+    SEND_B = "SEND_B"  # send the grad of this stage's input to the previous stage
+    RECV_B = "RECV_B"  # receive the grad of this stage's output from the next stage
+
+    @property
+    def is_compute(self) -> bool:
+        """True for F, B and W."""
+        return self in COMPUTE_KINDS
+
+
+COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.W})
+COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+
+_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One step of one rank: ``kind`` applied to ``microbatch`` on ``stage``."""
+
+    stage: int
+    kind: Kind
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind.value}{self.microbatch}"
+
+    def __repr__(self) -> str:
+        return f"Action({self})"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Read an action back from its text form, e.g. ``'1F0'``."""
+        m = _ACTION_RE.match(text.strip())
+        if m is None:
+            raise ScheduleError(
+                f"cannot parse action {text!r}: expected <stage><kind><microbatch> "
+                "such as '1F0', '0B3', '2W1' or '0SEND_F2'"
+            )
+        return cls(int(m.group(1)), Kind(m.group(2)), int(m.group(3)))
+
+
+def F(stage: int, mb: int) -> Action:  # noqa: N802 - reads like the paper's notation
+    """Forward of microbatch ``mb`` on ``stage``."""
+    return Action(stage, Kind.F, mb)
+
+
+def B(stage: int, mb: int) -> Action:  # noqa: N802
+    """Backward (input-grad, or full if the schedule has no W) of ``mb`` on ``stage``."""
+    return Action(stage, Kind.B, mb)
+
+
+def W(stage: int, mb: int) -> Action:  # noqa: N802
+    """Weight-grad of ``mb`` on ``stage``."""
+    return Action(stage, Kind.W, mb)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which rank (within the pipeline group) holds each stage.
+
+    ``stage_to_rank[s]`` is the rank of stage ``s``; a rank may hold several stages
+    (virtual stages / model chunks).
+    """
+
+    stage_to_rank: tuple[int, ...]
+
+    @classmethod
+    def looped(cls, num_ranks: int, chunks: int = 1) -> Placement:
+        """Stage ``s`` on rank ``s % num_ranks`` (1F1B, GPipe, interleaved 1F1B)."""
+        return cls(tuple(s % num_ranks for s in range(num_ranks * chunks)))
+
+    @classmethod
+    def vshape(cls, num_ranks: int) -> Placement:
+        """Two chunks per rank, down then back up: rank r holds stages r and 2p-1-r (ZB-V)."""
+        down = list(range(num_ranks))
+        return cls(tuple(down + down[::-1]))
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages (model chunks) in the pipeline."""
+        return len(self.stage_to_rank)
+
+    @property
+    def num_ranks(self) -> int:
+        """Number of pipeline ranks."""
+        return max(self.stage_to_rank) + 1
+
+    def rank_of(self, stage: int) -> int:
+        """The rank holding ``stage``."""
+        return self.stage_to_rank[stage]
+
+    def stages_of(self, rank: int) -> list[int]:
+        """Stages held by ``rank``, in increasing order."""
+        return [s for s, r in enumerate(self.stage_to_rank) if r == rank]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A complete pipeline schedule: per-rank ordered action lists plus placement."""
+
+    name: str
+    num_microbatches: int
+    placement: Placement
+    actions: Mapping[int, tuple[Action, ...]]
+    lowered: bool = field(default=False)
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        num_microbatches: int,
+        placement: Placement,
+        actions: Mapping[int, Iterable[Action]],
+        lowered: bool = False,
+    ) -> Schedule:
+        """Make a schedule, freezing the per-rank lists."""
+        frozen = {r: tuple(actions.get(r, ())) for r in range(placement.num_ranks)}
+        return cls(name, num_microbatches, placement, frozen, lowered)
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages (model chunks)."""
+        return self.placement.num_stages
+
+    @property
+    def num_ranks(self) -> int:
+        """Number of pipeline ranks."""
+        return self.placement.num_ranks
+
+    @property
+    def split_backward(self) -> bool:
+        """True when weight-grads are separate W actions (B computes input-grads only)."""
+        return any(a.kind is Kind.W for acts in self.actions.values() for a in acts)
+
+    def compute_actions(self, rank: int) -> list[Action]:
+        """The F/B/W actions of ``rank`` in order, without communication."""
+        return [a for a in self.actions[rank] if a.kind.is_compute]
+
+    def table(self) -> str:
+        """Per-rank action lists as a text grid, one row per rank."""
+        return format_table(self.actions)
+
+
+def format_table(
+    actions: Mapping[int, Sequence[Action]], mark: tuple[int, int] | None = None
+) -> str:
+    """Render ``rank -> actions`` as aligned rows; ``mark=(rank, index)`` brackets one cell."""
+    cells = {
+        r: [f"[{a}]" if mark == (r, i) else str(a) for i, a in enumerate(acts)]
+        for r, acts in actions.items()
+    }
+    width = max((len(c) for row in cells.values() for c in row), default=1)
+    lines = []
+    for r in sorted(cells):
+        lines.append(f"rank {r}: " + " ".join(c.rjust(width) for c in cells[r]))
+    return "\n".join(lines)
