@@ -185,11 +185,12 @@ class Schedule:
 
 
 def format_table(
-    actions: Mapping[int, Sequence[Action]], mark: tuple[int, int] | None = None
+    actions: Mapping[int, Sequence[Action]], marks: Iterable[tuple[int, int]] = ()
 ) -> str:
-    """Render ``rank -> actions`` as aligned rows; ``mark=(rank, index)`` brackets one cell."""
+    """Render ``rank -> actions`` as aligned rows; each ``(rank, index)`` in marks is bracketed."""
+    marked = set(marks)
     cells = {
-        r: [f"[{a}]" if mark == (r, i) else str(a) for i, a in enumerate(acts)]
+        r: [f"[{a}]" if (r, i) in marked else str(a) for i, a in enumerate(acts)]
         for r, acts in actions.items()
     }
     width = max((len(c) for row in cells.values() for c in row), default=1)

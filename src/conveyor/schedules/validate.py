@@ -1,0 +1,238 @@
+"""Symbolic execution of a schedule: dependency checks, deadlock detection, timing.
+
+One engine serves both the validator (unit costs) and the simulator (measured or
+analytic costs): every rank runs its list in order; an action starts when its
+rank is free and the actions it depends on have finished. Works on plain
+schedules (cross-rank dependencies are implicit) and on lowered ones (a compute
+action waits for its RECV, a RECV for the matching SEND).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .ir import Action, Kind, Schedule, ScheduleError, format_table
+
+__all__ = ["TimedAction", "Execution", "execute", "validate", "ScheduleStats", "check_coverage"]
+
+Key = tuple[Kind, int, int]  # (kind, stage, microbatch): an event that has happened
+
+
+@dataclass(frozen=True)
+class TimedAction:
+    """An action placed on the clock: ``ready`` is when its inputs were available."""
+
+    rank: int
+    action: Action
+    start: float
+    end: float
+    ready: float
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Result of executing a schedule: per-rank timelines in start order."""
+
+    timeline: dict[int, list[TimedAction]]
+
+    @property
+    def makespan(self) -> float:
+        """Time from the first start to the last end."""
+        return max((t.end for row in self.timeline.values() for t in row), default=0.0)
+
+    def busy(self, rank: int) -> float:
+        """Time ``rank`` spends in compute actions."""
+        return sum(t.end - t.start for t in self.timeline[rank] if t.action.kind.is_compute)
+
+    def bubble_fraction(self) -> float:
+        """Idle share of all ranks over the whole step: 1 - busy / (ranks * makespan)."""
+        span = self.makespan
+        if span == 0:
+            return 0.0
+        total_busy = sum(self.busy(r) for r in self.timeline)
+        return 1.0 - total_busy / (len(self.timeline) * span)
+
+    def clock_table(self) -> str:
+        """Compute actions on an integer clock, one row per rank ('.' = idle); unit costs only."""
+        width = int(round(self.makespan))
+        rows = []
+        for rank in sorted(self.timeline):
+            cells = ["."] * width
+            for t in self.timeline[rank]:
+                if t.action.kind.is_compute:
+                    for c in range(int(round(t.start)), int(round(t.end))):
+                        cells[c] = f"{t.action.kind.value}{t.action.microbatch}"
+            cell_w = max(len(c) for c in cells) if cells else 1
+            rows.append(f"rank {rank}: " + " ".join(c.ljust(cell_w) for c in cells).rstrip())
+        return "\n".join(rows)
+
+
+def _deps(schedule: Schedule, rank: int, a: Action) -> list[Key]:
+    """Events that must have happened before ``a`` may start on ``rank``."""
+    place = schedule.placement
+    last = schedule.num_stages - 1
+    s, m = a.stage, a.microbatch
+    lowered = schedule.lowered
+    if a.kind is Kind.F:
+        if s == 0:
+            return []
+        if lowered and place.rank_of(s - 1) != rank:
+            return [(Kind.RECV_F, s, m)]
+        return [(Kind.F, s - 1, m)]
+    if a.kind is Kind.B:
+        deps: list[Key] = [(Kind.F, s, m)]
+        if s < last:
+            if lowered and place.rank_of(s + 1) != rank:
+                deps.append((Kind.RECV_B, s, m))
+            else:
+                deps.append((Kind.B, s + 1, m))
+        return deps
+    if a.kind is Kind.W:
+        return [(Kind.B, s, m)]
+    if a.kind is Kind.SEND_F:
+        return [(Kind.F, s, m)]
+    if a.kind is Kind.SEND_B:
+        return [(Kind.B, s, m)]
+    if a.kind is Kind.RECV_F:
+        return [(Kind.SEND_F, s - 1, m)]
+    return [(Kind.SEND_B, s + 1, m)]  # RECV_B
+
+
+def check_coverage(schedule: Schedule) -> None:
+    """Every stage's F and B (and W, if split) run exactly once per microbatch, on its rank."""
+    place = schedule.placement
+    counts: Counter[tuple[Kind, int, int]] = Counter()
+    for rank, acts in schedule.actions.items():
+        for i, a in enumerate(acts):
+            if not 0 <= a.stage < schedule.num_stages:
+                raise ScheduleError(_at(schedule, rank, i, f"stage {a.stage} does not exist"))
+            if not 0 <= a.microbatch < schedule.num_microbatches:
+                raise ScheduleError(
+                    _at(schedule, rank, i, f"microbatch {a.microbatch} is out of range "
+                        f"0..{schedule.num_microbatches - 1}")
+                )
+            if place.rank_of(a.stage) != rank:
+                raise ScheduleError(
+                    _at(schedule, rank, i, f"stage {a.stage} is placed on rank "
+                        f"{place.rank_of(a.stage)}, not on rank {rank}")
+                )
+            key = (a.kind, a.stage, a.microbatch)
+            counts[key] += 1
+            if counts[key] > 1:
+                raise ScheduleError(_at(schedule, rank, i, f"{a} appears more than once"))
+    kinds = [Kind.F, Kind.B] + ([Kind.W] if schedule.split_backward else [])
+    for s in range(schedule.num_stages):
+        for m in range(schedule.num_microbatches):
+            for k in kinds:
+                if counts[(k, s, m)] == 0:
+                    raise ScheduleError(
+                        f"schedule {schedule.name!r} never runs {Action(s, k, m)} "
+                        f"(rank {place.rank_of(s)})"
+                    )
+
+
+def _at(schedule: Schedule, rank: int, index: int, reason: str) -> str:
+    grid = format_table(schedule.actions, marks=[(rank, index)])
+    return f"schedule {schedule.name!r}, rank {rank}, step {index}: {reason}\n{grid}"
+
+
+def execute(
+    schedule: Schedule,
+    duration: Callable[[int, Action], float] = lambda rank, a: 1.0 if a.kind.is_compute else 0.0,
+    latency: Callable[[Action], float] = lambda a: 0.0,
+) -> Execution:
+    """Run the schedule on a clock; raise ScheduleError naming the stuck actions on deadlock.
+
+    ``duration(rank, action)`` is how long an action occupies its rank; ``latency(action)``
+    is added between a SEND (or, unlowered, a producing compute on another rank) and the
+    action waiting for it.
+    """
+    done: dict[Key, tuple[float, int]] = {}  # event -> (time it is available, producer rank)
+    pos = {r: 0 for r in schedule.actions}
+    free = {r: 0.0 for r in schedule.actions}
+    timeline: dict[int, list[TimedAction]] = {r: [] for r in schedule.actions}
+    remaining = sum(len(a) for a in schedule.actions.values())
+    while remaining:
+        progressed = False
+        for rank, acts in schedule.actions.items():
+            while pos[rank] < len(acts):
+                a = acts[pos[rank]]
+                deps = _deps(schedule, rank, a)
+                if any(d not in done for d in deps):
+                    break
+                ready = 0.0
+                for d in deps:
+                    t, producer = done[d]
+                    crosses = producer != rank and d[0] in (Kind.SEND_F, Kind.SEND_B, Kind.F, Kind.B)
+                    ready = max(ready, t + (latency(a) if crosses else 0.0))
+                start = max(free[rank], ready)
+                if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                    end = start  # a receive occupies no compute; waiting shows as start - free
+                else:
+                    end = start + duration(rank, a)
+                free[rank] = end
+                done[(a.kind, a.stage, a.microbatch)] = (end, rank)
+                timeline[rank].append(TimedAction(rank, a, start, end, ready))
+                pos[rank] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ScheduleError(_deadlock_message(schedule, pos, done))
+    return Execution(timeline)
+
+
+def _deadlock_message(schedule: Schedule, pos: dict[int, int], done: dict[Key, object]) -> str:
+    lines = [f"schedule {schedule.name!r} deadlocks:"]
+    stuck: list[tuple[int, int]] = []
+    for rank, acts in schedule.actions.items():
+        if pos[rank] >= len(acts):
+            continue
+        a = acts[pos[rank]]
+        missing = [Action(s, k, m) for k, s, m in _deps(schedule, rank, a) if (k, s, m) not in done]
+        lines.append(
+            f"  rank {rank} step {pos[rank]}: {a} waits for "
+            + ", ".join(f"{x} (rank {schedule.placement.rank_of(x.stage)})" for x in missing)
+        )
+        stuck.append((rank, pos[rank]))
+    lines.append(format_table(schedule.actions, marks=stuck))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ScheduleStats:
+    """What the validator reports about a schedule under unit costs."""
+
+    bubble_fraction: float
+    makespan: float
+    peak_activations: dict[int, int]
+    """Per rank: most microbatch-stages forwarded but not yet backwarded (B) at once."""
+
+
+def peak_activations(schedule: Schedule) -> dict[int, int]:
+    """Per rank, the most (stage, microbatch) activations stashed at once (F done, B not)."""
+    peaks = {}
+    for rank, acts in schedule.actions.items():
+        live = peak = 0
+        for a in acts:
+            if a.kind is Kind.F:
+                live += 1
+                peak = max(peak, live)
+            elif a.kind is Kind.B:
+                live -= 1
+        peaks[rank] = peak
+    return peaks
+
+
+def validate(
+    schedule: Schedule,
+    f_cost: float = 1.0,
+    b_cost: float = 1.0,
+    w_cost: float = 1.0,
+) -> ScheduleStats:
+    """Check a schedule can run; return its bubble and peak activations under given unit costs."""
+    check_coverage(schedule)
+    cost = {Kind.F: f_cost, Kind.B: b_cost, Kind.W: w_cost}
+    run = execute(schedule, lambda rank, a: cost.get(a.kind, 0.0))
+    return ScheduleStats(run.bubble_fraction(), run.makespan, peak_activations(schedule))
