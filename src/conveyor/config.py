@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .schedules import SCHEDULES
+
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "to_dict"]
 
 
@@ -103,9 +105,6 @@ class ModelConfig:
         return self.n_layers + 2
 
 
-SCHEDULES = ("gpipe", "1f1b")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """How the model and batch are split over processes."""
@@ -131,7 +130,7 @@ class ParallelConfig:
         _positive(self, "pp", "dp", "tp", "microbatches", "virtual_stages")
         if self.schedule not in SCHEDULES:
             raise ConfigError(
-                f"schedule={self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}"
+                f"schedule={self.schedule!r} is unknown; choose one of {', '.join(sorted(SCHEDULES))}"
             )
         if self.partition not in ("uniform", "params"):
             raise ConfigError(
