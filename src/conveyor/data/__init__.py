@@ -1,0 +1,32 @@
+"""Data: corpora, byte-level BPE tokenizer, packing into rows, and a resumable sampler.
+
+Imports flow one way: errors and atomic are leaves; corpus <- tokenizer; packing and
+sampler stand alone; prepare uses them all. ``batches`` is the only module importing torch.
+"""
+
+from conveyor.data.batches import get_batch
+from conveyor.data.corpus import Corpus, read_documents, resolve_paths, stdlib_corpus_paths
+from conveyor.data.errors import DataError
+from conveyor.data.packing import TokenDataset, pack, split_train_val
+from conveyor.data.prepare import PreparedData, prepare_data
+from conveyor.data.sampler import Sampler
+from conveyor.data.tokenizer import EOT, Tokenizer, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "EOT",
+    "Corpus",
+    "DataError",
+    "PreparedData",
+    "Sampler",
+    "TokenDataset",
+    "Tokenizer",
+    "get_batch",
+    "load_tokenizer",
+    "pack",
+    "prepare_data",
+    "read_documents",
+    "resolve_paths",
+    "split_train_val",
+    "stdlib_corpus_paths",
+    "train_tokenizer",
+]

@@ -1,0 +1,74 @@
+"""From ``--data`` specs (or the stdlib) to a tokenizer and packed train/val rows, cached."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from conveyor.data.corpus import read_documents, resolve_paths, stdlib_corpus_paths
+from conveyor.data.errors import DataError
+from conveyor.data.packing import TokenDataset, pack, split_train_val
+from conveyor.data.tokenizer import Tokenizer, train_tokenizer
+
+__all__ = ["PreparedData", "prepare_data"]
+
+log = logging.getLogger("conveyor.data")
+
+
+@dataclass
+class PreparedData:
+    """What training needs from the data package."""
+
+    tokenizer: Tokenizer
+    """The trained (or cached) tokenizer."""
+    train: np.ndarray
+    """Training rows, shape (n_train, seq_len + 1)."""
+    val: np.ndarray
+    """Validation rows, shape (n_val, seq_len + 1)."""
+    skipped: int
+    """Number of files skipped as binary or not UTF-8."""
+
+
+def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
+                 val_fraction: float, cache_dir: Path, seed: int) -> PreparedData:
+    """Read, tokenize, pack and split; None specs means the stdlib corpus.
+
+    The tokenizer and the packed rows are cached in ``cache_dir``, keyed by the corpus
+    text and every setting they depend on, so a second run only reads the files.
+    """
+    if seq_len < 1:
+        raise DataError(f"seq_len={seq_len} must be positive; pass --seq-len >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1); pass e.g. 0.05")
+    paths = stdlib_corpus_paths() if specs is None else resolve_paths(specs)
+    if not paths:
+        raise DataError("found no stdlib source files for the default corpus; pass --data")
+    corpus = read_documents(paths)
+    tokenizer = train_tokenizer(corpus, vocab_size, Path(cache_dir))
+    key = TokenDataset.cache_key(tokenizer.to_str(), corpus.fingerprint, seq_len,
+                                 val_fraction, seed)
+    path = TokenDataset.cache_path(Path(cache_dir), key)
+    dataset = None
+    if path.is_file():
+        try:
+            dataset = TokenDataset.load(path)
+        except DataError as exc:
+            log.warning("%s; rebuilding", exc)
+    if dataset is None:
+        rows = pack(tokenizer.encode_batch(corpus.documents), seq_len, tokenizer.eot_id)
+        if len(rows) == 0:
+            raise DataError(
+                f"corpus too small: {len(corpus.documents)} documents make fewer than one "
+                f"sequence of {seq_len + 1} tokens; add data or lower --seq-len"
+            )
+        train, val = split_train_val(rows, val_fraction, seed)
+        dataset = TokenDataset(train=train, val=val)
+        dataset.save(path)
+        log.info("packed %d train and %d val rows of %d tokens -> %s",
+                 len(train), len(val), seq_len + 1, path)
+    return PreparedData(tokenizer=tokenizer, train=dataset.train, val=dataset.val,
+                        skipped=len(corpus.skipped))
