@@ -5,42 +5,42 @@ Nothing in this package imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from .describe import describe
+from .forward_only import forward_only
 from .gpipe import gpipe
+from .interleaved import interleaved_1f1b
 from .ir import Action, Kind, Placement, Schedule, ScheduleError
 from .lower import lower
 from .one_f_one_b import one_f_one_b
-from .validate import ScheduleStats, execute, validate
+from .registry import SCHEDULE_CHUNKS, SCHEDULES, build_schedule, check_virtual_stages
+from .table_file import format_schedule_csv, read_schedule_csv, write_schedule_csv
+from .validate import DeadlockError, ScheduleStats, execute, validate
+from .zero_bubble import zb_h1, zb_h2, zb_v
 
 __all__ = [
     "Action",
+    "DeadlockError",
     "Kind",
     "Placement",
     "Schedule",
     "ScheduleError",
     "ScheduleStats",
     "SCHEDULES",
+    "SCHEDULE_CHUNKS",
     "build_schedule",
+    "check_virtual_stages",
+    "describe",
     "execute",
+    "format_schedule_csv",
+    "forward_only",
     "gpipe",
+    "interleaved_1f1b",
     "lower",
     "one_f_one_b",
+    "read_schedule_csv",
     "validate",
+    "write_schedule_csv",
+    "zb_h1",
+    "zb_h2",
+    "zb_v",
 ]
-
-SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "gpipe": gpipe,
-    "1f1b": one_f_one_b,
-}
-
-
-def build_schedule(name: str, num_ranks: int, num_microbatches: int) -> Schedule:
-    """Build a registered schedule by name."""
-    try:
-        fn = SCHEDULES[name]
-    except KeyError:
-        raise ScheduleError(
-            f"schedule {name!r} is unknown; choose one of {', '.join(sorted(SCHEDULES))}"
-        ) from None
-    return fn(num_ranks, num_microbatches)

@@ -26,6 +26,7 @@ __all__ = [
     "ScheduleError",
     "COMPUTE_KINDS",
     "COMM_KINDS",
+    "check_sizes",
 ]
 
 
@@ -136,6 +137,16 @@ class Placement:
         """Stages held by ``rank``, in increasing order."""
         return [s for s, r in enumerate(self.stage_to_rank) if r == rank]
 
+    @property
+    def shape(self) -> str:
+        """'looped' or 'vshape' when this is one of those layouts, else 'custom'."""
+        p, n = self.num_ranks, self.num_stages
+        if n % p == 0 and self == Placement.looped(p, n // p):
+            return "looped"
+        if n == 2 * p and self == Placement.vshape(p):
+            return "vshape"
+        return "custom"
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -175,6 +186,13 @@ class Schedule:
         """True when weight-grads are separate W actions (B computes input-grads only)."""
         return any(a.kind is Kind.W for acts in self.actions.values() for a in acts)
 
+    @property
+    def forward_only(self) -> bool:
+        """True when the schedule has no B and no W at all (evaluation / inference)."""
+        return not any(
+            a.kind in (Kind.B, Kind.W) for acts in self.actions.values() for a in acts
+        )
+
     def compute_actions(self, rank: int) -> list[Action]:
         """The F/B/W actions of ``rank`` in order, without communication."""
         return [a for a in self.actions[rank] if a.kind.is_compute]
@@ -182,6 +200,15 @@ class Schedule:
     def table(self) -> str:
         """Per-rank action lists as a text grid, one row per rank."""
         return format_table(self.actions)
+
+
+def check_sizes(name: str, num_ranks: int, num_microbatches: int) -> None:
+    """Raise ScheduleError unless a schedule of ``name`` can have these sizes at all."""
+    for field_name, value in (("num_ranks", num_ranks), ("num_microbatches", num_microbatches)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ScheduleError(
+                f"schedule {name!r} needs {field_name} >= 1: got {field_name}={value!r}"
+            )
 
 
 def format_table(

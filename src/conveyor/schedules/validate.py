@@ -15,9 +15,30 @@ from dataclasses import dataclass
 
 from .ir import Action, Kind, Schedule, ScheduleError, format_table
 
-__all__ = ["TimedAction", "Execution", "execute", "validate", "ScheduleStats", "check_coverage"]
+__all__ = [
+    "TimedAction",
+    "Execution",
+    "execute",
+    "validate",
+    "ScheduleStats",
+    "check_coverage",
+    "peak_activations",
+    "DeadlockError",
+]
 
 Key = tuple[Kind, int, int]  # (kind, stage, microbatch): an event that has happened
+
+
+class DeadlockError(ScheduleError):
+    """No rank can make progress.
+
+    ``waits`` maps each blocked ``(rank, step index)`` to the actions it waits for,
+    so callers (e.g. the CSV reader) can point at the cell.
+    """
+
+    def __init__(self, message: str, waits: dict[tuple[int, int], list[Action]]) -> None:
+        super().__init__(message)
+        self.waits = waits
 
 
 @dataclass(frozen=True)
@@ -54,16 +75,48 @@ class Execution:
         total_busy = sum(self.busy(r) for r in self.timeline)
         return 1.0 - total_busy / (len(self.timeline) * span)
 
-    def clock_table(self) -> str:
-        """Compute actions on an integer clock, one row per rank ('.' = idle); unit costs only."""
+    def span(self, rank: int) -> float:
+        """Time from ``rank``'s first compute start to its last compute end (0 if it has none)."""
+        row = [t for t in self.timeline[rank] if t.action.kind.is_compute]
+        if not row:
+            return 0.0
+        return max(t.end for t in row) - min(t.start for t in row)
+
+    def steady_bubble_fraction(self) -> float:
+        """Idle share inside each rank's own span: 1 - busy / sum of per-rank spans.
+
+        Unlike :meth:`bubble_fraction` it does not count the time before a rank's first
+        action or after its last one, i.e. the start-up skew that no schedule can avoid
+        (rank r cannot start before r forwards have reached it). It is 0 exactly when no
+        rank ever waits once it has started: the steps then tile back to back.
+        """
+        total_span = sum(self.span(r) for r in self.timeline)
+        if total_span == 0:
+            return 0.0
+        return 1.0 - sum(self.busy(r) for r in self.timeline) / total_span
+
+    def clock_table(self, stages: bool | None = None) -> str:
+        """Compute actions on an integer clock, one row per rank ('.' = idle); unit costs only.
+
+        A cell reads ``F3`` (kind and microbatch), or ``2F3`` with the stage when
+        ``stages`` is true. By default the stage is shown only when some rank runs
+        more than one stage (interleaved or V placement), where ``F3`` would be ambiguous.
+        """
+        if stages is None:
+            stages = any(
+                len({t.action.stage for t in row if t.action.kind.is_compute}) > 1
+                for row in self.timeline.values()
+            )
         width = int(round(self.makespan))
         rows = []
         for rank in sorted(self.timeline):
             cells = ["."] * width
             for t in self.timeline[rank]:
                 if t.action.kind.is_compute:
+                    a = t.action
+                    label = str(a) if stages else f"{a.kind.value}{a.microbatch}"
                     for c in range(int(round(t.start)), int(round(t.end))):
-                        cells[c] = f"{t.action.kind.value}{t.action.microbatch}"
+                        cells[c] = label
             cell_w = max(len(c) for c in cells) if cells else 1
             rows.append(f"rank {rank}: " + " ".join(c.ljust(cell_w) for c in cells).rstrip())
         return "\n".join(rows)
@@ -101,7 +154,10 @@ def _deps(schedule: Schedule, rank: int, a: Action) -> list[Key]:
 
 
 def check_coverage(schedule: Schedule) -> None:
-    """Every stage's F and B (and W, if split) run exactly once per microbatch, on its rank."""
+    """Every stage's F and B (and W, if split) run exactly once per microbatch, on its rank.
+
+    A forward-only schedule (no B and no W anywhere) needs only the F actions.
+    """
     place = schedule.placement
     counts: Counter[tuple[Kind, int, int]] = Counter()
     for rank, acts in schedule.actions.items():
@@ -122,7 +178,11 @@ def check_coverage(schedule: Schedule) -> None:
             counts[key] += 1
             if counts[key] > 1:
                 raise ScheduleError(_at(schedule, rank, i, f"{a} appears more than once"))
-    kinds = [Kind.F, Kind.B] + ([Kind.W] if schedule.split_backward else [])
+    kinds = [Kind.F]
+    if not schedule.forward_only:
+        kinds.append(Kind.B)
+    if schedule.split_backward:
+        kinds.append(Kind.W)
     for s in range(schedule.num_stages):
         for m in range(schedule.num_microbatches):
             for k in kinds:
@@ -179,13 +239,13 @@ def execute(
                 remaining -= 1
                 progressed = True
         if not progressed:
-            raise ScheduleError(_deadlock_message(schedule, pos, done))
+            raise _deadlock(schedule, pos, done)
     return Execution(timeline)
 
 
-def _deadlock_message(schedule: Schedule, pos: dict[int, int], done: dict[Key, object]) -> str:
+def _deadlock(schedule: Schedule, pos: dict[int, int], done: dict[Key, object]) -> DeadlockError:
     lines = [f"schedule {schedule.name!r} deadlocks:"]
-    stuck: list[tuple[int, int]] = []
+    waits: dict[tuple[int, int], list[Action]] = {}
     for rank, acts in schedule.actions.items():
         if pos[rank] >= len(acts):
             continue
@@ -195,9 +255,9 @@ def _deadlock_message(schedule: Schedule, pos: dict[int, int], done: dict[Key, o
             f"  rank {rank} step {pos[rank]}: {a} waits for "
             + ", ".join(f"{x} (rank {schedule.placement.rank_of(x.stage)})" for x in missing)
         )
-        stuck.append((rank, pos[rank]))
-    lines.append(format_table(schedule.actions, marks=stuck))
-    return "\n".join(lines)
+        waits[(rank, pos[rank])] = missing
+    lines.append(format_table(schedule.actions, marks=list(waits)))
+    return DeadlockError("\n".join(lines), waits)
 
 
 @dataclass(frozen=True)
@@ -205,13 +265,22 @@ class ScheduleStats:
     """What the validator reports about a schedule under unit costs."""
 
     bubble_fraction: float
+    """Idle share of all ranks over the whole step: 1 - busy / (ranks * makespan)."""
     makespan: float
     peak_activations: dict[int, int]
     """Per rank: most microbatch-stages forwarded but not yet backwarded (B) at once."""
+    steady_bubble_fraction: float = float("nan")
+    """Idle share inside each rank's own first-to-last-action span (see
+    :meth:`Execution.steady_bubble_fraction`); ``validate`` always fills it, nan otherwise."""
 
 
 def peak_activations(schedule: Schedule) -> dict[int, int]:
-    """Per rank, the most (stage, microbatch) activations stashed at once (F done, B not)."""
+    """Per rank, the most (stage, microbatch) activations stashed at once (F done, B not).
+
+    A forward-only schedule stashes nothing for a backward, so its peaks are all 0.
+    """
+    if schedule.forward_only:
+        return {rank: 0 for rank in schedule.actions}
     peaks = {}
     for rank, acts in schedule.actions.items():
         live = peak = 0
@@ -235,4 +304,9 @@ def validate(
     check_coverage(schedule)
     cost = {Kind.F: f_cost, Kind.B: b_cost, Kind.W: w_cost}
     run = execute(schedule, lambda rank, a: cost.get(a.kind, 0.0))
-    return ScheduleStats(run.bubble_fraction(), run.makespan, peak_activations(schedule))
+    return ScheduleStats(
+        run.bubble_fraction(),
+        run.makespan,
+        peak_activations(schedule),
+        run.steady_bubble_fraction(),
+    )

@@ -1,0 +1,48 @@
+"""A schedule in words and tables, for ``conveyor schedule show``.
+
+Shows what the schedule is (ranks, stages, placement), each rank's action list, the
+clock table under unit costs, and the validator's figures.
+"""
+
+from __future__ import annotations
+
+from .ir import Schedule
+from .validate import execute, validate
+
+__all__ = ["describe"]
+
+
+def describe(schedule: Schedule) -> str:
+    """Action table, unit-cost clock table, bubble, makespan and peak activations, as text.
+
+    Raises ScheduleError (from the validator) if the schedule cannot run.
+    """
+    stats = validate(schedule)
+    run = execute(schedule)
+    p, n = schedule.num_ranks, schedule.num_stages
+    if schedule.forward_only:
+        backward, costs = "forward only (no B, no W)", "F = 1"
+    elif schedule.split_backward:
+        backward, costs = "B = input grad, W = weight grad", "F = B = W = 1"
+    else:
+        backward, costs = "B = full backward", "F = B = 1"
+    per_rank = ", ".join(f"rank {r}: {k}" for r, k in sorted(stats.peak_activations.items()))
+    lines = [
+        f"schedule {schedule.name!r}{' (lowered)' if schedule.lowered else ''}: "
+        f"{p} rank{'s' if p != 1 else ''}, {n} stage{'s' if n != 1 else ''} "
+        f"({schedule.placement.shape} placement), {schedule.num_microbatches} microbatches; "
+        f"{backward}",
+        "",
+        "actions per rank:",
+        schedule.table(),
+        "",
+        f"clock, unit costs {costs} ('.' = idle):",
+        run.clock_table(),
+        "",
+        f"makespan: {stats.makespan:g}",
+        f"bubble fraction: {stats.bubble_fraction:.4f} (idle share of ranks x makespan)",
+        f"steady bubble fraction: {stats.steady_bubble_fraction:.4f} "
+        "(idle inside each rank's first-to-last action)",
+        f"peak stashed activations (F done, B not yet): {per_rank}",
+    ]
+    return "\n".join(lines)
