@@ -1,0 +1,115 @@
+"""One pipeline stage: run F, B and W of a microbatch and keep what backward needs.
+
+Between stages the graph is cut: a stage's input is a fresh leaf tensor, so the
+backward of a stage ends at its input's ``.grad``, which is what goes to the
+previous stage. The last stage turns logits into the microbatch's share of the
+step loss (mean over its tokens divided by the number of microbatches), so the
+summed gradients equal those of the whole batch in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..models import EmbeddingBlock, HeadBlock, lm_loss
+from ..models.linear import WeightGradStore, attach_weight_grad_store
+
+__all__ = ["StageRunner"]
+
+
+class StageRunner:
+    """Forward, backward and weight-grad of one stage's blocks, one microbatch at a time."""
+
+    def __init__(
+        self,
+        stage: int,
+        blocks: dict[int, nn.Module],
+        *,
+        num_microbatches: int,
+        recompute: bool = False,
+        split_backward: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.stage = stage
+        self.blocks = blocks  # global block index -> module, in order
+        self.is_first = isinstance(next(iter(blocks.values())), EmbeddingBlock)
+        self.is_last = isinstance(next(reversed(blocks.values())), HeadBlock)
+        self.num_microbatches = num_microbatches
+        self.recompute = recompute
+        self.autocast_dtype = autocast_dtype
+        self.device = next(iter(blocks.values())).parameters().__next__().device
+        # With split backward, linear layers hand their weight-grad work to this store
+        # during B; W runs it later. Without, B computes everything.
+        self.weight_store = WeightGradStore() if split_backward else None
+        for block in blocks.values():
+            attach_weight_grad_store(block, self.weight_store)
+        self._stash: dict[int, tuple[Tensor | None, Tensor]] = {}
+        self.losses: list[Tensor] = []
+        self.stashed_bytes = 0
+        self.peak_stashed_bytes = 0
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters under their single-process names, ``blocks.<index>.<name>``."""
+        seen: set[int] = set()
+        for idx, block in self.blocks.items():
+            for name, p in block.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"blocks.{idx}.{name}", p
+
+    def _run_blocks(self, x: Tensor) -> Tensor:
+        for block in self.blocks.values():
+            if self.recompute and not isinstance(block, (EmbeddingBlock, HeadBlock)):
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, mb: int, x: Tensor, targets: Tensor | None, *, train: bool = True) -> Tensor:
+        """Run the stage on microbatch ``mb``; returns the activation to send, or the loss."""
+        if not self.is_first and train:
+            x.requires_grad_(True)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+            enabled=self.autocast_dtype is not None,
+        ):
+            out = self._run_blocks(x)
+            if self.is_last:
+                assert targets is not None, "last stage needs targets"
+                out = lm_loss(out, targets) / self.num_microbatches
+        if self.is_last:
+            self.losses.append(out.detach())
+        if train:
+            self._stash[mb] = (None if self.is_first else x, out)
+            self.stashed_bytes += _nbytes(out) + (0 if self.is_first else _nbytes(x))
+            self.peak_stashed_bytes = max(self.peak_stashed_bytes, self.stashed_bytes)
+        return out.detach()
+
+    def backward(self, mb: int, grad: Tensor | None) -> Tensor | None:
+        """Backward of microbatch ``mb`` given the grad of its output; returns its input's grad."""
+        x, out = self._stash.pop(mb)
+        self.stashed_bytes -= _nbytes(out) + (0 if x is None else _nbytes(x))
+        if self.weight_store is not None:
+            with self.weight_store.collect(mb):
+                torch.autograd.backward(out, None if self.is_last else grad)
+        else:
+            torch.autograd.backward(out, None if self.is_last else grad)
+        return None if x is None else x.grad
+
+    def weight(self, mb: int) -> None:
+        """Weight-grad of microbatch ``mb`` (work deferred by its B)."""
+        assert self.weight_store is not None, "W action on a stage without split backward"
+        self.weight_store.flush(mb)
+
+    def take_losses(self) -> list[Tensor]:
+        """The per-microbatch losses recorded since the last call (last stage only)."""
+        out, self.losses = self.losses, []
+        return out
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -1,0 +1,157 @@
+"""Helpers for the equivalence tests: pipeline runs vs the single-process model.
+
+Spawning a group costs ~2-3 s, so one group per pipeline size runs every case of
+that size in turn and returns all their losses and parameters at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from conveyor.config import ModelConfig, ParallelConfig
+from conveyor.models import Transformer
+from conveyor.parallel.mesh import Mesh
+from conveyor.runtime.launch import launch
+from conveyor.runtime.pipeline import Pipeline
+
+STEPS = 3
+BATCH = 8
+SEQ = 16
+LOSS_RTOL = 1e-5
+PARAM_RTOL = 1e-4
+
+BASE = ModelConfig(vocab_size=64, n_layers=4, d_model=32, n_heads=4, max_seq_len=SEQ)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layout to compare against the reference."""
+
+    schedule: str
+    pp: int
+    microbatches: int
+    recompute: bool = False
+    tied: bool = False
+    flavour: str = "gpt2"
+    virtual_stages: int = 1
+    dp: int = 1
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model config of this case."""
+        extra = {"n_kv_heads": 2} if self.flavour == "llama" else {}
+        return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied, **extra)
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The parallel config of this case."""
+        return ParallelConfig(
+            pp=self.pp, dp=self.dp, schedule=self.schedule, microbatches=self.microbatches,
+            recompute=self.recompute, virtual_stages=self.virtual_stages,
+        )
+
+    def __str__(self) -> str:
+        flags = [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
+        flags += ["recompute"] * self.recompute + ["tied"] * self.tied
+        flags += [f"v{self.virtual_stages}"] * (self.virtual_stages > 1) + [f"dp{self.dp}"] * (
+            self.dp > 1
+        )
+        return f"{self.schedule}-" + "-".join(flags)
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed sequence of (inputs, targets) global batches, one per step."""
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(STEPS):
+        t = torch.randint(0, BASE.vocab_size, (BATCH, SEQ + 1), generator=g)
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
+
+
+def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum: linear in the grads, so parameters check the grads themselves.
+
+    (AdamW divides by sqrt of the second moment, which turns rounding noise on
+    grads that are mathematically zero, such as the key bias, into lr-sized steps.)
+    """
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+
+Result = tuple[list[float], dict[str, torch.Tensor]]
+
+
+def reference(case: Case) -> Result:
+    """Losses and final parameters of the single-process model on the same batches."""
+    torch.manual_seed(0)
+    model = Transformer(case.model, seed=0)
+    opt = make_optimizer(list(model.parameters()))
+    losses = []
+    for x, y in batches():
+        opt.zero_grad()
+        loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    clones: dict[int, torch.Tensor] = {}  # keep tied names sharing one tensor
+    params = {
+        k: clones.setdefault(v.untyped_storage().data_ptr(), v.detach().clone())
+        for k, v in model.state_dict().items()
+    }
+    return losses, params
+
+
+def _run_cases(cases: list[Case]) -> dict[str, Result]:
+    out: dict[str, Result] = {}
+    meshes: dict[tuple[int, int], Mesh] = {}
+    data = batches()
+    for case in cases:
+        key = (case.pp, case.dp)
+        if key not in meshes:
+            meshes[key] = Mesh.build(case.pp, case.dp)
+        pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60)
+        opt = make_optimizer(pipe.parameters())
+        losses = []
+        for x, y in data:
+            opt.zero_grad()
+            losses.append(pipe.train_step(x, y))
+            opt.step()
+        out[str(case)] = (losses, {k: v.detach().clone() for k, v in pipe.named_parameters()})
+    return out
+
+
+def run_pipeline_cases(cases: list[Case], world: int) -> dict[str, dict[int, Result]]:
+    """Run every case in one spawned group of ``world`` ranks; results by case and rank."""
+    per_rank = launch(_run_cases, world, cases, timeout_s=120)
+    return {str(c): {r: per_rank[r][str(c)] for r in per_rank} for c in cases}
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (absolute when b is zero)."""
+    denom = b.norm().item()
+    return (a - b).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_equivalent(case: Case, got: dict[int, Result], ref: Result) -> None:
+    """Every rank's losses equal the reference's; together they hold every parameter."""
+    ref_losses, ref_params = ref
+    for rank, (losses, _) in got.items():
+        for step, (a, b) in enumerate(zip(losses, ref_losses, strict=True)):
+            assert abs(a - b) <= LOSS_RTOL * abs(b), (
+                f"{case}: rank {rank} step {step} loss {a!r} != reference {b!r}"
+            )
+    seen: set[str] = set()
+    for rank, (_, params) in got.items():
+        for name, value in params.items():
+            assert name in ref_params, f"{case}: rank {rank} has unknown parameter {name}"
+            d = rel_diff(value, ref_params[name])
+            assert d <= PARAM_RTOL, f"{case}: rank {rank} {name} differs by {d:.2e} (relative)"
+            seen.add(name)
+    # a tied weight is one tensor under two names; holding either name covers it
+    by_storage: dict[int, set[str]] = {}
+    for name, t in ref_params.items():
+        by_storage.setdefault(t.untyped_storage().data_ptr(), set()).add(name)
+    missing = [sorted(names) for names in by_storage.values() if not names & seen]
+    assert not missing, f"{case}: no rank holds {missing}"
