@@ -35,8 +35,12 @@ CASES = {pp: _cases(pp) for pp in (1, 2, 4)}
 
 
 @cache
-def _results(pp: int) -> dict:
-    return run_pipeline_cases(CASES[pp], world=pp)
+def _results(pp: int) -> dict | Exception:
+    # a failed group is remembered too, so its cases fail at once instead of relaunching
+    try:
+        return run_pipeline_cases(CASES[pp], world=pp)
+    except Exception as err:  # noqa: BLE001 - reported by every case of this size
+        return err
 
 
 @cache
@@ -46,6 +50,9 @@ def _reference(flavour: str, tied: bool) -> tuple:
 
 @pytest.mark.parametrize("case", [c for pp in (1, 2, 4) for c in CASES[pp]], ids=str)
 def test_matches_single_process(case: Case) -> None:
-    got = _results(case.pp)[str(case)]
+    results = _results(case.pp)
+    if isinstance(results, Exception):
+        pytest.fail(f"pp={case.pp} group failed: {results}")
+    got = results[str(case)]
     assert set(got) == set(range(case.pp))
     assert_equivalent(case, got, _reference(case.flavour, case.tied))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from torch import Tensor
 
 from ..log import get_logger
@@ -102,8 +103,10 @@ class Executor:
             a = self.actions[i]
             try:
                 if a.kind.is_compute:
-                    for j in self._prefetch.get(i, ()):
-                        self._post_recvs(state, [self.actions[j]])
+                    # Posting ahead must never block: a receive whose shape is not agreed
+                    # yet waits for its own gap.
+                    ahead = [self.actions[j] for j in self._prefetch.get(i, ())]
+                    self._post_recvs(state, [r for r in ahead if not self.p2p.needs_meta(r)])
                     self._compute(a, state, data)
                     i += 1
                 else:
@@ -144,20 +147,21 @@ class Executor:
         sends = [a for a in acts if a.kind in (Kind.SEND_F, Kind.SEND_B)]
         recvs = [a for a in acts if a.kind in (Kind.RECV_F, Kind.RECV_B)]
         t0 = time.perf_counter()
-        meta_ops, payload = [], []
+        meta_sends: list[tuple[Action, tuple[dist.P2POp, Tensor]]] = []
+        payload: list[tuple[Action, tuple[dist.P2POp, Tensor]]] = []
         for a in sends:
             tensor = state.outgoing.pop(a)
             if self.p2p.needs_meta(a):
-                meta_ops.append(self.p2p.meta_ops(a, tensor))
+                meta_sends.append((a, self.p2p.meta_ops(a, tensor)))
             payload.append((a, self.p2p.payload_op(a, tensor)))
         if self.batched:
             # Mirror of the peer's gap: metadata of sends and receives in one group, then
             # payloads in one group.
-            recv_meta = [(a, *self.p2p.meta_ops(a, None)) for a in recvs if self.p2p.needs_meta(a)]
-            works = self.p2p.start([op for op, _ in meta_ops] + [op for _, op, _ in recv_meta], True)
+            recv_meta = [(a, self.p2p.meta_ops(a, None)) for a in recvs if self.p2p.needs_meta(a)]
+            works = self.p2p.start([op for _, (op, _) in meta_sends + recv_meta], True)
             for w in works:
                 self.p2p.wait(w, acts[0])
-            for a, _, buf in recv_meta:
+            for a, (_, buf) in recv_meta:
                 self.p2p.store_meta(a, buf)
             recv_ops = [(a, self.p2p.payload_op(a, None)) for a in recvs]
             works = self.p2p.start([op for _, (op, _) in payload + recv_ops], True)
@@ -167,10 +171,12 @@ class Executor:
                 else:
                     state.sends.append(Transfer(a, w, buf))
         else:
-            self.p2p.start([op for op, _ in meta_ops], False)
-            works = self.p2p.start([op for _, (op, _) in payload], False)
-            for (a, (_, buf)), w in zip(payload, works, strict=True):
-                state.sends.append(Transfer(a, w, buf))
+            # Metadata before payload; both stay referenced until the step's end so their
+            # buffers outlive the asynchronous sends.
+            for group in (meta_sends, payload):
+                works = self.p2p.start([op for _, (op, _) in group], False)
+                for (a, (_, buf)), w in zip(group, works, strict=True):
+                    state.sends.append(Transfer(a, w, buf))
             self._post_recvs(state, recvs)
         for a in recvs:
             try:
