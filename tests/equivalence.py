@@ -22,7 +22,7 @@ SEQ = 16
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-4
 
-BASE = ModelConfig(vocab_size=64, n_layers=4, d_model=32, n_heads=4, max_seq_len=SEQ)
+BASE = ModelConfig(vocab_size=64, n_layers=6, d_model=32, n_heads=4, max_seq_len=SEQ)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Case:
     recompute: bool = False
     tied: bool = False
     flavour: str = "gpt2"
-    virtual_stages: int = 1
+    virtual_stages: int | None = None
     dp: int = 1
 
     @property
@@ -55,7 +55,7 @@ class Case:
     def __str__(self) -> str:
         flags = [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
         flags += ["recompute"] * self.recompute + ["tied"] * self.tied
-        flags += [f"v{self.virtual_stages}"] * (self.virtual_stages > 1) + [f"dp{self.dp}"] * (
+        flags += [f"v{self.virtual_stages}"] * (self.virtual_stages is not None) + [f"dp{self.dp}"] * (
             self.dp > 1
         )
         return f"{self.schedule}-" + "-".join(flags)

@@ -1,8 +1,9 @@
 """Invariant 1: any schedule and layout trains exactly like one process (fp32).
 
 Loss of every step within 1e-5 relative, parameters after 3 optimizer steps within
-1e-4 relative, for GPipe and 1F1B x pp in {1, 2, 4} x microbatches in {1, 2, 4, 8},
-recomputation on/off, tied embeddings on/off, GPT-2 and Llama flavours.
+1e-4 relative: GPipe and 1F1B x pp in {1, 2, 4} x microbatches in {1, 2, 4, 8};
+interleaved 1F1B (v = 2, 3), ZB-H1, ZB-H2 and ZB-V at pp in {2, 4}; recomputation
+on/off, tied embeddings on/off, GPT-2 and Llama flavours.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from equivalence import Case, assert_equivalent, reference, run_pipeline_cases
 pytestmark = pytest.mark.multiprocess
 
 SCHEDULES = ["gpipe", "1f1b"]
+SPLIT_AND_VIRTUAL = ["interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
 FLAVOURS = ["gpt2", "llama"]
 
 
 def _cases(pp: int) -> list[Case]:
     cases = []
+    if pp > 1:
+        for sched, m, flavour in itertools.product(SPLIT_AND_VIRTUAL, (1, 4, 8), FLAVOURS):
+            cases.append(Case(sched, pp, m, recompute=m == 4, tied=m == 8, flavour=flavour))
+        cases.append(Case("interleaved-1f1b", pp, 4, virtual_stages=2 if pp == 4 else 3))
     for sched, m, flavour in itertools.product(SCHEDULES, (1, 2, 4, 8), FLAVOURS):
         # recompute and tying vary together with the microbatch count so that every
         # combination of them meets every schedule and flavour without a full product

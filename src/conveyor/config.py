@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .schedules import SCHEDULES
+from .schedules import SCHEDULE_CHUNKS, SCHEDULES, ScheduleError, check_virtual_stages
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "to_dict"]
 
@@ -119,19 +119,25 @@ class ParallelConfig:
     """Pipeline schedule name."""
     microbatches: int = 4
     """Microbatches per step per data-parallel replica."""
-    virtual_stages: int = 1
-    """Model chunks per pipeline rank (interleaved / V schedules)."""
+    virtual_stages: int | None = None
+    """Model chunks per pipeline rank; None: what the schedule needs (2 for interleaved and zb-v)."""
     recompute: bool = False
     """Recompute block activations in backward instead of stashing them."""
     partition: Literal["uniform", "params"] = "uniform"
     """How blocks are assigned to stages."""
 
     def __post_init__(self) -> None:
-        _positive(self, "pp", "dp", "tp", "microbatches", "virtual_stages")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"schedule={self.schedule!r} is unknown; choose one of {', '.join(sorted(SCHEDULES))}"
-            )
+        _positive(self, "pp", "dp", "tp", "microbatches")
+        if self.virtual_stages is not None:
+            _positive(self, "virtual_stages")
+        if self.schedule not in SCHEDULES or self.schedule == "forward-only":
+            names = ", ".join(n for n in sorted(SCHEDULES) if n != "forward-only")
+            why = "cannot train (it has no backward)" if self.schedule in SCHEDULES else "is unknown"
+            raise ConfigError(f"schedule={self.schedule!r} {why}; choose one of {names}")
+        try:
+            check_virtual_stages(self.schedule, self.chunks)
+        except ScheduleError as err:
+            raise ConfigError(str(err)) from None
         if self.partition not in ("uniform", "params"):
             raise ConfigError(
                 f"partition={self.partition!r} is unknown; use 'uniform' or 'params'"
@@ -143,9 +149,16 @@ class ParallelConfig:
         return self.pp * self.dp * self.tp
 
     @property
+    def chunks(self) -> int:
+        """Model chunks per rank actually used (virtual_stages, or the schedule's own)."""
+        if self.virtual_stages is not None:
+            return self.virtual_stages
+        return SCHEDULE_CHUNKS[self.schedule] or 2
+
+    @property
     def num_stages(self) -> int:
-        """Total stages: pp * virtual_stages."""
-        return self.pp * self.virtual_stages
+        """Total stages: pp * chunks."""
+        return self.pp * self.chunks
 
     def check_against(self, model: ModelConfig, global_batch: int) -> None:
         """Raise ConfigError if this layout cannot run ``model`` on ``global_batch``."""
@@ -153,7 +166,7 @@ class ParallelConfig:
             raise ConfigError(
                 f"layers={model.n_layers} (+ embedding and head = {model.num_blocks} blocks) "
                 f"cannot be split into pp={self.pp} stages with virtual_stages="
-                f"{self.virtual_stages}; use pp*virtual_stages <= {model.num_blocks} "
+                f"{self.chunks}; use pp*virtual_stages <= {model.num_blocks} "
                 "or more layers"
             )
         per_replica, rem = divmod(global_batch, self.dp)

@@ -54,7 +54,9 @@ class Pipeline:
         self.par = par
         self.mesh = mesh
         self.device = device or torch.device("cpu")
-        self.schedule = schedule or build_schedule(par.schedule, par.pp, par.microbatches)
+        self.schedule = schedule or build_schedule(
+            par.schedule, par.pp, par.microbatches, par.chunks
+        )
         self.stats = validate(self.schedule)
         self.num_microbatches = self.schedule.num_microbatches
         placement = self.schedule.placement
@@ -105,9 +107,17 @@ class Pipeline:
     # -- parameters ------------------------------------------------------------------
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters under their single-process names."""
+        """This rank's parameters under their single-process names, each once.
+
+        A tied weight whose embedding and head stages share this rank (ZB-V) is one
+        Parameter in two stages; the optimizer must see it once.
+        """
+        seen: set[int] = set()
         for stage in self.stages.values():
-            yield from stage.named_parameters()
+            for name, p in stage.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters (for the optimizer)."""

@@ -54,12 +54,9 @@ class StageRunner:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters under their single-process names, ``blocks.<index>.<name>``."""
-        seen: set[int] = set()
         for idx, block in self.blocks.items():
             for name, p in block.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield f"blocks.{idx}.{name}", p
+                yield f"blocks.{idx}.{name}", p
 
     def _run_blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks.values():

@@ -1,0 +1,203 @@
+"""Analytic costs: FLOP and byte counts of the model divided by a device's speeds.
+
+Forward seconds of a stage = its blocks' forward FLOPs / (peak FLOP/s x efficiency).
+Backward costs twice the forward FLOPs (one matmul for the input-grad, one for the
+weight-grad per forward matmul), split equally: B = W = forward. Memory counts
+come from :mod:`conveyor.models` (parameters, stashed activations).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from conveyor.config import ModelConfig
+from conveyor.models import block_activation_bytes, block_forward_flops, block_param_counts
+from conveyor.parallel.partition import Partition, stage_costs
+
+from .cost import CostError, CostModel
+
+__all__ = [
+    "Device",
+    "DEVICES",
+    "GLOO_LOCALHOST_LATENCY_S",
+    "GLOO_LOCALHOST_BANDWIDTH_BPS",
+    "analytic_costs",
+    "get_device",
+    "measure_cpu_flops",
+]
+
+GLOO_LOCALHOST_LATENCY_S = 100e-6
+"""One gloo send/recv between two processes on 127.0.0.1: half a ping-pong of a 4-byte
+tensor, median of 25, measured once (torch 2.13, 2-core AMD EPYC VM): 93-100 us."""
+
+GLOO_LOCALHOST_BANDWIDTH_BPS = 2.5e9
+"""Gloo on 127.0.0.1, same measurement with 1-16 MiB tensors: 2.1-3.0 GB/s."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Device:
+    """What the analytic model needs to know about one accelerator (or CPU core)."""
+
+    name: str
+    """Preset name, e.g. 'h100'."""
+    peak_flops: float
+    """Dense matmul FLOP/s at the training dtype."""
+    efficiency: float
+    """Share of peak the model's kernels achieve on average (MFU-like), 0 < e <= 1."""
+    memory_bytes: int
+    """Memory of one device, for checking that a stage fits."""
+    link_bandwidth_Bps: float
+    """Point-to-point bytes per second between neighbouring pipeline ranks."""
+    link_latency_s: float
+    """Fixed seconds per point-to-point message."""
+    dtype_bytes: int = 2
+    """Bytes per element of weights and activations at the training dtype."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.efficiency <= 1:
+            raise CostError(f"efficiency={self.efficiency!r} of {self.name!r} must be in (0, 1]")
+        if self.peak_flops <= 0:
+            raise CostError(f"peak_flops={self.peak_flops!r} of {self.name!r} must be > 0")
+
+    @property
+    def achieved_flops(self) -> float:
+        """FLOP/s assumed for the model: peak x efficiency."""
+        return self.peak_flops * self.efficiency
+
+
+DEVICES: dict[str, Device] = {
+    # NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s dense bf16 tensor core; NVLink 3 gives
+    # 600 GB/s total, 300 GB/s each way. Efficiency 0.45 is a typical large-model MFU
+    # (e.g. Megatron-LM reports 0.4-0.5 on A100). Latency ~10 us: a small NCCL p2p message.
+    "a100": Device(
+        name="a100",
+        peak_flops=312e12,
+        efficiency=0.45,
+        memory_bytes=80 * 2**30,
+        link_bandwidth_Bps=300e9,
+        link_latency_s=10e-6,
+    ),
+    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 is with 2:4 sparsity);
+    # NVLink 4 gives 900 GB/s total, 450 GB/s each way. Same efficiency and latency
+    # assumptions as the A100.
+    "h100": Device(
+        name="h100",
+        peak_flops=989e12,
+        efficiency=0.45,
+        memory_bytes=80 * 2**30,
+        link_bandwidth_Bps=450e9,
+        link_latency_s=10e-6,
+    ),
+}
+
+# Share of the measured single-thread 256^3 matmul rate that the fp32 model reaches
+# on CPU (its norms, softmax and GELU run below GEMM speed). Calibrated against
+# sim.profile: default ModelConfig, 4 stages, microbatch 4 x 128 tokens, 2-core AMD
+# EPYC VM: forward 0.76, backward (B + W) 0.79 of the matmul rate.
+CPU_EFFICIENCY = 0.75
+
+
+@functools.lru_cache(maxsize=1)
+def measure_cpu_flops(n: int = 256, repeats: int = 20) -> float:
+    """Single-thread fp32 FLOP/s of an n x n matmul on this machine (median; cached)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each pipeline rank runs on one thread
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+def get_device(name: str) -> Device:
+    """A preset by name: 'cpu' (this machine, measured once per process), 'a100', 'h100'."""
+    if name == "cpu":
+        return Device(
+            name="cpu",
+            peak_flops=measure_cpu_flops(),
+            efficiency=CPU_EFFICIENCY,
+            memory_bytes=_host_memory(),
+            link_bandwidth_Bps=GLOO_LOCALHOST_BANDWIDTH_BPS,
+            link_latency_s=GLOO_LOCALHOST_LATENCY_S,
+            dtype_bytes=4,  # CPU training runs in fp32
+        )
+    try:
+        return DEVICES[name]
+    except KeyError:
+        raise CostError(
+            f"device {name!r} is unknown; choose one of cpu, {', '.join(sorted(DEVICES))}"
+        ) from None
+
+
+def _host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) * 1024  # first line: MemTotal in kB
+    except (OSError, ValueError, IndexError):
+        return 16 * 2**30  # not Linux: a laptop-sized guess only used for fit checks
+
+
+def analytic_costs(
+    cfg: ModelConfig,
+    partition: Partition,
+    *,
+    microbatch_size: int,
+    seq_len: int,
+    device: Device | str = "cpu",
+    optimizer_states: int = 2,
+) -> CostModel:
+    """Costs of ``cfg`` split by ``partition`` on ``device``, one microbatch per action.
+
+    Activations and weights are ``device.dtype_bytes`` per element; gradients and
+    ``optimizer_states`` moments (2 for Adam) are kept in fp32, 4 bytes each.
+    """
+    dev = device if isinstance(device, Device) else get_device(device)
+    if partition.num_blocks != cfg.num_blocks:
+        raise CostError(
+            f"partition {partition} covers {partition.num_blocks} blocks but the model has "
+            f"{cfg.num_blocks} (n_layers={cfg.n_layers} + embedding + head); "
+            f"build the partition with num_blocks={cfg.num_blocks}"
+        )
+    if seq_len > cfg.max_seq_len or seq_len < 1 or microbatch_size < 1:
+        raise CostError(
+            f"seq_len={seq_len} must be in 1..max_seq_len={cfg.max_seq_len} and "
+            f"microbatch_size={microbatch_size} >= 1"
+        )
+    flops = [x * microbatch_size for x in block_forward_flops(cfg, seq_len)]
+    f = tuple(x / dev.achieved_flops for x in stage_costs(partition, flops))
+
+    params = block_param_counts(cfg)
+    if cfg.tie_embeddings:
+        # a tied table is one tensor when embedding and head share a stage
+        shared = cfg.vocab_size * cfg.d_model
+        if partition.stage_of(0) == partition.stage_of(cfg.num_blocks - 1):
+            params = params[:-1] + [params[-1] - shared]
+    stage_params = [int(p) for p in stage_costs(partition, params)]
+
+    # block_activation_bytes counts fp32; the embedding's int64 token ids do not shrink
+    acts = block_activation_bytes(cfg, microbatch_size, seq_len)
+    scaled = [acts[0]] + [a * dev.dtype_bytes // 4 for a in acts[1:]]
+    return CostModel(
+        f=f,
+        b=f,
+        w=f,
+        activation_bytes=tuple(int(a) for a in stage_costs(partition, scaled)),
+        param_bytes=tuple(p * dev.dtype_bytes for p in stage_params),
+        optimizer_bytes=tuple(p * 4 * (1 + optimizer_states) for p in stage_params),
+        latency_s=dev.link_latency_s,
+        bandwidth_Bps=dev.link_bandwidth_Bps,
+        message_bytes=microbatch_size * seq_len * cfg.d_model * dev.dtype_bytes,
+        source=f"analytic {dev.name} ({dev.achieved_flops / 1e12:.3g} TFLOP/s achieved)",
+    )

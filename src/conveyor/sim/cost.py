@@ -1,0 +1,157 @@
+"""Per-stage costs of one pipeline step: durations, memory and the link between stages.
+
+A :class:`CostModel` is plain numbers indexed by stage (not rank: a rank may hold
+several stages). It comes from :mod:`conveyor.sim.analytic` (FLOP counts and a
+device preset) or :mod:`conveyor.sim.profile` (timing the real blocks), and can be
+saved as JSON so that a profile taken once feeds many simulations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from conveyor.schedules import Kind
+
+__all__ = ["CostError", "CostModel"]
+
+
+class CostError(ValueError):
+    """A cost model is malformed or does not fit the schedule it is used with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostModel:
+    """Seconds and bytes per stage for one microbatch, plus a point-to-point link model."""
+
+    f: tuple[float, ...]
+    """Forward seconds of each stage for one microbatch."""
+    b: tuple[float, ...]
+    """Backward input-grad seconds of each stage; without W actions a B costs ``b + w``."""
+    w: tuple[float, ...]
+    """Backward weight-grad seconds of each stage."""
+    activation_bytes: tuple[int, ...]
+    """Bytes each stage stashes per microbatch between its F and the action that frees them."""
+    param_bytes: tuple[int, ...]
+    """Bytes of each stage's parameters."""
+    optimizer_bytes: tuple[int, ...]
+    """Bytes of each stage's gradients plus optimizer state (Adam in fp32: 3x param bytes)."""
+    latency_s: float = 0.0
+    """Fixed seconds of one point-to-point message."""
+    bandwidth_Bps: float = math.inf
+    """Bytes per second of the link between stages (inf: transfers take latency only)."""
+    message_bytes: int = 0
+    """Bytes of one message: one microbatch's activation (or its grad) between stages."""
+    source: str = field(default="", compare=False)
+    """Where the numbers came from, e.g. 'analytic h100' or 'profiled on cpu'."""
+
+    def __post_init__(self) -> None:
+        n = len(self.f)
+        if n == 0:
+            raise CostError("a cost model needs at least one stage; got f=()")
+        for name in ("f", "b", "w", "activation_bytes", "param_bytes", "optimizer_bytes"):
+            values = tuple(getattr(self, name))
+            object.__setattr__(self, name, values)
+            if len(values) != n:
+                raise CostError(
+                    f"{name} has {len(values)} entries but f has {n}; give one value per stage"
+                )
+            for stage, v in enumerate(values):
+                if not math.isfinite(v) or v < 0:
+                    raise CostError(f"{name}[{stage}] = {v!r}; costs must be finite and >= 0")
+        if self.latency_s < 0 or not math.isfinite(self.latency_s):
+            raise CostError(f"latency_s={self.latency_s!r} must be finite and >= 0")
+        if not self.bandwidth_Bps > 0:
+            raise CostError(f"bandwidth_Bps={self.bandwidth_Bps!r} must be > 0 (inf for free)")
+        if self.message_bytes < 0:
+            raise CostError(f"message_bytes={self.message_bytes!r} must be >= 0")
+
+    @classmethod
+    def uniform(
+        cls,
+        num_stages: int,
+        *,
+        f: float = 1.0,
+        b: float = 1.0,
+        w: float = 0.0,
+        activation_bytes: int = 1,
+        latency_s: float = 0.0,
+    ) -> CostModel:
+        """Same costs on every stage: unit costs by default, as the validator uses."""
+        return cls(
+            f=(f,) * num_stages,
+            b=(b,) * num_stages,
+            w=(w,) * num_stages,
+            activation_bytes=(activation_bytes,) * num_stages,
+            param_bytes=(0,) * num_stages,
+            optimizer_bytes=(0,) * num_stages,
+            latency_s=latency_s,
+            source="uniform",
+        )
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages the model describes."""
+        return len(self.f)
+
+    def transfer_time(self) -> float:
+        """Seconds for one activation (or grad) message between adjacent stages."""
+        return self.latency_s + self.message_bytes / self.bandwidth_Bps
+
+    def duration(self, stage: int, kind: Kind, split_backward: bool) -> float:
+        """Seconds of a compute action; a B of a schedule without W also does the W work."""
+        if kind is Kind.F:
+            return self.f[stage]
+        if kind is Kind.B:
+            return self.b[stage] if split_backward else self.b[stage] + self.w[stage]
+        if kind is Kind.W:
+            return self.w[stage]
+        raise CostError(f"{kind.value} is communication, not compute; see transfer_time()")
+
+    def static_bytes(self, stage: int) -> int:
+        """Memory a stage holds all step long: parameters, gradients and optimizer state."""
+        return self.param_bytes[stage] + self.optimizer_bytes[stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (infinite bandwidth becomes None, as JSON has no inf)."""
+        d = asdict(self)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if math.isinf(self.bandwidth_Bps):
+            d["bandwidth_Bps"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CostModel:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so typos are not ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CostError(f"unknown cost model keys {unknown}; expected some of {sorted(known)}")
+        kw = dict(d)
+        if kw.get("bandwidth_Bps", 0) is None:
+            kw["bandwidth_Bps"] = math.inf
+        for name in ("f", "b", "w", "activation_bytes", "param_bytes", "optimizer_bytes"):
+            if name in kw:
+                kw[name] = tuple(_seq(kw[name], name))
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as JSON to ``path``."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        """Read a model written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _seq(value: Any, name: str) -> Sequence[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise CostError(f"{name} must be a list with one value per stage; got {value!r}")
+    return value

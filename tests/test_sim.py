@@ -1,0 +1,234 @@
+"""The simulator: cost models, step simulation, memory walk, traces and Gantt charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conveyor.config import ModelConfig
+from conveyor.models import block_param_counts
+from conveyor.parallel.partition import uniform
+from conveyor.schedules import Kind, Placement, Schedule, gpipe, one_f_one_b, validate
+from conveyor.schedules.ir import Action, B, F, W
+from conveyor.schedules.validate import TimedAction
+from conveyor.sim import (
+    CostError,
+    CostModel,
+    analytic_costs,
+    chrome_trace,
+    profile_costs,
+    render_comparison,
+    render_gantt,
+    simulate,
+    write_chrome_trace,
+)
+from conveyor.sim.render import timeline_stats, wait_slices
+
+SIZES = [(1, 1), (2, 1), (2, 4), (3, 4), (4, 8), (5, 3)]
+TINY = ModelConfig(vocab_size=128, n_layers=2, d_model=64, n_heads=2, max_seq_len=16)
+
+
+def _split_1f1b(p: int, m: int, defer_w: bool) -> Schedule:
+    """1F1B with split backward: each W right after its B, or all W at the end."""
+    base = one_f_one_b(p, m)
+    actions: dict[int, list[Action]] = {}
+    for r, acts in base.actions.items():
+        row: list[Action] = []
+        for a in acts:
+            row.append(a)
+            if a.kind is Kind.B and not defer_w:
+                row.append(W(a.stage, a.microbatch))
+        if defer_w:
+            row += [W(r, i) for i in range(m)]
+        actions[r] = row
+    return Schedule.build("1f1b-split", m, base.placement, actions)
+
+
+@pytest.mark.parametrize("p,m", SIZES)
+@pytest.mark.parametrize("build", [gpipe, one_f_one_b])
+def test_unit_costs_reproduce_validator(build, p: int, m: int) -> None:
+    sched = build(p, m)
+    stats = validate(sched)
+    result = simulate(sched, CostModel.uniform(p))
+    assert result.step_time == pytest.approx(stats.makespan)
+    assert result.bubble_fraction == pytest.approx(stats.bubble_fraction)
+    assert result.bubble_fraction == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_step_time_grows_with_latency() -> None:
+    sched = one_f_one_b(4, 6)
+    times = [
+        simulate(sched, CostModel.uniform(4, latency_s=lat)).step_time for lat in (0, 0.1, 0.5)
+    ]
+    assert times[0] < times[1] < times[2]
+    # 2 * (p - 1) hops lie on the critical path of the first microbatch alone
+    assert times[2] - times[0] >= 2 * 3 * 0.5 - 1e-9
+
+
+def test_bandwidth_adds_to_transfer_time() -> None:
+    cost = CostModel.uniform(2, latency_s=1e-3)
+    slow = CostModel(**{**cost.to_dict(), "bandwidth_Bps": 1e6, "message_bytes": 2000})
+    assert slow.transfer_time() == pytest.approx(1e-3 + 2e-3)
+    assert cost.transfer_time() == pytest.approx(1e-3)
+
+
+def test_unsplit_backward_costs_b_plus_w() -> None:
+    cost = CostModel.uniform(2, f=1.0, b=1.0, w=0.5)
+    whole = simulate(one_f_one_b(2, 3), cost)
+    split = simulate(_split_1f1b(2, 3, defer_w=False), cost)
+    assert whole.execution.busy(0) == pytest.approx(3 * 2.5)
+    assert split.execution.busy(0) == pytest.approx(3 * 2.5)
+    assert any(t.action.kind is Kind.W for t in split.timeline[0])
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8)])
+def test_analytic_1f1b_memory_at_most_gpipe(p: int, m: int) -> None:
+    cfg = ModelConfig(n_layers=8)
+    cost = analytic_costs(
+        cfg, uniform(cfg.num_blocks, p), microbatch_size=2, seq_len=64, device="h100"
+    )
+    g, o = simulate(gpipe(p, m), cost), simulate(one_f_one_b(p, m), cost)
+    for r in range(p):
+        assert o.peak_memory_bytes[r] <= g.peak_memory_bytes[r]
+        assert g.peak_activation_bytes[r] == m * cost.activation_bytes[r]
+        assert o.peak_activation_bytes[r] == min(p - r, m) * cost.activation_bytes[r]
+        assert g.peak_memory_bytes[r] == g.peak_activation_bytes[r] + cost.static_bytes(r)
+
+
+def test_split_backward_frees_activations_at_w() -> None:
+    cost = CostModel.uniform(2, w=1.0)
+    eager = simulate(_split_1f1b(2, 4, defer_w=False), cost)
+    deferred = simulate(_split_1f1b(2, 4, defer_w=True), cost)
+    assert eager.peak_activation_bytes == {0: 2, 1: 1}
+    assert deferred.peak_activation_bytes == {0: 4, 1: 4}  # nothing freed until the Ws
+
+
+def test_analytic_scales_with_layers_and_seq() -> None:
+    def cost(n_layers: int, seq: int) -> CostModel:
+        cfg = ModelConfig(n_layers=n_layers, max_seq_len=256)
+        return analytic_costs(
+            cfg, uniform(cfg.num_blocks, 1), microbatch_size=1, seq_len=seq, device="a100"
+        )
+
+    base, deep, long = cost(4, 64), cost(8, 64), cost(4, 128)
+    assert deep.f[0] > base.f[0] and deep.param_bytes[0] > base.param_bytes[0]
+    assert long.f[0] >= 2 * base.f[0]  # linear in tokens, plus quadratic attention
+    assert long.activation_bytes[0] == pytest.approx(2 * base.activation_bytes[0], rel=1e-6)
+    assert base.b == base.f and base.w == base.f  # backward = 2 x forward, split equally
+    assert long.message_bytes == 2 * base.message_bytes
+
+
+def test_analytic_rejects_wrong_partition() -> None:
+    with pytest.raises(CostError, match="num_blocks=10"):
+        analytic_costs(ModelConfig(), uniform(6, 2), microbatch_size=1, seq_len=8, device="h100")
+    with pytest.raises(CostError, match="unknown"):
+        analytic_costs(ModelConfig(), uniform(10, 2), microbatch_size=1, seq_len=8, device="tpu")
+
+
+def test_cost_model_json_round_trip(tmp_path: Path) -> None:
+    cost = CostModel.uniform(3, latency_s=0.25)
+    assert math.isinf(cost.bandwidth_Bps)
+    assert CostModel.load(cost.save(tmp_path / "c.json")) == cost
+    json.loads((tmp_path / "c.json").read_text())  # strict JSON: no Infinity
+    with pytest.raises(CostError, match="entries"):
+        CostModel(**{**cost.to_dict(), "b": [1.0]})
+    with pytest.raises(CostError, match="unknown"):
+        CostModel.from_dict({**cost.to_dict(), "latency": 1.0})
+
+
+def test_stage_count_mismatch_is_an_error() -> None:
+    with pytest.raises(CostError, match="2 stages but schedule .1f1b. has 3"):
+        simulate(one_f_one_b(3, 2), CostModel.uniform(2))
+
+
+def test_chrome_trace_one_event_per_action(tmp_path: Path) -> None:
+    sim = simulate(one_f_one_b(3, 4), CostModel.uniform(3, latency_s=0.5))
+    path = write_chrome_trace(
+        {"simulated": sim.timeline, "again": sim.timeline}, tmp_path / "t.json"
+    )
+    events = json.loads(path.read_text())["traceEvents"]
+    actions = sum(len(row) for row in sim.timeline.values())
+    for pid in (0, 1):
+        mine = [e for e in events if e["pid"] == pid]
+        slices = [e for e in mine if e["ph"] == "X" and e["cat"] != "wait"]
+        assert len(slices) == actions
+        assert {e["tid"] for e in slices} == {0, 1, 2}
+        assert any(e.get("cat") == "wait" for e in mine)  # latency makes ranks wait on RECVs
+    names = {e["name"] for e in events}
+    assert {"F3 s1", "B0 s2", "RECV_F0 s1", "process_name"} <= names
+    assert all(e["dur"] >= 0 for e in events if e["ph"] == "X")
+
+
+def _measured_like() -> dict[int, list[TimedAction]]:
+    """Two ranks on an absolute clock, RECVs spanning the time they blocked."""
+    t0 = 1000.0
+    rows = {
+        0: [
+            (F(0, 0), 0, 1),
+            (Action(0, Kind.SEND_F, 0), 1, 1.1),
+            (Action(0, Kind.RECV_B, 0), 1.1, 3.3),
+            (B(0, 0), 3.3, 4.3),
+        ],
+        1: [
+            (Action(1, Kind.RECV_F, 0), 0, 1.2),
+            (F(1, 0), 1.2, 2.2),
+            (B(1, 0), 2.2, 3.2),
+            (Action(1, Kind.SEND_B, 0), 3.2, 3.3),
+        ],
+    }
+    return {
+        r: [TimedAction(r, a, t0 + s, t0 + e, t0 + s) for a, s, e in row] for r, row in rows.items()
+    }
+
+
+def test_wait_slices_of_measured_timeline() -> None:
+    timeline = _measured_like()
+    waits = wait_slices(timeline)
+    assert [(round(b - 1000, 6), round(e - 1000, 6)) for b, e, _ in waits[0]] == [(1.1, 3.3)]
+    assert [(round(b - 1000, 6), round(e - 1000, 6)) for b, e, _ in waits[1]] == [(0.0, 1.2)]
+    step, bubble = timeline_stats(timeline)
+    assert step == pytest.approx(4.3)
+    assert bubble == pytest.approx(1 - 4.0 / (2 * 4.3))
+    assert chrome_trace({"measured": timeline})["traceEvents"][3]["ts"] == pytest.approx(0.0)
+
+
+def test_png_written(tmp_path: Path) -> None:
+    sim = simulate(_split_1f1b(3, 6, defer_w=True), CostModel.uniform(3, w=0.5, latency_s=0.1))
+    for path in (
+        render_gantt(sim.timeline, tmp_path / "g.png"),
+        render_comparison(_measured_like(), sim.timeline, tmp_path / "c.png", title="test"),
+    ):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_table_has_a_row_per_rank() -> None:
+    lines = simulate(gpipe(3, 2), CostModel.uniform(3)).table().splitlines()
+    assert len(lines) == 2 + 3 and "bubble 50.0%" in lines[0]
+
+
+def test_profile_tiny_model() -> None:
+    part = uniform(TINY.num_blocks, 2)
+    cost = profile_costs(TINY, part, microbatch_size=4, seq_len=16, warmup=1, repeats=3)
+    assert cost.num_stages == 2
+    assert all(x > 0 for x in cost.f + cost.b + cost.w)
+    assert all(x > 0 for x in cost.activation_bytes)
+    counts = block_param_counts(TINY)
+    assert list(cost.param_bytes) == [4 * sum(counts[a:b]) for a, b in part.bounds]
+    assert cost.message_bytes == 4 * 16 * TINY.d_model * 4
+    assert simulate(one_f_one_b(2, 4), cost).step_time > 0
+
+
+def test_placement_with_two_chunks_per_rank() -> None:
+    # V placement: stages 1 and 2 share rank 1 and hand over locally, with no RECV
+    place = Placement.vshape(2)
+    acts = {
+        0: [F(0, 0), F(3, 0), B(3, 0), B(0, 0)],
+        1: [F(1, 0), F(2, 0), B(2, 0), B(1, 0)],
+    }
+    sim = simulate(Schedule.build("v", 1, place, acts), CostModel.uniform(4))
+    assert sim.step_time == pytest.approx(8.0)
+    assert sim.peak_activation_bytes == {0: 2, 1: 2}
