@@ -20,7 +20,7 @@ from ..config import ModelConfig, ParallelConfig
 from ..models import EmbeddingBlock, HeadBlock, block_param_counts, build_blocks, tie_weights
 from ..parallel.mesh import Mesh
 from ..parallel.partition import Partition, by_params, uniform
-from ..schedules import Schedule, build_schedule, lower, validate
+from ..schedules import Kind, Schedule, build_schedule, lower, validate
 from .comm import P2P
 from .executor import Executor, StepInputs
 from .stage import StageRunner
@@ -79,9 +79,18 @@ class Pipeline:
         stage_ranks = [mesh.pp_ranks[placement.rank_of(s)] for s in range(placement.num_stages)]
         p2p = P2P(mesh.pp_group, stage_ranks, placement.num_stages, self.device, timeout_s)
         self.p2p = p2p
+        batched = dist.get_backend(mesh.pp_group) == "nccl"
         self.executor = Executor(
-            lower(self.schedule), mesh.pp_rank, self.stages, p2p,
-            batched_comm=dist.get_backend(mesh.pp_group) == "nccl",
+            lower(self.schedule), mesh.pp_rank, self.stages, p2p, batched_comm=batched
+        )
+        # Evaluation runs the training schedule's forwards alone, in the same order:
+        # valid by construction (forwards depend only on forwards) on any placement.
+        fwd = Schedule.build(
+            "forward-only", self.num_microbatches, placement,
+            {r: [a for a in acts if a.kind is Kind.F] for r, acts in self.schedule.actions.items()},
+        )
+        self.eval_executor = Executor(
+            lower(fwd), mesh.pp_rank, self.stages, p2p, batched_comm=batched, train=False
         )
 
     def _tie(self, emb_rank: int, head_rank: int) -> None:
@@ -140,6 +149,14 @@ class Pipeline:
         self.p2p.key = tuple(mbs_in[0].shape)
         self.executor.run(StepInputs(mbs_in, mbs_tgt))
         self._reduce_grads()
+        return self._reduce_loss()
+
+    @torch.no_grad()
+    def eval_step(self, tokens: Tensor, targets: Tensor) -> float:
+        """Forward-only loss of a batch (no grads, nothing stashed), known to every rank."""
+        mbs_in, mbs_tgt = self._microbatches(tokens), self._microbatches(targets)
+        self.p2p.key = tuple(mbs_in[0].shape)
+        self.eval_executor.run(StepInputs(mbs_in, mbs_tgt))
         return self._reduce_loss()
 
     def _reduce_grads(self) -> None:
