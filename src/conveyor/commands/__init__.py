@@ -1,0 +1,18 @@
+"""Subcommands of the ``conveyor`` CLI, one module each, each with ``register(subparsers)``.
+
+A module's ``register`` adds its parser and sets ``run=<function(args) -> int>``.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from ..data.errors import DataError
+from ..schedules.ir import ScheduleError
+
+__all__ = ["COMMANDS", "UserError"]
+
+# Modules under conveyor.commands, in the order --help lists them.
+COMMANDS = ["schedule"]
+
+UserError = (ConfigError, DataError, ScheduleError, FileNotFoundError)
+"""Errors that are the user's to fix: printed as one line, exit status 2."""

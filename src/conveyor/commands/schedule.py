@@ -1,0 +1,48 @@
+"""``conveyor schedule show``: print a schedule's table and the validator's figures."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..schedules import SCHEDULES, build_schedule
+from ..schedules.describe import describe
+from ..schedules.table_file import read_schedule_csv, write_schedule_csv
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``schedule show`` to the CLI."""
+    p = sub.add_parser("schedule", help="show, check and export pipeline schedules")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = ssub.add_parser(
+        "show",
+        help="print a schedule's per-rank actions, clock table, bubble and peak activations",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    show.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES),
+                      help="schedule name")
+    show.add_argument("--schedule-file", default=None,
+                      help="a hand-written CSV schedule to validate and show instead")
+    show.add_argument("--pp", type=int, default=4, help="pipeline ranks")
+    show.add_argument("--microbatches", type=int, default=8, help="microbatches per step")
+    show.add_argument("--virtual", type=int, default=None,
+                      help="model chunks per rank (default: what the schedule needs)")
+    show.add_argument("--csv", default=None, help="also write the schedule as a CSV table here")
+    show.set_defaults(run=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
+    if args.schedule_file:
+        schedule = read_schedule_csv(args.schedule_file)
+    else:
+        from ..schedules.registry import SCHEDULE_CHUNKS
+
+        chunks = args.virtual or SCHEDULE_CHUNKS[args.schedule] or 2
+        schedule = build_schedule(args.schedule, args.pp, args.microbatches, chunks)
+    print(describe(schedule))
+    if args.csv:
+        write_schedule_csv(schedule, args.csv)
+        print(f"\nwrote {args.csv}")
+    return 0
