@@ -71,8 +71,9 @@ class Executor:
         self.batched = batched_comm
         self.train = train
         self.last_stage = schedule.num_stages - 1
-        self.record = False
+        self.record = False  # when True, run() keeps the last step's timeline
         self.timeline: list[TimedAction] = []
+        self._t0 = 0.0
         self._prefetch = self._plan_prefetch()
 
     def _plan_prefetch(self) -> dict[int, list[int]]:
@@ -97,6 +98,9 @@ class Executor:
     def run(self, data: StepInputs) -> None:
         """Run every action of this rank for one step."""
         state = _StepState()
+        self._t0 = time.perf_counter()
+        if self.record:
+            self.timeline = []
         i = 0
         n = len(self.actions)
         while i < n:
@@ -231,8 +235,9 @@ class Executor:
     # -- reporting -----------------------------------------------------------------
 
     def _note(self, a: Action, start: float, end: float) -> None:
-        if self.record:
-            self.timeline.append(TimedAction(self.rank, a, start, end, start))
+        if self.record:  # seconds since this step began on this rank
+            t0 = self._t0
+            self.timeline.append(TimedAction(self.rank, a, start - t0, end - t0, start - t0))
 
     def _error(self, index: int, reason: str) -> PipelineError:
         a = self.actions[index]

@@ -227,10 +227,12 @@ def execute(
                     t, producer = done[d]
                     crosses = producer != rank and d[0] in (Kind.SEND_F, Kind.SEND_B, Kind.F, Kind.B)
                     ready = max(ready, t + (latency(a) if crosses else 0.0))
-                start = max(free[rank], ready)
                 if a.kind in (Kind.RECV_F, Kind.RECV_B):
-                    end = start  # a receive occupies no compute; waiting shows as start - free
+                    # A receive spans the wait, from the moment the rank asks until the data
+                    # is there: the same shape as a measured timeline's receive.
+                    start, end = free[rank], max(free[rank], ready)
                 else:
+                    start = max(free[rank], ready)
                     end = start + duration(rank, a)
                 free[rank] = end
                 done[(a.kind, a.stage, a.microbatch)] = (end, rank)
