@@ -1,0 +1,112 @@
+"""``conveyor simulate``: predict a schedule's step time, bubble and memory, and draw it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ModelConfig
+from ..parallel.partition import uniform
+from ..schedules import SCHEDULES, build_schedule
+from ..schedules.registry import SCHEDULE_CHUNKS
+
+__all__ = ["register", "MODEL_PRESETS", "load_model_config"]
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "demo": ModelConfig(vocab_size=4096, n_layers=4, d_model=128, n_heads=4, max_seq_len=128),
+    "small": ModelConfig(),
+    "gpt2-124m": ModelConfig(vocab_size=50304, n_layers=12, d_model=768, n_heads=12,
+                             max_seq_len=1024, tie_embeddings=True),
+    "gpt2-1.5b": ModelConfig(vocab_size=50304, n_layers=48, d_model=1600, n_heads=25,
+                             max_seq_len=1024, tie_embeddings=True),
+    "llama-7b": ModelConfig(flavour="llama", vocab_size=32000, n_layers=32, d_model=4096,
+                            n_heads=32, d_ff=11008, max_seq_len=4096),
+}
+"""Named model shapes for predictions; ``small`` is ModelConfig's defaults."""
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name, or a TOML/JSON file holding model fields (top level or under [model])."""
+    if spec in MODEL_PRESETS:
+        return MODEL_PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(
+            f"--model {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file; "
+            "pass a preset name or a TOML/JSON file with model fields"
+        )
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text())
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        raw = tomllib.loads(path.read_text())
+    raw = raw.get("model", raw)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown model field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
+    return ModelConfig(**raw)
+
+
+def register(sub: Any) -> None:
+    """Add ``simulate`` to the CLI."""
+    p = sub.add_parser(
+        "simulate",
+        help="predict step time, bubble and memory of a schedule; draw its timeline",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="small",
+                   help=f"model preset ({', '.join(MODEL_PRESETS)}) or a TOML/JSON file")
+    p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES))
+    p.add_argument("--pp", type=int, default=2, help="pipeline ranks")
+    p.add_argument("--microbatches", type=int, default=8, help="microbatches per step")
+    p.add_argument("--virtual", type=int, default=None,
+                   help="model chunks per rank (default: what the schedule needs)")
+    p.add_argument("--microbatch-size", type=int, default=2, help="sequences per microbatch")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model max)")
+    p.add_argument("--device", default="cpu",
+                   help="cost preset: cpu (measured here), a100, h100 (analytic FLOP model)")
+    p.add_argument("--profile", action="store_true",
+                   help="cpu only: time the real model's stages here instead of the FLOP model")
+    p.add_argument("--out", default="simulation.png", help="Gantt chart PNG to write")
+    p.add_argument("--trace-json", default=None, help="also write a Chrome/Perfetto trace here")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..sim import analytic_costs, profile_costs, render_gantt, simulate, write_chrome_trace
+
+    cfg = load_model_config(args.model)
+    seq = args.seq_len or cfg.max_seq_len
+    chunks = args.virtual or SCHEDULE_CHUNKS[args.schedule] or 2
+    schedule = build_schedule(args.schedule, args.pp, args.microbatches, chunks)
+    if schedule.num_stages > cfg.num_blocks:
+        raise ConfigError(
+            f"layers={cfg.n_layers} (+ embedding and head = {cfg.num_blocks} blocks) cannot be "
+            f"split into {schedule.num_stages} stages; lower --pp or --virtual"
+        )
+    partition = uniform(cfg.num_blocks, schedule.num_stages)
+    if args.profile:
+        if args.device != "cpu":
+            raise ConfigError("--profile measures this machine; use it with --device cpu")
+        cost = profile_costs(cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq)
+    else:
+        cost = analytic_costs(
+            cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq, device=args.device
+        )
+    result = simulate(schedule, cost)
+    print(result.table())
+    title = f"{args.schedule} pp={args.pp} m={args.microbatches} on {args.device} (simulated)"
+    print(f"\nwrote {render_gantt(result.timeline, args.out, title=title)}")
+    if args.trace_json:
+        print(f"wrote {write_chrome_trace({'simulated': result.timeline}, args.trace_json)}")
+    return 0

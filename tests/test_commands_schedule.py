@@ -1,0 +1,55 @@
+"""`conveyor schedule show` and `conveyor simulate` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli import main
+
+
+def test_schedule_show_prints_table_and_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedule", "show", "--schedule", "1f1b", "--pp", "3", "--microbatches", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0: F0 F1 F2 .  .  B0 F3 B1 .  B2 .  B3" in out
+    assert "bubble fraction: 0.3333" in out
+    assert "rank 0: 3, rank 1: 2, rank 2: 1" in out
+
+
+def test_schedule_file_round_trip_and_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "zb.csv"
+    assert main(["schedule", "show", "--schedule", "zb-h1", "--pp", "2", "--microbatches", "4",
+                 "--csv", str(csv)]) == 0
+    capsys.readouterr()
+    assert main(["schedule", "show", "--schedule-file", str(csv)]) == 0
+    assert "schedule 'zb-h1'" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("0,F0,B0\n1,F0,X0\n")
+    assert main(["schedule", "show", "--schedule-file", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rank 1, column" in err and "'X0' is not an action" in err
+
+
+def test_wrong_virtual_stages_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedule", "show", "--schedule", "zb-v", "--virtual", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "set virtual_stages=2" in err
+
+
+def test_simulate_h100_writes_png_and_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png, trace = tmp_path / "sim.png", tmp_path / "trace.json"
+    assert main(["simulate", "--model", "gpt2-124m", "--device", "h100", "--pp", "4",
+                 "--microbatches", "8", "--schedule", "1f1b", "--out", str(png),
+                 "--trace-json", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "schedule 1f1b: 4 ranks" in out and "analytic h100" in out
+    assert png.stat().st_size > 10_000
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(1 for e in events if e.get("ph") == "X" and e["name"].startswith("F")) == 4 * 8
+
+
+def test_simulate_rejects_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--model", "gpt5"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
