@@ -12,7 +12,7 @@ from ..schedules.ir import ScheduleError
 __all__ = ["COMMANDS", "UserError"]
 
 # Modules under conveyor.commands, in the order --help lists them.
-COMMANDS = ["schedule"]
+COMMANDS = ["schedule", "simulate"]
 
 UserError = (ConfigError, DataError, ScheduleError, FileNotFoundError)
 """Errors that are the user's to fix: printed as one line, exit status 2."""
