@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import ModelConfig, ParallelConfig
+from ..memory import ActivationMeter
 from ..models import EmbeddingBlock, HeadBlock, block_param_counts, build_blocks, tie_weights
 from ..parallel.mesh import Mesh
 from ..parallel.partition import Partition, by_params, uniform
@@ -64,13 +65,14 @@ class Pipeline:
         my_stages = placement.stages_of(mesh.pp_rank)
         split = self.schedule.split_backward
         self.stages: dict[int, StageRunner] = {}
+        self.meter = ActivationMeter()
         for s in my_stages:
             idx = list(self.partition.blocks_of(s))
             blocks = [b.to(self.device) for b in build_blocks(model, seed, idx)]
             self.stages[s] = StageRunner(
                 s, dict(zip(idx, blocks, strict=True)),
                 num_microbatches=self.num_microbatches, recompute=par.recompute,
-                split_backward=split, autocast_dtype=autocast_dtype,
+                split_backward=split, autocast_dtype=autocast_dtype, meter=self.meter,
             )
         self.tied_group: dist.ProcessGroup | None = None
         self._tied_param: nn.Parameter | None = None
@@ -188,4 +190,4 @@ class Pipeline:
 
     def peak_stashed_bytes(self) -> int:
         """Most bytes of activations this rank's stages held for backward at once."""
-        return sum(s.peak_stashed_bytes for s in self.stages.values())
+        return self.meter.peak

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..memory import ActivationMeter, count_saved_bytes
 from ..models import EmbeddingBlock, HeadBlock, lm_loss
 from ..models.linear import WeightGradStore, attach_weight_grad_store
 
@@ -33,6 +34,7 @@ class StageRunner:
         recompute: bool = False,
         split_backward: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        meter: ActivationMeter | None = None,
     ) -> None:
         self.stage = stage
         self.blocks = blocks  # global block index -> module, in order
@@ -48,9 +50,10 @@ class StageRunner:
         for block in blocks.values():
             attach_weight_grad_store(block, self.weight_store)
         self._stash: dict[int, tuple[Tensor | None, Tensor]] = {}
+        self._saved: dict[int, int] = {}  # bytes autograd saved in each stashed forward
         self.losses: list[Tensor] = []
-        self.stashed_bytes = 0
-        self.peak_stashed_bytes = 0
+        # stages of one rank share a meter: the rank's peak is not the sum of theirs
+        self.meter = meter or ActivationMeter()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters under their single-process names, ``blocks.<index>.<name>``."""
@@ -73,7 +76,7 @@ class StageRunner:
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
             enabled=self.autocast_dtype is not None,
-        ):
+        ), count_saved_bytes(self.blocks.values()) as saved:
             out = self._run_blocks(x)
             if self.is_last:
                 assert targets is not None, "last stage needs targets"
@@ -82,14 +85,15 @@ class StageRunner:
             self.losses.append(out.detach())
         if train:
             self._stash[mb] = (None if self.is_first else x, out)
-            self.stashed_bytes += _nbytes(out) + (0 if self.is_first else _nbytes(x))
-            self.peak_stashed_bytes = max(self.peak_stashed_bytes, self.stashed_bytes)
+            self._saved[mb] = saved.total
+            self.meter.add(saved.total)
         return out.detach()
 
     def backward(self, mb: int, grad: Tensor | None) -> Tensor | None:
         """Backward of microbatch ``mb`` given the grad of its output; returns its input's grad."""
         x, out = self._stash.pop(mb)
-        self.stashed_bytes -= _nbytes(out) + (0 if x is None else _nbytes(x))
+        if self.weight_store is None:
+            self.meter.release(self._saved.pop(mb))
         if self.weight_store is not None:
             with self.weight_store.collect(mb):
                 torch.autograd.backward(out, None if self.is_last else grad)
@@ -101,12 +105,12 @@ class StageRunner:
         """Weight-grad of microbatch ``mb`` (work deferred by its B)."""
         assert self.weight_store is not None, "W action on a stage without split backward"
         self.weight_store.flush(mb)
+        # what B freed and what W frees are not told apart: count the whole at W, as
+        # the simulator does
+        self.meter.release(self._saved.pop(mb))
 
     def take_losses(self) -> list[Tensor]:
         """The per-microbatch losses recorded since the last call (last stage only)."""
         out, self.losses = self.losses, []
         return out
 
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
+from conveyor.memory import count_saved_bytes
 from conveyor.models import build_blocks, lm_loss
 from conveyor.parallel.partition import Partition
 
@@ -123,21 +124,9 @@ def profile_stage(
 
 def _saved_bytes(forward: Callable[[], object], blocks: list[nn.Module]) -> int:
     """Bytes of the storages autograd saves in one forward, weights and buffers excluded."""
-    owned = {
-        t.untyped_storage().data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]
-    }
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in owned:
-            # views (q, k, v split from one projection) share a storage: count it once
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_bytes(blocks) as saved:
         forward()
-    return sum(saved.values())
+    return saved.total
 
 
 def profile_costs(
