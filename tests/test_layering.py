@@ -18,6 +18,8 @@ FORBIDDEN = {
     "runtime": {"conveyor.train", "conveyor.cli"},
     "models": {"conveyor.runtime", "conveyor.train", "conveyor.schedules"},
     "parallel": {"conveyor.train", "conveyor.cli"},
+    "generation": {"conveyor.runtime", "conveyor.train", "conveyor.cli", "conveyor.commands"},
+    "data": {"conveyor.runtime", "conveyor.train", "conveyor.models", "conveyor.cli"},
 }
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..data.errors import DataError
+from ..generation import GenerationError
 from ..schedules.ir import ScheduleError
+from ..train.checkpoint import CheckpointError
 
 __all__ = ["COMMANDS", "UserError"]
 
 # Modules under conveyor.commands, in the order --help lists them.
-COMMANDS = ["schedule", "simulate"]
+COMMANDS = ["schedule", "simulate", "export", "generate"]
 
-UserError = (ConfigError, DataError, ScheduleError, FileNotFoundError)
+UserError = (ConfigError, DataError, ScheduleError, CheckpointError, GenerationError,
+             FileNotFoundError)
 """Errors that are the user's to fix: printed as one line, exit status 2."""

@@ -38,7 +38,7 @@ def export_model(ckpt_dir: Path, out_dir: Path, *, tokenizer: Path | None = None
     ckpt = resolve_checkpoint(Path(ckpt_dir))
     out_dir = Path(out_dir)
     meta = read_meta(ckpt)
-    cfg = _model_config(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
+    cfg = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
     shapes = _param_shapes(cfg)
     tensors = load_tensors(ckpt, shapes)
     _check_shapes(tensors, shapes, f"checkpoint {ckpt}")
@@ -65,13 +65,7 @@ def load_exported(out_dir: Path) -> tuple[Transformer, ModelConfig]:
     """The single-process model of an export, with every parameter loaded from it."""
     out_dir = Path(out_dir)
     fix = f"create it with `conveyor export --checkpoint RUN_DIR --out {out_dir}`"
-    try:
-        raw = json.loads((out_dir / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{out_dir} is not an exported model (no {CONFIG_FILE}); {fix}") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{out_dir / CONFIG_FILE} is corrupt ({err}); {fix}") from None
-    cfg = _model_config(raw, str(out_dir / CONFIG_FILE))
+    cfg = read_exported_config(out_dir)
     path = out_dir / MODEL_FILE
     try:
         tensors = safetensors.torch.load_file(path)
@@ -88,7 +82,21 @@ def load_exported(out_dir: Path) -> tuple[Transformer, ModelConfig]:
     return model, cfg
 
 
-def _model_config(raw: Any, where: str) -> ModelConfig:
+def read_exported_config(out_dir: Path) -> ModelConfig:
+    """The ModelConfig of an exported model directory (its config.json)."""
+    out_dir = Path(out_dir)
+    fix = f"create it with `conveyor export --checkpoint RUN_DIR --out {out_dir}`"
+    try:
+        raw = json.loads((out_dir / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{out_dir} is not an exported model (no {CONFIG_FILE}); {fix}") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{out_dir / CONFIG_FILE} is corrupt ({err}); {fix}") from None
+    return model_config_from(raw, str(out_dir / CONFIG_FILE))
+
+
+def model_config_from(raw: Any, where: str) -> ModelConfig:
+    """A ModelConfig from a saved dict; CheckpointError naming ``where`` if it is not one."""
     if not isinstance(raw, dict):
         raise CheckpointError(
             f"{where} holds no model config; export needs a checkpoint saved by `conveyor train`"
