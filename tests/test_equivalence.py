@@ -3,7 +3,7 @@
 Loss of every step within 1e-5 relative, parameters after 3 optimizer steps within
 1e-4 relative: GPipe and 1F1B x pp in {1, 2, 4} x microbatches in {1, 2, 4, 8};
 interleaved 1F1B (v = 2, 3), ZB-H1, ZB-H2 and ZB-V at pp in {2, 4}; recomputation
-on/off, tied embeddings on/off, GPT-2 and Llama flavours.
+on/off, tied embeddings on/off, GPT-2 and Llama flavours; and pp=2 x dp=2.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def _cases(pp: int) -> list[Case]:
         for sched, m, flavour in itertools.product(SPLIT_AND_VIRTUAL, (1, 4, 8), FLAVOURS):
             cases.append(Case(sched, pp, m, recompute=m == 4, tied=m == 8, flavour=flavour))
         cases.append(Case("interleaved-1f1b", pp, 4, virtual_stages=2 if pp == 4 else 3))
+    if pp == 4:  # the same 4 ranks as 2 stages x 2 data-parallel replicas
+        cases += [Case("1f1b", 2, 2, dp=2), Case("zb-v", 2, 4, dp=2, tied=True, flavour="llama")]
     for sched, m, flavour in itertools.product(SCHEDULES, (1, 2, 4, 8), FLAVOURS):
         # recompute and tying vary together with the microbatch count so that every
         # combination of them meets every schedule and flavour without a full product
@@ -37,14 +39,14 @@ def _cases(pp: int) -> list[Case]:
     return cases
 
 
-CASES = {pp: _cases(pp) for pp in (1, 2, 4)}
+CASES = {pp: _cases(pp) for pp in (1, 2, 4)}  # by world size: one spawned group each
 
 
 @cache
-def _results(pp: int) -> dict | Exception:
+def _results(world: int) -> dict | Exception:
     # a failed group is remembered too, so its cases fail at once instead of relaunching
     try:
-        return run_pipeline_cases(CASES[pp], world=pp)
+        return run_pipeline_cases(CASES[world], world=world)
     except Exception as err:  # noqa: BLE001 - reported by every case of this size
         return err
 
@@ -54,11 +56,12 @@ def _reference(flavour: str, tied: bool) -> tuple:
     return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour))
 
 
-@pytest.mark.parametrize("case", [c for pp in (1, 2, 4) for c in CASES[pp]], ids=str)
+@pytest.mark.parametrize("case", [c for world in (1, 2, 4) for c in CASES[world]], ids=str)
 def test_matches_single_process(case: Case) -> None:
-    results = _results(case.pp)
+    world = case.pp * case.dp
+    results = _results(world)
     if isinstance(results, Exception):
-        pytest.fail(f"pp={case.pp} group failed: {results}")
+        pytest.fail(f"group of {world} ranks failed: {results}")
     got = results[str(case)]
-    assert set(got) == set(range(case.pp))
+    assert set(got) == set(range(case.pp * case.dp))
     assert_equivalent(case, got, _reference(case.flavour, case.tied))
