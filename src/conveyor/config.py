@@ -7,12 +7,24 @@ raised as :class:`ConfigError` naming the field, its value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from .schedules import SCHEDULE_CHUNKS, SCHEDULES, ScheduleError, check_virtual_stages
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "check_fields",
+    "from_dict",
+    "to_dict",
+]
 
 
 class ConfigError(ValueError):
@@ -186,3 +198,185 @@ class ParallelConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config dataclass as a plain dict (for logs and checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or value != value or (value < low if inclusive else value <= low):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise ConfigError(f"{name}={value!r} must be a number {bound}")
+
+
+def _non_negative(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation loop: steps, batch, AdamW and its schedule, evaluation, checkpoints."""
+
+    steps: int = 800
+    """Optimizer steps to train for (in total, counting those before a resume)."""
+    batch_size: int = 16
+    """Sequences per optimizer step (the global batch, over all data-parallel replicas)."""
+    lr: float = 3e-3
+    """Peak learning rate, reached after the warmup."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup: int = 50
+    """Steps of linear warmup from lr/warmup to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay of matrices (norms and biases are not decayed)."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global norm over all stages; 0 turns clipping off."""
+    eval_every: int = 100
+    """Steps between validation runs (also run at step 0 and at the end); 0: only those two."""
+    eval_batches: int = 8
+    """Validation batches (of batch_size sequences) averaged per evaluation; always the same ones."""
+    checkpoint_every: int = 400
+    """Steps between checkpoints (one is always saved at the end); 0: only at the end."""
+    keep: int = 3
+    """Newest checkpoints to keep; 0 keeps all."""
+    seed: int = 0
+    """Seed of the initial weights, the train/val split and the batch order."""
+    bf16: bool = False
+    """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32)."""
+    run_dir: str = "runs"
+    """Directory holding one subdirectory per run."""
+    name: str | None = None
+    """Name of this run's subdirectory; None: the start time (YYYYmmdd-HHMMSS)."""
+    resume: str | None = None
+    """Checkpoint (or run directory: its latest) to continue from, in a new run directory."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "eval_batches")
+        _non_negative(self, "warmup", "eval_every", "checkpoint_every", "keep", "seed")
+        _number(self, "lr", inclusive=False)
+        _number(self, "min_lr")
+        _number(self, "weight_decay")
+        _number(self, "grad_clip")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"min_lr={self.min_lr} is above lr={self.lr}; use min_lr <= lr"
+            )
+        if not isinstance(self.bf16, bool):
+            raise ConfigError(f"bf16={self.bf16!r} must be true or false")
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ConfigError(f"run_dir={self.run_dir!r} must be a non-empty path")
+        if self.name is not None and (
+            not isinstance(self.name, str) or not self.name.strip(" .")
+            or any(c in self.name for c in "/\\")
+        ):
+            raise ConfigError(
+                f"name={self.name!r} must be a plain directory name (no slashes); "
+                "use --run-dir to choose where runs go"
+            )
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
+            raise ConfigError(f"resume={self.resume!r} must be a checkpoint or run directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the text comes from and how it is split."""
+
+    paths: tuple[str, ...] | None = None
+    """Files, directories or globs (.jsonl/.json records need a "text" field); None: the stdlib."""
+    val_fraction: float = 0.05
+    """Share of the packed sequences held out for validation; 0 turns evaluation off."""
+    cache_dir: str | None = None
+    """Where the tokenizer and packed sequences are cached; None: <run_dir>/.cache."""
+
+    def __post_init__(self) -> None:
+        paths = self.paths
+        if isinstance(paths, str):
+            paths = (paths,)
+        if paths is not None:
+            if not isinstance(paths, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in paths
+            ):
+                raise ConfigError(
+                    f"paths={self.paths!r} must be a list of file, directory or glob strings"
+                )
+            if not paths:
+                raise ConfigError("paths is empty; give at least one path, or none for the stdlib")
+            object.__setattr__(self, "paths", tuple(paths))
+        _number(self, "val_fraction")
+        if self.val_fraction >= 1:
+            raise ConfigError(
+                f"val_fraction={self.val_fraction} must be in [0, 1); pass e.g. 0.05"
+            )
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ConfigError(f"cache_dir={self.cache_dir!r} must be a non-empty path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a training run needs, checked together before any process starts."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
+        "data": DataConfig,
+    }
+    """Section name (in TOML files and checkpoint meta) -> config class."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The model shape; max_seq_len is also the training sequence length."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """The process layout."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """The corpus."""
+
+    def __post_init__(self) -> None:
+        if self.parallel.tp != 1:
+            raise ConfigError(
+                f"tp={self.parallel.tp}: the trainer does not shard layers over tensor-parallel "
+                "ranks yet; use tp=1"
+            )
+        self.parallel.check_against(self.model, self.train.batch_size)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "config") -> RunConfig:
+        """Build from ``{section: {field: value}}``; unknown sections or fields raise ConfigError."""
+        unknown = sorted(set(raw) - set(cls.SECTIONS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown section [{unknown[0]}]; "
+                f"known sections: {', '.join(f'[{s}]' for s in cls.SECTIONS)}"
+            )
+        parts = {
+            section: from_dict(kind, raw.get(section, {}), f"{where} [{section}]")
+            for section, kind in cls.SECTIONS.items()
+        }
+        return cls(**parts)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{section: {field: value}}``, the inverse of ``from_dict``."""
+        return {section: to_dict(getattr(self, section)) for section in self.SECTIONS}
+
+_C = TypeVar("_C")
+
+
+def check_fields(cls: type, raw: Mapping[str, Any], where: str) -> None:
+    """Raise ConfigError naming the first key of ``raw`` that is no field of ``cls``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table of fields, not {raw!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(
+                f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(fields)}"
+            )
+
+
+def from_dict(cls: type[_C], raw: Mapping[str, Any], where: str) -> _C:
+    """``cls(**raw)``, naming an unknown field (and the nearest known one) in a ConfigError."""
+    check_fields(cls, raw, where)
+    return cls(**raw)

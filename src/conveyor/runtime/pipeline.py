@@ -134,6 +134,16 @@ class Pipeline:
         """This rank's parameters (for the optimizer)."""
         return [p for _, p in self.named_parameters()]
 
+    def tied_duplicate(self) -> nn.Parameter | None:
+        """The head's copy of a tied embedding split across ranks, on the head's rank; else None.
+
+        It always equals the embedding's copy (their grads are summed before any update),
+        so a global grad norm or a checkpoint counts it once, through the embedding.
+        """
+        if self.tied_group is None or 0 in self.stages:
+            return None
+        return self._tied_param
+
     def zero_grad(self) -> None:
         """Drop all gradients."""
         for p in self.parameters():

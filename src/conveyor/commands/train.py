@@ -1,0 +1,215 @@
+"""``conveyor train``: train a GPT with pipeline parallelism, from flags and/or a TOML file.
+
+Values come from, lowest priority first: the defaults below (or, with ``--resume``,
+the checkpoint's config), ``--config FILE.toml`` ([model] [parallel] [train] [data]
+with the config classes' field names), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    check_fields,
+    to_dict,
+)
+from ..log import setup_logging
+from ..schedules import SCHEDULES
+
+__all__ = ["register", "DEFAULT_MODEL", "load_toml", "build_run_config"]
+
+DEFAULT_MODEL = ModelConfig(vocab_size=4096, n_layers=4, d_model=128, n_heads=4, max_seq_len=128)
+"""The model `conveyor train` trains when not told otherwise: a few minutes on a laptop CPU."""
+
+_DEFAULTS: dict[str, Any] = {
+    "model": DEFAULT_MODEL, "parallel": ParallelConfig(), "train": TrainConfig(),
+    "data": DataConfig(),
+}
+
+_TRAINABLE = ", ".join(s for s in sorted(SCHEDULES) if s != "forward-only")
+_BOOL = argparse.BooleanOptionalAction
+_METAVARS: dict[Any, str] = {int: "N", float: "X"}
+
+# (section, field, flag, argparse keywords, help)
+_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
+    ("model", "flavour", "--flavour", {"metavar": "NAME"}, "gpt2 (LayerNorm, GELU, learned positions) or "
+     "llama (RMSNorm, SwiGLU, rotary)"),
+    ("model", "n_layers", "--layers", {"type": int}, "transformer blocks"),
+    ("model", "d_model", "--d-model", {"type": int}, "hidden width"),
+    ("model", "n_heads", "--heads", {"type": int}, "attention heads (must divide --d-model)"),
+    ("model", "n_kv_heads", "--kv-heads", {"type": int},
+     "key/value heads for grouped-query attention, llama only (None: --heads)"),
+    ("model", "d_ff", "--d-ff", {"type": int},
+     "MLP width (None: 4*d_model for gpt2, about 8/3*d_model for llama)"),
+    ("model", "vocab_size", "--vocab-size", {"type": int},
+     "BPE vocabulary trained on the corpus, and the model's token ids"),
+    ("model", "max_seq_len", "--seq-len", {"type": int}, "tokens per training sequence"),
+    ("model", "tie_embeddings", "--tie-embeddings", {"action": _BOOL},
+     "share the token embedding with the LM head"),
+    ("model", "norm_eps", "--norm-eps", {"type": float}, "epsilon of the norms"),
+    ("model", "rope_theta", "--rope-theta", {"type": float}, "rotary base (llama only)"),
+    ("model", "init_std", "--init-std", {"type": float}, "std of the initial weights"),
+    ("parallel", "pp", "--pp", {"type": int}, "pipeline stages, one process each"),
+    ("parallel", "dp", "--dp", {"type": int},
+     "data-parallel pipeline replicas (pp*dp processes in all)"),
+    ("parallel", "schedule", "--schedule", {"metavar": "NAME"}, f"pipeline schedule: {_TRAINABLE}"),
+    ("parallel", "microbatches", "--microbatches", {"type": int},
+     "microbatches per step per replica (must divide --batch-size/--dp)"),
+    ("parallel", "virtual_stages", "--virtual-stages", {"type": int},
+     "model chunks per rank (None: what the schedule needs, 2 for interleaved and zb-v)"),
+    ("parallel", "recompute", "--recompute", {"action": _BOOL},
+     "recompute activations in backward instead of keeping them (less memory, ~1/3 slower)"),
+    ("parallel", "partition", "--partition", {"metavar": "HOW"},
+     "blocks to stages: uniform (equal block counts) or params (balanced parameter counts)"),
+    ("train", "steps", "--steps", {"type": int}, "optimizer steps in total"),
+    ("train", "batch_size", "--batch-size", {"type": int}, "sequences per step (global batch)"),
+    ("train", "lr", "--lr", {"type": float}, "peak learning rate of AdamW"),
+    ("train", "min_lr", "--min-lr", {"type": float}, "learning rate at the end of the cosine decay"),
+    ("train", "warmup", "--warmup", {"type": int}, "steps of linear learning-rate warmup"),
+    ("train", "weight_decay", "--weight-decay", {"type": float},
+     "decoupled weight decay of matrices (not of norms and biases)"),
+    ("train", "grad_clip", "--grad-clip", {"type": float},
+     "clip gradients to this global norm over all stages (0: no clipping)"),
+    ("train", "eval_every", "--eval-every", {"type": int},
+     "steps between validation runs, besides step 0 and the end (0: only those)"),
+    ("train", "eval_batches", "--eval-batches", {"type": int},
+     "validation batches per evaluation (always the same ones)"),
+    ("train", "checkpoint_every", "--checkpoint-every", {"type": int},
+     "steps between checkpoints, besides the end (0: only at the end)"),
+    ("train", "keep", "--keep", {"type": int}, "newest checkpoints to keep (0: all)"),
+    ("train", "seed", "--seed", {"type": int}, "seed of the weights, the val split, the batch order"),
+    ("train", "bf16", "--bf16", {"action": _BOOL}, "bfloat16 autocast for forward and backward"),
+    ("train", "run_dir", "--run-dir", {"metavar": "DIR"}, "directory holding one subdirectory per run"),
+    ("train", "name", "--name", {"metavar": "NAME"}, "this run's subdirectory (None: the start time)"),
+    ("train", "resume", "--resume", {"metavar": "RUN_DIR_OR_CKPT"},
+     "continue from a checkpoint, or a run directory's latest one, in a new run directory; "
+     "model, data, batch size and seed come from the checkpoint, other flags override"),
+    ("data", "paths", "--data", {"nargs": "+", "action": "extend", "metavar": "PATH"},
+     "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field "
+     "(None: the source files of this Python's standard library, "
+     f"{Path(os.__file__).parent})"),
+    ("data", "val_fraction", "--val-fraction", {"type": float},
+     "share of sequences held out for validation (0: no evaluation)"),
+    ("data", "cache_dir", "--cache-dir", {"metavar": "DIR"},
+     "cache of the tokenizer and tokenized corpus (None: RUN_DIR/.cache)"),
+]
+
+
+def register(sub: Any) -> None:
+    """Add ``train`` to the CLI."""
+    p = sub.add_parser(
+        "train",
+        help="train a GPT with pipeline parallelism (spawns pp*dp processes)",
+        description="Train a decoder-only transformer over pp*dp processes (gloo on CPU, NCCL "
+        "on GPU; under torchrun, joins its group). Writes RUN_DIR/NAME/ with config.json, "
+        "metrics.jsonl, tokenizer.json and checkpoints/. Priority: defaults < --config < flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                   help="TOML file with [model] [parallel] [train] [data] tables of config "
+                   "field names (e.g. n_layers = 6); flags override it")
+    groups = {s: p.add_argument_group(f"{s} options") for s in _DEFAULTS}
+    for section, field, flag, kwargs, text in _OPTIONS:
+        default = getattr(_DEFAULTS[section], field)
+        if default is None and "(None: " in text:
+            text = text.replace("(None: ", "(default: ")
+        else:
+            text = f"{text} (default: {default})"
+        if "action" not in kwargs:
+            kwargs = {"metavar": _METAVARS.get(kwargs.get("type"), "STR"), **kwargs}
+        # SUPPRESS: a flag left out leaves no attribute, so it cannot override the TOML file
+        groups[section].add_argument(
+            flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=text, **kwargs
+        )
+    p.set_defaults(run=_run)
+
+
+def load_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """The sections of a TOML config file, every key checked against the config fields."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist; pass an existing TOML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path} cannot be read ({err}); pass a TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--config {path} is not valid TOML ({err}); fix the syntax") from None
+    for section, values in raw.items():
+        if section not in RunConfig.SECTIONS:
+            known = ", ".join(f"[{s}]" for s in RunConfig.SECTIONS)
+            raise ConfigError(f"{path}: unknown key {section!r} (a section or top-level key); "
+                              f"put options under {known}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section!r} must be a table [{section}], not a value")
+        check_fields(RunConfig.SECTIONS[section], values, f"{path} [{section}]")
+    return raw
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults (or the resumed checkpoint's config) < --config TOML < flags."""
+    overrides: dict[str, dict[str, Any]] = {s: {} for s in _DEFAULTS}
+    if args.config is not None:
+        for section, values in load_toml(args.config).items():
+            overrides[section].update(values)
+    for key, value in vars(args).items():
+        if "." in key:
+            section, field = key.split(".", 1)
+            overrides[section][field] = value
+    base = {s: to_dict(c) for s, c in _DEFAULTS.items()}
+    resume = overrides["train"].get("resume")
+    if resume is not None:
+        base = _checkpoint_config(Path(resume))
+    merged = {s: {**base[s], **overrides[s]} for s in base}
+    return RunConfig.from_dict(merged, "--config" if args.config is None else str(args.config))
+
+
+def _checkpoint_config(resume: Path) -> dict[str, dict[str, Any]]:
+    from ..train.checkpoint import read_meta, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(resume)
+    meta = read_meta(ckpt)
+    missing = [s for s in _DEFAULTS if not isinstance(meta.get(s), dict)]
+    if missing:
+        raise ConfigError(f"--resume {ckpt}: its meta.json has no {', '.join(missing)} config; "
+                          "resume a checkpoint written by `conveyor train`")
+    base = {s: dict(meta[s]) for s in _DEFAULTS}
+    for section, kind in RunConfig.SECTIONS.items():  # keys of an older version are dropped
+        names = {f.name for f in dataclasses.fields(kind)}
+        base[section] = {k: v for k, v in base[section].items() if k in names}
+    base["train"].update(name=None, resume=str(ckpt))
+    return base
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..train.metrics import METRICS_FILE, read_metrics
+    from ..train.report import summarize
+    from ..train.trainer import run_training
+
+    setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
+    run = build_run_config(args)
+    results = run_training(run)
+    if int(os.environ.get("RANK", "0")) != 0 or not results:
+        return 0
+    summary = results[min(results)]
+    run_dir = Path(summary["run_dir"])
+
+    table = summarize(read_metrics(run_dir / METRICS_FILE)).table(
+        extra=[("checkpoint", summary["checkpoint"]), ("next", f"conveyor report {run_dir}")]
+    )
+    print(f"\nrun {run_dir}\n{table}")
+    return 0

@@ -1,0 +1,54 @@
+"""Gradient clipping by the global norm over every pipeline stage.
+
+Each rank holds only its stages' gradients, so the norm is assembled from local
+sums of squares, all-reduced over the pipeline group. Two kinds of copies must
+not count twice: the head's duplicate of a tied embedding (its grad equals the
+embedding's after the pipeline sums them) and data-parallel replicas (their grads
+are already averaged, so each replica's pipeline alone holds the whole norm).
+The clip coefficient is torch.nn.utils.clip_grad_norm_'s, so a pipeline run clips
+exactly as the single-process model would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["clip_global_grad_norm"]
+
+
+def clip_global_grad_norm(
+    params: Iterable[nn.Parameter],
+    max_norm: float,
+    *,
+    group: dist.ProcessGroup | None = None,
+    duplicates: Iterable[nn.Parameter] = (),
+) -> float:
+    """Scale grads so their global L2 norm is at most ``max_norm``; return the norm before.
+
+    ``group`` is the pipeline group to sum over (None: this process holds every stage).
+    ``duplicates`` are scaled like the rest but left out of the norm. ``max_norm <= 0``
+    only measures.
+    """
+    params = [p for p in params if p.grad is not None]
+    skip = {id(p) for p in duplicates}
+    device = params[0].grad.device if params else torch.device("cpu")
+    squares = [
+        torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square()
+        for p in params
+        if id(p) not in skip
+    ]
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    total_sq = total_sq.to(device)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(total_sq, group=group)
+    total: Tensor = total_sq.sqrt().float()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            assert p.grad is not None
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return float(total)

@@ -1,0 +1,362 @@
+"""The training loop: the parent checks and prepares everything, then each rank trains.
+
+``run_training`` runs in the launching process: it validates the configs, reads and
+tokenizes the data, and creates the run directory, so every user mistake ends
+there in one line before any process starts. Then ``train_worker`` runs on each
+rank. One step::
+
+    sampler -> batch -> pipeline.train_step -> global-norm clip -> AdamW step (lr of step)
+
+Every rank sees the same batches and knows the loss; rank 0 writes the metrics and
+draws the progress bar. What goes in the run directory: see ``rundir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tqdm import tqdm
+
+from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, RunConfig, to_dict
+from ..data import DataError, PreparedData, Sampler, get_batch, prepare_data
+from ..data.tokenizer import load_tokenizer
+from ..log import get_logger
+from ..models import block_param_counts
+from ..parallel.mesh import Mesh
+from ..runtime.launch import launch
+from ..runtime.pipeline import Pipeline
+from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
+from .clip import clip_global_grad_norm
+from .metrics import METRICS_FILE, MetricsWriter, perplexity
+from .optim import build_optimizer, lr_at, set_lr
+from .rundir import TOKENIZER_FILE, create_run_dir
+from .state import (
+    load_params,
+    load_training_state,
+    rank_meta,
+    restore_rank_meta,
+    state_tensors,
+)
+
+__all__ = ["run_training", "train_worker", "run_evaluation", "eval_worker", "prepare",
+           "val_batches"]
+
+log = get_logger(__name__)
+
+# what a resumed run must share with its checkpoint: the weights' shape and the data stream
+_FIXED_ON_RESUME = {"train": ("batch_size", "seed")}
+
+
+# -- parent side -----------------------------------------------------------------------
+
+
+def prepare(model: ModelConfig, data: DataConfig, *, seed: int, batch_size: int,
+            run_dir: str) -> PreparedData:
+    """Read, tokenize and split the corpus; DataError unless a batch (and a val batch) fit."""
+    cache = Path(data.cache_dir) if data.cache_dir else Path(run_dir) / ".cache"
+    prepared = prepare_data(
+        list(data.paths) if data.paths is not None else None, vocab_size=model.vocab_size,
+        seq_len=model.max_seq_len, val_fraction=data.val_fraction, cache_dir=cache, seed=seed,
+    )
+    Sampler(len(prepared.train), batch_size, seed, seq_len=model.max_seq_len)  # raises if too small
+    if data.val_fraction > 0 and len(prepared.val) < batch_size:
+        raise DataError(
+            f"validation set too small: {len(prepared.val)} sequences < batch size {batch_size}; "
+            "raise --val-fraction, add data or lower --batch-size (--val-fraction 0 skips "
+            "evaluation)"
+        )
+    return prepared
+
+
+def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
+    """Check, prepare, create the run directory, and train on ``pp*dp`` ranks.
+
+    Returns each rank's summary (under torchrun: this process's rank only).
+    """
+    ckpt, meta = None, None
+    if run.train.resume is not None:
+        ckpt = resolve_checkpoint(Path(run.train.resume))
+        meta = read_meta(ckpt)
+        _check_resumable(run, ckpt, meta)
+    data = prepare(run.model, run.data, seed=run.train.seed, batch_size=run.train.batch_size,
+                   run_dir=run.train.run_dir)
+    if meta is not None and meta.get("tokenizer_path"):
+        _check_same_tokenizer(data, Path(meta["tokenizer_path"]))
+    run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None)
+    world = run.parallel.world_size
+    n_params = sum(block_param_counts(run.model)) - (
+        run.model.vocab_size * run.model.d_model if run.model.tie_embeddings else 0
+    )
+    log.info("training %.2fM parameters on %d ranks (pp=%d dp=%d, %s) for %d steps -> %s",
+             n_params / 1e6, world, run.parallel.pp, run.parallel.dp, run.parallel.schedule,
+             run.train.steps, run_dir)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
+    with _user_errors_of_ranks():
+        return launch(train_worker, world, run, run_dir, data.train, data.val, ckpt,
+                      threads_per_rank=threads)
+
+
+@contextlib.contextmanager
+def _user_errors_of_ranks() -> Iterator[None]:
+    """Re-raise a rank's user error (a bad checkpoint, a full disk) here as itself, one line."""
+    try:
+        yield
+    except mp.ProcessRaisedException as err:
+        lines = str(err).strip().splitlines()
+        last = lines[-1] if lines else ""
+        for cls in (CheckpointError, DataError, ConfigError):
+            prefix = f"{cls.__module__}.{cls.__qualname__}: "
+            if last.startswith(prefix):
+                raise cls(f"rank {err.error_index}: {last[len(prefix):]}") from None
+        raise
+
+
+def _check_resumable(run: RunConfig, ckpt: Path, meta: dict[str, Any]) -> None:
+    saved = {k: dict(meta.get(k) or {}) for k in ("model", "data", "train")}
+    mine = json.loads(json.dumps(run.to_dict()))  # tuples as lists, as meta.json has them
+    for section in ("model", "data"):
+        diff = sorted(
+            k for k in mine[section]
+            if k != "cache_dir" and k in saved[section] and saved[section][k] != mine[section][k]
+        )
+        if diff:
+            raise ConfigError(
+                f"--resume {ckpt}: the checkpoint's {section} config differs in "
+                f"{', '.join(diff)}; a resumed run keeps its model and data, so drop those options"
+            )
+    for section, keys in _FIXED_ON_RESUME.items():
+        for key in keys:
+            old = saved[section].get(key, mine[section][key])
+            if old != mine[section][key]:
+                raise ConfigError(
+                    f"--resume {ckpt}: {key}={mine[section][key]} differs from the checkpoint's "
+                    f"{key}={old}; a resumed run keeps its batches, so drop that option"
+                )
+    step = int(meta["step"])
+    if step >= run.train.steps:
+        raise ConfigError(
+            f"--resume {ckpt}: the checkpoint is at step {step} and steps={run.train.steps}; "
+            f"pass --steps above {step} to train further"
+        )
+
+
+def _check_same_tokenizer(data: PreparedData, path: Path) -> None:
+    if path.is_file() and load_tokenizer(path).to_str() != data.tokenizer.to_str():
+        raise DataError(
+            f"the corpus now gives a different tokenizer than {path} the checkpoint was trained "
+            "with; resume with the same --data files, or start a new run"
+        )
+
+
+# -- rank side -------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def val_batches(val: np.ndarray, batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` whole batches of the validation rows: the same set at every evaluation."""
+    count = min(n, len(val) // batch_size)
+    return [get_batch(val, np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(count)]
+
+
+def _evaluate(pipe: Pipeline, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return sum(pipe.eval_step(x, y) for x, y in batches) / len(batches)
+
+
+class _Trainer:
+    """One rank's pipeline, optimizer and data stream, and the bookkeeping around them."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, train: np.ndarray, val: np.ndarray) -> None:
+        self.run, self.cfg, self.run_dir, self.rows = run, run.train, run_dir, train
+        self.rank = dist.get_rank()
+        torch.manual_seed(self.cfg.seed)
+        device = _device()
+        par = run.parallel
+        self.mesh = Mesh.build(par.pp, par.dp, device_type=device.type)
+        self.pipe = Pipeline(run.model, par, self.mesh, seed=self.cfg.seed, device=device,
+                             autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
+        self.opt = build_optimizer(self.pipe.named_parameters(), lr=self.cfg.lr,
+                                   weight_decay=self.cfg.weight_decay)
+        self.sampler = Sampler(len(train), self.cfg.batch_size, self.cfg.seed)
+        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches) \
+            if run.data.val_fraction > 0 else []
+        self.step, self.elapsed0 = 0, 0.0
+        self.tokens_per_step = self.cfg.batch_size * run.model.max_seq_len
+        self.metrics = MetricsWriter(run_dir / METRICS_FILE) if self.rank == 0 else None
+        self.losses: list[float] = []
+        self.evals: list[tuple[int, float]] = []
+        self.speeds: list[float] = []
+        self.last_ckpt: Path | None = None
+        self.bar: tqdm | None = None
+        self.t_start = time.perf_counter()
+
+    def restore(self, ckpt: Path) -> None:
+        meta = read_meta(ckpt)
+        load_training_state(self.pipe, self.opt, ckpt)
+        self.sampler.load_state_dict(meta["sampler"])
+        self.elapsed0 = restore_rank_meta(meta)
+        self.step = int(meta["step"])
+        self._log("resumed from %s at step %d", ckpt, self.step)
+
+    def _log(self, msg: str, *args: Any) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.clear()
+        log.info(msg, *args)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
+        set_lr(self.opt, lr)
+        t0 = time.perf_counter()
+        x, y = get_batch(self.rows, next(self.sampler))
+        self.pipe.zero_grad()
+        loss = self.pipe.train_step(x, y)
+        dup = self.pipe.tied_duplicate()
+        norm = clip_global_grad_norm(
+            self.pipe.parameters(), cfg.grad_clip, group=self.mesh.pp_group,
+            duplicates=[dup] if dup is not None else [],
+        )
+        self.opt.step()
+        speed = self.tokens_per_step / (time.perf_counter() - t0)
+        self.step += 1
+        self.losses.append(loss)
+        self.speeds.append(speed)
+        self._write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": round(speed, 1), "elapsed_s": round(self.elapsed(), 3)})
+        return loss
+
+    def evaluate(self) -> None:
+        if not self.val:
+            return
+        loss = _evaluate(self.pipe, self.val)
+        self.evals.append((self.step, loss))
+        self._write({"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        train = f"loss {self.losses[-1]:.4f}  " if self.losses else ""
+        speed = f"  {np.mean(self.speeds[-50:]):.0f} tok/s" if self.speeds else ""
+        self._log("step %d/%d  %sval_loss %.4f  val_ppl %.1f%s", self.step, self.cfg.steps,
+                  train, loss, perplexity(loss), speed)
+
+    def save(self) -> None:
+        meta = {
+            **self.run.to_dict(),
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "tokenizer_path": str((self.run_dir / TOKENIZER_FILE).resolve()),
+            "ranks": {str(self.rank): rank_meta(self.elapsed())},
+        }
+        if self.bar is not None:  # the checkpoint module logs a line: keep it off the bar
+            self.bar.clear()
+        self.last_ckpt = save_checkpoint(
+            self.run_dir, self.step, tensors=state_tensors(self.pipe, self.opt), meta=meta,
+            keep=self.cfg.keep,
+        )
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.t_start
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = self.step
+        self.t_start = time.perf_counter()
+        if self.rank == 0:
+            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
+                            disable=None, desc="train")
+        if start == 0:
+            self.evaluate()
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{np.mean(self.speeds[-20:]):.0f}",
+                                     refresh=False)
+                self.bar.update(1)
+            last = self.step == cfg.steps
+            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                self.evaluate()
+            if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save()
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        return {
+            "rank": self.rank, "start_step": start, "steps": self.step, "losses": self.losses,
+            "evals": self.evals, "tokens_per_s": float(np.median(self.speeds)),
+            "elapsed_s": self.elapsed(), "run_dir": str(self.run_dir),
+            "checkpoint": str(self.last_ckpt),
+        }
+
+
+def train_worker(run: RunConfig, run_dir: Path, train: np.ndarray, val: np.ndarray,
+                 resume: Path | None = None) -> dict[str, Any]:
+    """Train on this rank (inside ``launch``); return its summary."""
+    trainer = _Trainer(run, run_dir, train, val)
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer.fit()
+
+
+# -- evaluation of a checkpoint --------------------------------------------------------
+
+
+def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | None = None,
+                   batches: int | None = None) -> dict[str, Any]:
+    """Validation loss of a checkpoint through a pipeline of any layout (parent side)."""
+    ckpt = resolve_checkpoint(Path(ckpt_path))
+    meta = read_meta(ckpt)
+    try:
+        model = ModelConfig(**meta["model"])
+        data = DataConfig(**meta["data"])
+        train = meta["train"]
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"checkpoint {ckpt} has no usable model/data/train config ({err}); "
+                          "evaluate a checkpoint written by `conveyor train`") from None
+    batch = batch_size or int(train["batch_size"])
+    par.check_against(model, batch)
+    if data.val_fraction == 0:
+        raise ConfigError(f"checkpoint {ckpt} was trained with val_fraction=0, so it has no "
+                          "validation set; nothing to evaluate")
+    prepared = prepare(model, data, seed=int(train["seed"]), batch_size=batch,
+                       run_dir=str(train["run_dir"]))
+    n = batches or int(train["eval_batches"])
+    with _user_errors_of_ranks():
+        results = launch(eval_worker, par.world_size, model, par, ckpt, prepared.val, batch, n)
+    loss = results[min(results)]
+    return {"checkpoint": str(ckpt), "step": int(meta["step"]), "val_loss": loss,
+            "val_ppl": perplexity(loss), "batches": min(n, len(prepared.val) // batch),
+            "batch_size": batch, "parallel": to_dict(par)}
+
+
+def eval_worker(model: ModelConfig, par: ParallelConfig, ckpt: Path, val: np.ndarray,
+                batch_size: int, n: int) -> float:
+    """Mean validation loss of ``ckpt`` on this rank's share of the pipeline."""
+    device = _device()
+    mesh = Mesh.build(par.pp, par.dp, device_type=device.type)
+    pipe = Pipeline(model, par, mesh, device=device)
+    load_params(pipe, ckpt)
+    return _evaluate(pipe, val_batches(val, batch_size, n))
+

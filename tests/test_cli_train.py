@@ -1,0 +1,119 @@
+"""`conveyor train`, `eval` and `report` end to end through ``conveyor.cli.main`` on a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli import build_parser, main
+from conveyor.commands.train import build_run_config
+from conveyor.data import load_tokenizer
+from conveyor.train.metrics import eval_rows, read_metrics, train_rows
+
+WORDS = ("stage rank sends activations forward while gradients flow back through the "
+         "pipeline and every microbatch waits its turn").split()
+TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320",
+        "--seq-len", "16", "--batch-size", "8", "--microbatches", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr() -> Iterator[None]:
+    # conveyor's handler keeps the stderr it was created with; let this test's capture get one
+    root = logging.getLogger("conveyor")
+    saved = root.handlers[:]
+    root.handlers = [h for h in saved if not getattr(h, "_conveyor", False)]
+    yield
+    root.handlers = saved
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    rng = random.Random(0)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(4):
+        text = "\n".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) + "."
+            for _ in range(150)
+        )
+        (root / f"doc{i}.txt").write_text(text)
+    return root
+
+
+@pytest.mark.multiprocess
+def test_train_then_eval_then_report(tmp_path: Path, corpus: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    argv = ["train", "--data", str(corpus), "--pp", "2", *TINY, "--steps", "12", "--lr", "1e-2",
+            "--warmup", "2", "--eval-every", "6", "--eval-batches", "2",
+            "--checkpoint-every", "6", "--run-dir", str(runs), "--name", "cli"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "val loss drop" in out and "conveyor report" in out
+    run = runs / "cli"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000006", "step-00000012"]
+    assert load_tokenizer(run / "tokenizer.json").vocab_size <= 320
+    config = json.loads((run / "config.json").read_text())
+    assert config["parallel"]["pp"] == 2 and config["model"]["n_layers"] == 2
+    assert config["data"]["paths"] == [str(corpus)]
+    rows = read_metrics(run / "metrics.jsonl")
+    train, evals = train_rows(rows), eval_rows(rows)
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert set(train[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert set(evals[0]) == {"step", "val_loss", "val_ppl"}
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals
+    assert sum(r["loss"] for r in train[-3:]) / 3 < train[0]["loss"] - 0.5
+
+    # the checkpoint evaluated through another layout gives the same validation loss
+    assert main(["eval", "--checkpoint", str(run), "--pp", "1", "--microbatches", "1",
+                 "--batches", "2"]) == 0
+    got = float(re.search(r"val_loss (\S+)", capsys.readouterr().out)[1])
+    assert got == pytest.approx(evals[-1]["val_loss"], abs=1e-4)
+
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "first val loss" in out and "wall time" in out
+    png = run / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rank's user error (here a corrupt shard) still ends in one line and exit 2
+    shard = next((run / "checkpoints" / "step-00000012").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"garbage!")
+    assert main(["eval", "--checkpoint", str(run), "--pp", "1", "--microbatches", "1"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("[rank")]
+    assert len(err) == 1 and "corrupt" in err[0] and "Traceback" not in err[0], err
+
+
+def test_toml_config_and_flags_override_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        "[model]\nn_layers = 6\nd_model = 64\n[parallel]\npp = 2\nschedule = 'gpipe'\n"
+        "[train]\nsteps = 50\nlr = 1e-3\n[data]\npaths = ['a.txt', 'b.txt']\n"
+    )
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--layers", "3", "--lr", "0.01"])
+    run = build_run_config(args)
+    assert run.model.n_layers == 3 and run.model.d_model == 64  # flag beats file beats default
+    assert run.model.vocab_size == 4096  # the train command's default model
+    assert run.parallel.schedule == "gpipe" and run.parallel.pp == 2
+    assert run.train.steps == 50 and run.train.lr == 0.01
+    assert run.data.paths == ("a.txt", "b.txt")
+
+
+def test_help_explains_every_option_and_the_default_corpus(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--layers", "--kv-heads", "--tie-embeddings", "--virtual-stages", "--recompute",
+                 "--partition", "--min-lr", "--grad-clip", "--checkpoint-every", "--keep",
+                 "--bf16", "--resume", "--val-fraction", "--config"):
+        assert flag in text
+    assert "standard library" in text and "(default: 1f1b)" in text
