@@ -3,8 +3,6 @@ no traceback, and (for config mistakes) before any process is spawned."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +12,6 @@ from conveyor.cli import main
 
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320",
         "--seq-len", "16", "--batch-size", "8", "--microbatches", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stderr() -> Iterator[None]:
-    root = logging.getLogger("conveyor")
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if not getattr(h, "_conveyor", False)]
-    yield
-    root.handlers = saved
 
 
 @pytest.fixture(autouse=True)

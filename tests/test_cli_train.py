@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
-import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,34 +13,8 @@ from conveyor.commands.train import build_run_config
 from conveyor.data import load_tokenizer
 from conveyor.train.metrics import eval_rows, read_metrics, train_rows
 
-WORDS = ("stage rank sends activations forward while gradients flow back through the "
-         "pipeline and every microbatch waits its turn").split()
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320",
         "--seq-len", "16", "--batch-size", "8", "--microbatches", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stderr() -> Iterator[None]:
-    # conveyor's handler keeps the stderr it was created with; let this test's capture get one
-    root = logging.getLogger("conveyor")
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if not getattr(h, "_conveyor", False)]
-    yield
-    root.handlers = saved
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    rng = random.Random(0)
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(4):
-        text = "\n".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) + "."
-            for _ in range(150)
-        )
-        (root / f"doc{i}.txt").write_text(text)
-    return root
 
 
 @pytest.mark.multiprocess

@@ -269,3 +269,19 @@ def test_gqa_query_head_reads_kv_head_h_div_groups() -> None:
                 param.copy_(gqa.get_parameter(name))
         x = torch.randn(2, SEQ, D)
         torch.testing.assert_close(gqa(x), mha(x), atol=1e-6, rtol=0)
+
+
+def test_deferred_weight_grads_record_no_graph() -> None:
+    from conveyor.models.linear import Linear, WeightGradStore, attach_weight_grad_store
+
+    layer = Linear(4, 3)
+    store = WeightGradStore()
+    attach_weight_grad_store(layer, store)
+    x = torch.randn(2, 4, requires_grad=True)
+    with store.collect(0):
+        layer(x).sum().backward()
+    assert layer.weight.grad is None and len(store) == 1  # deferred to W
+    store.flush(0)
+    assert layer.weight.grad is not None and not layer.weight.grad.requires_grad
+    expected = torch.ones(2, 3).t() @ x.detach()
+    assert torch.allclose(layer.weight.grad, expected)

@@ -10,9 +10,18 @@ import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from .schedules import SCHEDULE_CHUNKS, SCHEDULES, ScheduleError, check_virtual_stages
+from .schedules import (
+    SCHEDULE_CHUNKS,
+    SCHEDULES,
+    Schedule,
+    ScheduleError,
+    build_schedule,
+    check_virtual_stages,
+)
+from .schedules.table_file import read_schedule_csv
 
 __all__ = [
     "ConfigError",
@@ -137,19 +146,24 @@ class ParallelConfig:
     """Recompute block activations in backward instead of stashing them."""
     partition: Literal["uniform", "params"] = "uniform"
     """How blocks are assigned to stages."""
+    schedule_file: str | None = None
+    """A hand-written CSV schedule (see `conveyor schedule show --csv`); replaces ``schedule``."""
 
     def __post_init__(self) -> None:
         _positive(self, "pp", "dp", "tp", "microbatches")
         if self.virtual_stages is not None:
             _positive(self, "virtual_stages")
-        if self.schedule not in SCHEDULES or self.schedule == "forward-only":
+        if self.schedule_file is not None:
+            self._check_schedule_file()
+        elif self.schedule not in SCHEDULES or self.schedule == "forward-only":
             names = ", ".join(n for n in sorted(SCHEDULES) if n != "forward-only")
             why = "cannot train (it has no backward)" if self.schedule in SCHEDULES else "is unknown"
             raise ConfigError(f"schedule={self.schedule!r} {why}; choose one of {names}")
-        try:
-            check_virtual_stages(self.schedule, self.chunks)
-        except ScheduleError as err:
-            raise ConfigError(str(err)) from None
+        else:
+            try:
+                check_virtual_stages(self.schedule, self.chunks)
+            except ScheduleError as err:
+                raise ConfigError(str(err)) from None
         if self.partition not in ("uniform", "params"):
             raise ConfigError(
                 f"partition={self.partition!r} is unknown; use 'uniform' or 'params'"
@@ -160,11 +174,43 @@ class ParallelConfig:
         """Processes needed: pp * dp * tp."""
         return self.pp * self.dp * self.tp
 
+    def make_schedule(self) -> Schedule:
+        """The schedule this layout trains with: from the CSV file, or built by name."""
+        if self.schedule_file is not None:
+            return read_schedule_csv(Path(self.schedule_file))
+        return build_schedule(self.schedule, self.pp, self.microbatches, self.chunks)
+
+    def _check_schedule_file(self) -> None:
+        where = f"schedule_file={self.schedule_file!r}"
+        if not Path(self.schedule_file).is_file():
+            raise ConfigError(f"{where} does not exist; write one with `conveyor schedule show "
+                              "--csv FILE` and edit it")
+        try:
+            sched = self.make_schedule()
+        except ScheduleError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if sched.num_ranks != self.pp:
+            raise ConfigError(f"{where} has {sched.num_ranks} ranks (rows) but pp={self.pp}; "
+                              f"set pp={sched.num_ranks} or edit the table")
+        if sched.num_microbatches != self.microbatches:
+            raise ConfigError(
+                f"{where} runs {sched.num_microbatches} microbatches but microbatches="
+                f"{self.microbatches}; set microbatches={sched.num_microbatches}"
+            )
+        if sched.forward_only:
+            raise ConfigError(f"{where} has no backward actions, so it cannot train; add B "
+                              "(and optionally W) actions for every F")
+        if self.virtual_stages not in (None, sched.num_stages // self.pp):
+            raise ConfigError(f"{where} places {sched.num_stages // self.pp} stages per rank but "
+                              f"virtual_stages={self.virtual_stages}; leave virtual_stages unset")
+
     @property
     def chunks(self) -> int:
         """Model chunks per rank actually used (virtual_stages, or the schedule's own)."""
         if self.virtual_stages is not None:
             return self.virtual_stages
+        if self.schedule_file is not None:
+            return self.make_schedule().num_stages // self.pp
         return SCHEDULE_CHUNKS[self.schedule] or 2
 
     @property
@@ -245,6 +291,8 @@ class TrainConfig:
     """Seed of the initial weights, the train/val split and the batch order."""
     bf16: bool = False
     """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32)."""
+    trace: bool = False
+    """Record every action of the last step on every rank (timeline.json, trace.json)."""
     run_dir: str = "runs"
     """Directory holding one subdirectory per run."""
     name: str | None = None
@@ -265,6 +313,8 @@ class TrainConfig:
             )
         if not isinstance(self.bf16, bool):
             raise ConfigError(f"bf16={self.bf16!r} must be true or false")
+        if not isinstance(self.trace, bool):
+            raise ConfigError(f"trace={self.trace!r} must be true or false")
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ConfigError(f"run_dir={self.run_dir!r} must be a non-empty path")
         if self.name is not None and (

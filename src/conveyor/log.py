@@ -11,6 +11,18 @@ __all__ = ["get_logger", "setup_logging"]
 _ROOT = "conveyor"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now (test captures and redirections swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = os.environ.get("RANK", "-")
@@ -27,7 +39,7 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     root = logging.getLogger(_ROOT)
     root.setLevel(level)
     if not any(getattr(h, "_conveyor", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler._conveyor = True  # type: ignore[attr-defined]
         handler.addFilter(_RankFilter())
         handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(message)s"))

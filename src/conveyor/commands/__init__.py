@@ -14,7 +14,7 @@ from ..train.checkpoint import CheckpointError
 __all__ = ["COMMANDS", "UserError"]
 
 # Modules under conveyor.commands, in the order --help lists them.
-COMMANDS = ["train", "eval", "report", "schedule", "simulate", "export", "generate"]
+COMMANDS = ["train", "eval", "report", "generate", "export", "schedule", "simulate", "trace"]
 
 UserError = (ConfigError, DataError, ScheduleError, CheckpointError, GenerationError,
              FileNotFoundError)

@@ -64,6 +64,9 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("parallel", "dp", "--dp", {"type": int},
      "data-parallel pipeline replicas (pp*dp processes in all)"),
     ("parallel", "schedule", "--schedule", {"metavar": "NAME"}, f"pipeline schedule: {_TRAINABLE}"),
+    ("parallel", "schedule_file", "--schedule-file", {"metavar": "FILE.csv"},
+     "a hand-written schedule table, validated before training; replaces --schedule "
+     "(None: use --schedule; write one with `conveyor schedule show --csv FILE`)"),
     ("parallel", "microbatches", "--microbatches", {"type": int},
      "microbatches per step per replica (must divide --batch-size/--dp)"),
     ("parallel", "virtual_stages", "--virtual-stages", {"type": int},
@@ -90,6 +93,9 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "keep", "--keep", {"type": int}, "newest checkpoints to keep (0: all)"),
     ("train", "seed", "--seed", {"type": int}, "seed of the weights, the val split, the batch order"),
     ("train", "bf16", "--bf16", {"action": _BOOL}, "bfloat16 autocast for forward and backward"),
+    ("train", "trace", "--trace", {"action": _BOOL},
+     "record every action of the last step on every rank into timeline.json and a "
+     "Chrome/Perfetto trace.json; `conveyor trace RUN` draws it beside its simulation"),
     ("train", "run_dir", "--run-dir", {"metavar": "DIR"}, "directory holding one subdirectory per run"),
     ("train", "name", "--name", {"metavar": "NAME"}, "this run's subdirectory (None: the start time)"),
     ("train", "resume", "--resume", {"metavar": "RUN_DIR_OR_CKPT"},

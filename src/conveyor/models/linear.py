@@ -48,8 +48,11 @@ class WeightGradStore:
 
     def flush(self, microbatch: int) -> None:
         """Run the deferred work of ``microbatch``."""
-        for work in self._pending.pop(microbatch, []):
-            work()
+        # outside autograd's backward, grad mode is on again: the weight grads must not
+        # record a graph of their own
+        with torch.no_grad():
+            for work in self._pending.pop(microbatch, []):
+                work()
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._pending.values())

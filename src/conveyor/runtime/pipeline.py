@@ -21,7 +21,7 @@ from ..memory import ActivationMeter
 from ..models import EmbeddingBlock, HeadBlock, block_param_counts, build_blocks, tie_weights
 from ..parallel.mesh import Mesh
 from ..parallel.partition import Partition, by_params, uniform
-from ..schedules import Kind, Schedule, build_schedule, lower, validate
+from ..schedules import Kind, Schedule, lower, validate
 from .comm import P2P
 from .executor import Executor, StepInputs
 from .stage import StageRunner
@@ -55,9 +55,7 @@ class Pipeline:
         self.par = par
         self.mesh = mesh
         self.device = device or torch.device("cpu")
-        self.schedule = schedule or build_schedule(
-            par.schedule, par.pp, par.microbatches, par.chunks
-        )
+        self.schedule = schedule or par.make_schedule()
         self.stats = validate(self.schedule)
         self.num_microbatches = self.schedule.num_microbatches
         placement = self.schedule.placement

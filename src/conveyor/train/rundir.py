@@ -19,10 +19,12 @@ from ..data.tokenizer import Tokenizer
 from ..runtime.launch import under_torchrun
 from .metrics import METRICS_FILE, MetricsWriter, read_metrics
 
-__all__ = ["CONFIG_FILE", "TOKENIZER_FILE", "create_run_dir"]
+__all__ = ["CONFIG_FILE", "TIMELINE_FILE", "TOKENIZER_FILE", "TRACE_FILE", "create_run_dir"]
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
+TIMELINE_FILE = "timeline.json"  # the traced step, per rank (``conveyor train --trace``)
+TRACE_FILE = "trace.json"  # the same step for chrome://tracing or ui.perfetto.dev
 
 
 def _run_path(run: RunConfig) -> tuple[Path, bool]:

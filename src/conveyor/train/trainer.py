@@ -35,11 +35,13 @@ from ..models import block_param_counts
 from ..parallel.mesh import Mesh
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
+from ..sim.render import write_chrome_trace
+from ..sim.timeline_io import save_timeline
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
 from .clip import clip_global_grad_norm
 from .metrics import METRICS_FILE, MetricsWriter, perplexity
 from .optim import build_optimizer, lr_at, set_lr
-from .rundir import TOKENIZER_FILE, create_run_dir
+from .rundir import TIMELINE_FILE, TOKENIZER_FILE, TRACE_FILE, create_run_dir
 from .state import (
     load_params,
     load_training_state,
@@ -233,7 +235,11 @@ class _Trainer:
         t0 = time.perf_counter()
         x, y = get_batch(self.rows, next(self.sampler))
         self.pipe.zero_grad()
+        traced = cfg.trace and self.step + 1 == cfg.steps
+        self.pipe.executor.record = traced
         loss = self.pipe.train_step(x, y)
+        if traced:
+            self._save_trace()
         dup = self.pipe.tied_duplicate()
         norm = clip_global_grad_norm(
             self.pipe.parameters(), cfg.grad_clip, group=self.mesh.pp_group,
@@ -247,6 +253,20 @@ class _Trainer:
         self._write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                      "tokens_per_s": round(speed, 1), "elapsed_s": round(self.elapsed(), 3)})
         return loss
+
+    def _save_trace(self) -> None:
+        """Gather the recorded step of every rank; rank 0 writes it (first dp replica's pipeline)."""
+        mine = (self.mesh.dp_rank, self.mesh.pp_rank, self.pipe.executor.timeline)
+        gathered: list[Any] | None = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        self.pipe.executor.record = False
+        if gathered is None:
+            return
+        timeline = {pp: acts for dp, pp, acts in gathered if dp == 0}
+        meta = {"step": self.step + 1, "schedule": self.pipe.schedule.name}
+        save_timeline(timeline, self.run_dir / TIMELINE_FILE, meta)
+        write_chrome_trace({f"measured step {self.step + 1}": timeline},
+                           self.run_dir / TRACE_FILE)
 
     def evaluate(self) -> None:
         if not self.val:

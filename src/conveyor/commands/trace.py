@@ -1,0 +1,65 @@
+"""``conveyor trace RUN_DIR``: the traced step of a run drawn above its simulation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, RunConfig
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``trace`` to the CLI."""
+    p = sub.add_parser(
+        "trace",
+        help="draw a run's measured step (train --trace) above the simulator's prediction",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", type=Path, help="run directory of a `conveyor train --trace` run")
+    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/trace.png)")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..runtime.pipeline import make_partition
+    from ..sim import profile_costs, render_comparison, simulate, write_chrome_trace
+    from ..sim.timeline_io import load_timeline
+    from ..train.rundir import CONFIG_FILE, TIMELINE_FILE
+
+    run_dir: Path = args.run_dir
+    timeline_path = run_dir / TIMELINE_FILE
+    if not timeline_path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no {TIMELINE_FILE}; train with `conveyor train --trace` to record one"
+        )
+    try:
+        raw = json.loads((run_dir / CONFIG_FILE).read_text())
+        run = RunConfig.from_dict({k: raw[k] for k in RunConfig.SECTIONS if k in raw}, str(run_dir))
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} has no {CONFIG_FILE}; pass a run directory") from None
+    measured, meta = load_timeline(timeline_path)
+    par, model = run.parallel, run.model
+    schedule = par.make_schedule()
+    partition = make_partition(model, par, schedule.num_stages)
+    mb_size = run.train.batch_size // (par.dp * par.microbatches)
+    cost = profile_costs(model, partition, microbatch_size=mb_size, seq_len=model.max_seq_len)
+    sim = simulate(schedule, cost)
+
+    from ..schedules.validate import Execution
+
+    real = Execution(measured)
+    print(f"{schedule.name}, pp={par.pp}, {par.microbatches} microbatches, step {meta.get('step')}")
+    print(f"{'':<10}{'step ms':>10}{'bubble':>9}")
+    print(f"{'measured':<10}{real.makespan * 1e3:>10.1f}{real.bubble_fraction():>9.1%}")
+    print(f"{'simulated':<10}{sim.step_time * 1e3:>10.1f}{sim.bubble_fraction:>9.1%}")
+    out = args.out or run_dir / "trace.png"
+    render_comparison(real.timeline, sim.timeline, out,
+                      title=f"{schedule.name}, pp={par.pp}, m={par.microbatches}")
+    both = write_chrome_trace({"measured": measured, "simulated": sim.timeline},
+                              run_dir / "trace_vs_sim.json")
+    print(f"\nwrote {out}\nwrote {both} (open in ui.perfetto.dev or chrome://tracing)")
+    return 0
