@@ -32,6 +32,9 @@ class Mesh:
     tp_group: dist.ProcessGroup
     pp_ranks: tuple[int, ...]
     """Global ranks of this rank's pipeline, by pipeline index."""
+    pp_grad_group: dist.ProcessGroup
+    """The same ranks as ``pp_group``, for gradients: NCCL matches messages by order, so
+    activations and gradients must not share a group (see runtime/comm.py)."""
 
     @classmethod
     def build(cls, pp: int, dp: int = 1, tp: int = 1, device_type: str = "cpu") -> Mesh:
@@ -43,6 +46,15 @@ class Mesh:
                 "start pp*dp*tp processes"
             )
         dm = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        pp_ranks = tuple(dm["pp"].mesh.tolist())
+        grad_group = None
+        for d in range(dp):  # new_group is collective: every rank creates every pipeline's
+            for t in range(tp):
+                ranks = dm.mesh[:, d, t].tolist()
+                group = dist.new_group(ranks)
+                if dist.get_rank() in ranks:
+                    grad_group = group
+        assert grad_group is not None
         return cls(
             device_mesh=dm,
             pp=pp,
@@ -55,7 +67,8 @@ class Mesh:
             pp_group=dm.get_group("pp"),
             dp_group=dm.get_group("dp"),
             tp_group=dm.get_group("tp"),
-            pp_ranks=tuple(dm["pp"].mesh.tolist()),
+            pp_ranks=pp_ranks,
+            pp_grad_group=grad_group,
         )
 
     def pipeline_pair_group(self, a: int, b: int) -> dist.ProcessGroup | None:

@@ -6,9 +6,12 @@ wait has a timeout and raises :class:`CommTimeout`, which the executor turns int
 message naming the action it was waiting on.
 
 Gloo matches messages by tag, so receives can be posted ahead in any order. NCCL
-ignores tags and matches by order on a stream shared by both directions, so there
-the executor issues each gap of communication between two computations as one
-batch (``batch_isend_irecv``), the way the peer issues its mirror image.
+ignores tags and matches by order, so activations and gradients travel in two
+process groups of their own: between two ranks, the order of one kind of message
+agrees on both sides for every schedule (the schedule tests check it), while the
+interleaving of the two kinds need not (ZB-V). There the executor also issues each
+gap of communication between two computations as one batch (``batch_isend_irecv``
+per group), the way the peer issues its mirror image.
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ class P2P:
 
     def __init__(
         self,
-        group: dist.ProcessGroup | None,
+        groups: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None],
         stage_ranks: Sequence[int],
         num_stages: int,
         device: torch.device,
         timeout_s: float,
     ) -> None:
-        self.group = group
+        self.groups = groups  # (activations, gradients)
         self.stage_ranks = list(stage_ranks)  # global rank holding each stage
         self.num_stages = num_stages
         self.device = device
@@ -70,6 +73,9 @@ class P2P:
         if a.kind in (Kind.SEND_F, Kind.RECV_B):
             return self.stage_ranks[a.stage + 1]
         return self.stage_ranks[a.stage - 1]
+
+    def _group(self, a: Action) -> dist.ProcessGroup | None:
+        return self.groups[_KIND_CODE[a.kind]]
 
     def _tag(self, a: Action, meta: bool) -> int:
         code = _KIND_CODE[a.kind] + (2 if meta else 0)
@@ -93,9 +99,9 @@ class P2P:
                 [tensor.dim(), _DTYPES.index(tensor.dtype), *dims], dtype=torch.int64,
                 device=self.device,
             )
-            return dist.P2POp(dist.isend, buf, peer, self.group, self._tag(a, True)), buf
+            return dist.P2POp(dist.isend, buf, peer, self._group(a), self._tag(a, True)), buf
         buf = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
-        return dist.P2POp(dist.irecv, buf, peer, self.group, self._tag(a, True)), buf
+        return dist.P2POp(dist.irecv, buf, peer, self._group(a), self._tag(a, True)), buf
 
     def store_meta(self, a: Action, buf: torch.Tensor) -> None:
         """Remember the shape/dtype announced in a received metadata buffer."""
@@ -108,17 +114,22 @@ class P2P:
         peer = self._peer(a)
         if tensor is not None:
             tensor = tensor.contiguous()
-            return dist.P2POp(dist.isend, tensor, peer, self.group, self._tag(a, False)), tensor
+            return dist.P2POp(dist.isend, tensor, peer, self._group(a), self._tag(a, False)), tensor
         shape, dtype = self._meta[self._meta_key(a)]
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        return dist.P2POp(dist.irecv, buf, peer, self.group, self._tag(a, False)), buf
+        return dist.P2POp(dist.irecv, buf, peer, self._group(a), self._tag(a, False)), buf
 
     def start(self, ops: list[dist.P2POp], batched: bool) -> list[dist.Work]:
         """Issue operations: as one NCCL group when ``batched``, else one by one."""
         if not ops:
             return []
-        if batched:
-            return list(dist.batch_isend_irecv(ops))
+        if batched:  # one batch per group, as batch_isend_irecv requires
+            by_group: dict[int, list[dist.P2POp]] = {}
+            for op in ops:
+                by_group.setdefault(id(op.group), []).append(op)
+            works = {id(op): w for batch in by_group.values()
+                     for op, w in zip(batch, dist.batch_isend_irecv(batch), strict=True)}
+            return [works[id(op)] for op in ops]
         return [
             op.op(op.tensor, op.peer, group=op.group, tag=op.tag)  # type: ignore[misc]
             for op in ops

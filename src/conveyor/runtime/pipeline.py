@@ -77,7 +77,8 @@ class Pipeline:
         if model.tie_embeddings:
             self._tie(placement.rank_of(0), placement.rank_of(self.schedule.num_stages - 1))
         stage_ranks = [mesh.pp_ranks[placement.rank_of(s)] for s in range(placement.num_stages)]
-        p2p = P2P(mesh.pp_group, stage_ranks, placement.num_stages, self.device, timeout_s)
+        p2p = P2P((mesh.pp_group, mesh.pp_grad_group), stage_ranks, placement.num_stages,
+                  self.device, timeout_s)
         self.p2p = p2p
         batched = dist.get_backend(mesh.pp_group) == "nccl"
         self.executor = Executor(
