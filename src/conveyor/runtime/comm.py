@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..schedules.ir import Action, Kind
 
-__all__ = ["CommTimeout", "P2P", "Transfer"]
+__all__ = ["CommTimeout", "P2P", "Transfer", "wait_work"]
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _MAX_DIMS = 6
@@ -137,11 +137,16 @@ class P2P:
 
     def wait(self, work: dist.Work | None, what: Action) -> None:
         """Wait for ``work`` or raise CommTimeout naming ``what``."""
-        if work is None:
-            return
-        try:
-            ok = work.wait(self.timeout)
-        except RuntimeError as err:  # gloo reports timeouts and dead peers as errors
-            raise CommTimeout(f"{what}: {err}".splitlines()[0]) from err
-        if ok is False:
-            raise CommTimeout(f"{what}: timed out after {self.timeout.total_seconds():.0f}s")
+        wait_work(work, self.timeout, str(what))
+
+
+def wait_work(work: dist.Work | None, timeout: datetime.timedelta, what: str) -> None:
+    """Wait for ``work`` up to ``timeout``; CommTimeout naming ``what`` if it does not finish."""
+    if work is None:
+        return
+    try:
+        ok = work.wait(timeout)
+    except RuntimeError as err:  # gloo reports timeouts and dead peers as errors
+        raise CommTimeout(f"{what}: {err}".splitlines()[0]) from err
+    if ok is False:
+        raise CommTimeout(f"{what}: timed out after {timeout.total_seconds():.0f}s")

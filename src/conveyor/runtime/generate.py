@@ -41,7 +41,7 @@ from ..generation import (
 from ..models import EmbeddingBlock, HeadBlock, build_blocks
 from ..parallel.mesh import Mesh
 from ..parallel.partition import Partition
-from .comm import CommTimeout
+from .comm import wait_work
 
 __all__ = ["WeightLoader", "weight_sources", "load_block_weights", "build_stage",
            "generate_pipelined"]
@@ -117,17 +117,6 @@ def build_stage(
     return blocks
 
 
-def _wait(work: dist.Work | None, timeout: datetime.timedelta, what: str) -> None:
-    if work is None:
-        return
-    try:
-        ok = work.wait(timeout)
-    except RuntimeError as err:  # gloo reports timeouts and dead peers as errors
-        raise CommTimeout(f"{what}: {err}".splitlines()[0]) from err
-    if ok is False:
-        raise CommTimeout(f"{what}: timed out after {timeout.total_seconds():.0f}s")
-
-
 @torch.no_grad()
 def generate_pipelined(
     blocks: Mapping[int, nn.Module],
@@ -182,7 +171,7 @@ def generate_pipelined(
         else:
             x = torch.empty(1, len(chunk), cfg.d_model, dtype=dtype, device=device)  # (1, T, D)
             work = dist.irecv(x, src=prev_rank, group=mesh.pp_group, tag=_TAG)
-            _wait(work, timeout, f"{where} waiting for hidden states of {span} "
+            wait_work(work, timeout, f"{where} waiting for hidden states of {span} "
                                  f"from global rank {prev_rank}")
         y = stack(x, start_pos)
         token = torch.empty(1, dtype=torch.long, device=device)
@@ -192,10 +181,10 @@ def generate_pipelined(
             )
         else:
             work = dist.isend(y.contiguous(), dst=next_rank, group=mesh.pp_group, tag=_TAG)
-            _wait(work, timeout, f"{where} sending hidden states of {span} "
+            wait_work(work, timeout, f"{where} sending hidden states of {span} "
                                  f"to global rank {next_rank}")
         work = dist.broadcast(token, src=last_rank, group=mesh.pp_group, async_op=True)
-        _wait(work, timeout, f"{where} waiting for the token after {span} "
+        wait_work(work, timeout, f"{where} waiting for the token after {span} "
                              f"from global rank {last_rank}")
         return int(token[0])
 
