@@ -17,14 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_simulation_tracks_measurement(capsys: pytest.CaptureFixture[str]) -> None:
     import sim_accuracy
 
-    sim_accuracy.main(["--layers", "2", "--d-model", "64", "--heads", "2", "--seq", "32",
-                       "--vocab", "512", "--batch", "8", "--microbatches", "4", "--steps", "3",
+    sim_accuracy.main(["--layers", "2", "--d-model", "128", "--heads", "2", "--seq", "64",
+                       "--vocab", "2048", "--batch", "8", "--microbatches", "4", "--steps", "3",
                        "--schedules", "1f1b,zb-h1,zb-v"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [r["schedule"] for r in rows] == ["1f1b", "zb-h1", "zb-v"]
     for r in rows:
         for rank, err in r["memory_error"].items():
             assert abs(err) <= 0.10, f"{r['schedule']} rank {rank}: memory off by {err:.1%}"
-        # timing on a shared CI machine is noisy: only catch a model that is badly wrong
+        # timing on a shared CI machine is noisy (compute must dominate the step, hence a
+        # model of this size): only catch a model that is badly wrong
         assert abs(r["step_error"]) <= 0.6, r
         assert 0.0 <= r["measured_bubble"] < 1.0

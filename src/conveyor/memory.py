@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ActivationMeter", "SavedBytes", "count_saved_bytes"]
+__all__ = ["ActivationMeter", "SavedBytes", "count_saved_bytes", "weight_storages"]
 
 
 class SavedBytes:
@@ -36,15 +36,18 @@ class SavedBytes:
         return sum(self._seen.values())
 
 
+def weight_storages(modules: Iterable[nn.Module]) -> set[int]:
+    """Storages of the parameters and buffers of ``modules``: what is not an activation."""
+    return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
 @contextmanager
-def count_saved_bytes(modules: Iterable[nn.Module]) -> Iterator[SavedBytes]:
-    """Count what autograd saves while the block runs; weights and buffers of ``modules``
-    are excluded (they are not activations)."""
-    exclude = {
-        t.untyped_storage().data_ptr()
-        for m in modules
-        for t in [*m.parameters(), *m.buffers()]
-    }
+def count_saved_bytes(modules: Iterable[nn.Module] | set[int]) -> Iterator[SavedBytes]:
+    """Count what autograd saves while the block runs, weights and buffers excluded.
+
+    ``modules`` may be the modules, or their :func:`weight_storages` computed once.
+    """
+    exclude = modules if isinstance(modules, set) else weight_storages(modules)
     counter = SavedBytes(exclude)
     with torch.autograd.graph.saved_tensors_hooks(counter._pack, lambda t: t):
         yield counter

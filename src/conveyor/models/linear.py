@@ -66,6 +66,14 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
         param.grad.add_(grad)
 
 
+def _accumulate_matmul(param: Tensor, a: Tensor, b: Tensor) -> None:
+    """``param.grad += a @ b``, in place once a grad exists (no temporary the size of W)."""
+    if param.grad is None or a.dtype != param.dtype:
+        _accumulate(param, a @ b)
+    else:
+        param.grad.addmm_(a, b)
+
+
 class _DeferredWeightGradLinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -93,7 +101,7 @@ class _DeferredWeightGradLinear(torch.autograd.Function):
 
         def weight_grad() -> None:
             g2 = grad.reshape(-1, grad.shape[-1])
-            _accumulate(weight, g2.t() @ x.reshape(-1, x.shape[-1]))
+            _accumulate_matmul(weight, g2.t(), x.reshape(-1, x.shape[-1]))
             if bias is not None:
                 _accumulate(bias, g2.sum(0))
 

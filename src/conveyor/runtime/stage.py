@@ -10,12 +10,13 @@ summed gradients equal those of the whole batch in one process.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..memory import ActivationMeter, count_saved_bytes
+from ..memory import ActivationMeter, count_saved_bytes, weight_storages
 from ..models import EmbeddingBlock, HeadBlock, lm_loss
 from ..models.linear import WeightGradStore, attach_weight_grad_store
 
@@ -51,6 +52,10 @@ class StageRunner:
             attach_weight_grad_store(block, self.weight_store)
         self._stash: dict[int, tuple[Tensor | None, Tensor]] = {}
         self._saved: dict[int, int] = {}  # bytes autograd saved in each stashed forward
+        # What a forward saves depends only on the input's shape: count it through
+        # autograd's hooks once per shape, then reuse the number (the hooks cost time).
+        self._saved_by_shape: dict[tuple[int, ...], int] = {}
+        self._weights = weight_storages(blocks.values())
         self.losses: list[Tensor] = []
         # stages of one rank share a meter: the rank's peak is not the sum of theirs
         self.meter = meter or ActivationMeter()
@@ -73,10 +78,12 @@ class StageRunner:
         """Run the stage on microbatch ``mb``; returns the activation to send, or the loss."""
         if not self.is_first and train:
             x.requires_grad_(True)
+        shape = tuple(x.shape)
+        measure = train and shape not in self._saved_by_shape
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
             enabled=self.autocast_dtype is not None,
-        ), count_saved_bytes(self.blocks.values()) as saved:
+        ), count_saved_bytes(self._weights) if measure else nullcontext() as saved:
             out = self._run_blocks(x)
             if self.is_last:
                 assert targets is not None, "last stage needs targets"
@@ -84,9 +91,11 @@ class StageRunner:
         if self.is_last:
             self.losses.append(out.detach())
         if train:
+            if saved is not None:
+                self._saved_by_shape[shape] = saved.total
             self._stash[mb] = (None if self.is_first else x, out)
-            self._saved[mb] = saved.total
-            self.meter.add(saved.total)
+            self._saved[mb] = self._saved_by_shape[shape]
+            self.meter.add(self._saved[mb])
         return out.detach()
 
     def backward(self, mb: int, grad: Tensor | None) -> Tensor | None:
