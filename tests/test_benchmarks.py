@@ -1,0 +1,54 @@
+"""Smoke test of benchmarks/step_time.py: it runs, and every line is complete JSON.
+
+Timings are never asserted: they depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+REQUIRED = [
+    "config", "schedule", "impl", "pp", "microbatches", "threads_per_rank", "median_step_s",
+    "tokens_per_s", "bubble", "peak_stash_bytes", "max_rss_bytes", "vs_torch",
+    "speedup_vs_1thread", "oversubscribed",
+]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    step_time.main([
+        "--layers", "2", "--d-model", "32", "--heads", "2", "--seq", "16", "--vocab", "128",
+        "--batch", "8", "--microbatches", "4", "--steps", "2", "--warmup", "1",
+        "--schedules", "1f1b",
+    ])
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [(d["config"], d["impl"]) for d in lines] == [
+        ("single-1t", "single"), ("single-2t", "single"),
+        ("pp2-1f1b-conveyor", "conveyor"), ("pp2-1f1b-torch", "torch"),
+    ]
+    for d in lines:
+        missing = [f for f in REQUIRED if f not in d]
+        assert not missing, f"{d['config']} lacks {missing}"
+        assert "error" not in d, d
+        assert d["median_step_s"] > 0 and d["tokens_per_s"] > 0
+        assert d["max_rss_bytes"] > 0
+    ours, theirs = lines[2], lines[3]
+    assert ours["vs_torch"] is not None and theirs["torch_schedule"] == "Schedule1F1B"
+    assert ours["peak_stash_bytes"] > 0 and theirs["peak_stash_bytes"] > 0
+    assert 0 <= ours["bubble"] < 1
+    # same model, same data, same init: the same loss, whatever the implementation
+    assert ours["loss"] == pytest.approx(lines[0]["loss"], rel=1e-5)
+    assert theirs["loss"] == pytest.approx(lines[0]["loss"], rel=1e-5)
