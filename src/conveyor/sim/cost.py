@@ -46,6 +46,9 @@ class CostModel:
     """Bytes per second of the link between stages (inf: transfers take latency only)."""
     message_bytes: int = 0
     """Bytes of one message: one microbatch's activation (or its grad) between stages."""
+    full_b: tuple[float, ...] | None = None
+    """Seconds of a whole backward of each stage (a B in a schedule without W actions);
+    None: ``b + w``. Measured separately because splitting a backward costs some extra."""
     source: str = field(default="", compare=False)
     """Where the numbers came from, e.g. 'analytic h100' or 'profiled on cpu'."""
 
@@ -63,6 +66,12 @@ class CostModel:
             for stage, v in enumerate(values):
                 if not math.isfinite(v) or v < 0:
                     raise CostError(f"{name}[{stage}] = {v!r}; costs must be finite and >= 0")
+        if self.full_b is not None:
+            object.__setattr__(self, "full_b", tuple(self.full_b))
+            if len(self.full_b) != n or not all(math.isfinite(v) and v >= 0 for v in self.full_b):
+                raise CostError(
+                    f"full_b={self.full_b!r} needs one finite value >= 0 per stage ({n}), or None"
+                )
         if self.latency_s < 0 or not math.isfinite(self.latency_s):
             raise CostError(f"latency_s={self.latency_s!r} must be finite and >= 0")
         if not self.bandwidth_Bps > 0:
@@ -107,7 +116,9 @@ class CostModel:
         if kind is Kind.F:
             return self.f[stage]
         if kind is Kind.B:
-            return self.b[stage] if split_backward else self.b[stage] + self.w[stage]
+            if split_backward:
+                return self.b[stage]
+            return self.full_b[stage] if self.full_b else self.b[stage] + self.w[stage]
         if kind is Kind.W:
             return self.w[stage]
         raise CostError(f"{kind.value} is communication, not compute; see transfer_time()")
@@ -137,6 +148,8 @@ class CostModel:
         for name in ("f", "b", "w", "activation_bytes", "param_bytes", "optimizer_bytes"):
             if name in kw:
                 kw[name] = tuple(_seq(kw[name], name))
+        if kw.get("full_b") is not None:
+            kw["full_b"] = tuple(_seq(kw["full_b"], "full_b"))
         return cls(**kw)
 
     def save(self, path: str | Path) -> Path:

@@ -4,12 +4,12 @@ Each stage's blocks are built as the runtime builds them and run on one random
 microbatch with one thread, as each pipeline rank uses one thread. Per stage:
 
 - **F**: the stage's forward (the last stage includes the loss).
-- **B**: ``torch.autograd.grad`` of the output w.r.t. the stage's input only; autograd
-  then skips every weight-grad matmul. For stage 0 the "input" is the embedding's
-  output, since token ids have no gradient.
-- **W**: a full backward (input and all parameters) minus B, each timed on its own
-  fresh forward graph. We do not time a second ``autograd.grad`` w.r.t. the
-  parameters, because it would walk the input-grad chain again and count it twice.
+- **B** and **W**: timed the way the runtime runs them: the stage's linear layers
+  defer their weight-grads to a :class:`~conveyor.models.linear.WeightGradStore`
+  during B, and W runs that store. Splitting costs a little more than one backward
+  (the deferred work reads its inputs again), and the simulator should see that.
+- **whole backward**: one ``backward`` without a store, for schedules without W.
+  Each backward is timed on its own fresh forward graph.
 - **activation bytes**: storages saved for backward during one forward, seen through
   ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameters
   and buffers excluded; the stage's received input is included (the runtime stashes it).
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from conveyor.config import ModelConfig
 from conveyor.memory import count_saved_bytes
 from conveyor.models import build_blocks, lm_loss
+from conveyor.models.linear import WeightGradStore, attach_weight_grad_store
 from conveyor.parallel.partition import Partition
 
 from .analytic import GLOO_LOCALHOST_BANDWIDTH_BPS, GLOO_LOCALHOST_LATENCY_S
@@ -47,6 +48,7 @@ class StageProfile:
     f: float
     b: float
     w: float
+    full_b: float
     activation_bytes: int
     param_bytes: int
     output_bytes: int
@@ -90,32 +92,40 @@ def profile_stage(
         grad_out = torch.randn(out.shape, generator=gen)
     output_bytes = 0 if last else out.numel() * out.element_size()
 
-    f_times, b_times, full_times = [], [], []
+    f_times, b_times, w_times, full_times = [], [], [], []
     clock = time.perf_counter
+    store = WeightGradStore()
     for i in range(warmup + repeats):
         # each backward consumes its own fresh forward graph, as in a real step
         t0 = clock()
         wrt, out = forward()
         t1 = clock()
-        torch.autograd.grad(out, [wrt, *params], grad_out)
+        torch.autograd.backward(out, grad_out)
         t2 = clock()
+        for block in blocks:
+            attach_weight_grad_store(block, store)
         wrt, out = forward()
         t3 = clock()
-        torch.autograd.grad(out, [wrt], grad_out)
+        with store.collect(0):
+            torch.autograd.backward(out, grad_out)
         t4 = clock()
+        store.flush(0)
+        t5 = clock()
+        for block in blocks:
+            attach_weight_grad_store(block, None)
+        for p in params:
+            p.grad = None
         if i >= warmup:
             f_times += [t1 - t0, t3 - t2]
             full_times.append(t2 - t1)
             b_times.append(t4 - t3)
-    f = statistics.median(f_times)
-    b = statistics.median(b_times)
-    # paired differences: a full backward and its B run back to back, so load noise cancels
-    w = max(statistics.median(x - y for x, y in zip(full_times, b_times, strict=True)), 0.0)
+            w_times.append(t5 - t4)
 
     return StageProfile(
-        f=f,
-        b=b,
-        w=w,
+        f=statistics.median(f_times),
+        b=statistics.median(b_times),
+        w=statistics.median(w_times),
+        full_b=statistics.median(full_times),
         activation_bytes=_saved_bytes(forward, blocks),
         param_bytes=sum(p.numel() * p.element_size() for p in params),
         output_bytes=output_bytes,
@@ -173,6 +183,7 @@ def profile_costs(
         f=tuple(s.f for s in stages),
         b=tuple(s.b for s in stages),
         w=tuple(s.w for s in stages),
+        full_b=tuple(s.full_b for s in stages),
         activation_bytes=tuple(s.activation_bytes for s in stages),
         param_bytes=tuple(s.param_bytes for s in stages),
         # gradients and optimizer moments in fp32, one each per parameter element
