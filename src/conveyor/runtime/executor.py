@@ -191,21 +191,22 @@ class Executor:
 
     # -- computation ---------------------------------------------------------------
 
-    def _input(self, a: Action, state: _StepState, data: StepInputs) -> Tensor:
-        if a.stage == 0:
-            return data.inputs[a.microbatch]
-        key = Action(a.stage, Kind.RECV_F, a.microbatch)
+    @staticmethod
+    def _take(state: _StepState, key: Action) -> Tensor:
+        """The tensor ``key`` names: received from a peer, or handed over on this rank."""
         if key in state.recv:
             return state.recv.pop(key).buffer  # type: ignore[return-value]
         return state.local.pop(key)
 
+    def _input(self, a: Action, state: _StepState, data: StepInputs) -> Tensor:
+        if a.stage == 0:
+            return data.inputs[a.microbatch]
+        return self._take(state, Action(a.stage, Kind.RECV_F, a.microbatch))
+
     def _output_grad(self, a: Action, state: _StepState) -> Tensor | None:
         if a.stage == self.last_stage:
             return None
-        key = Action(a.stage, Kind.RECV_B, a.microbatch)
-        if key in state.recv:
-            return state.recv.pop(key).buffer
-        return state.local.pop(key)
+        return self._take(state, Action(a.stage, Kind.RECV_B, a.microbatch))
 
     def _compute(self, a: Action, state: _StepState, data: StepInputs) -> None:
         t0 = time.perf_counter()

@@ -44,7 +44,7 @@ class StageRunner:
         self.num_microbatches = num_microbatches
         self.recompute = recompute
         self.autocast_dtype = autocast_dtype
-        self.device = next(iter(blocks.values())).parameters().__next__().device
+        self.device = next(next(iter(blocks.values())).parameters()).device
         # With split backward, linear layers hand their weight-grad work to this store
         # during B; W runs it later. Without, B computes everything.
         self.weight_store = WeightGradStore() if split_backward else None
