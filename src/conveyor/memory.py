@@ -54,17 +54,31 @@ def count_saved_bytes(modules: Iterable[nn.Module] | set[int]) -> Iterator[Saved
 
 
 class ActivationMeter:
-    """Activation bytes alive on one rank now, and the most at once (across its stages)."""
+    """Activation and in-flight boundary bytes alive on one rank, and the most at once.
+
+    Bytes are counted by kind (``stash``: what forwards saved for backward; ``send``:
+    boundary tensors posted and not yet delivered) and in total, each with its peak.
+    """
 
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
+        self.live_by: dict[str, int] = {}
+        self.peak_by: dict[str, int] = {}
 
-    def add(self, nbytes: int) -> None:
-        """A forward stashed ``nbytes`` for its backward."""
+    def add(self, nbytes: int, kind: str = "stash") -> None:
+        """``nbytes`` of ``kind`` became alive (a forward stashed them, a send was posted)."""
         self.live += nbytes
         self.peak = max(self.peak, self.live)
+        live = self.live_by[kind] = self.live_by.get(kind, 0) + nbytes
+        self.peak_by[kind] = max(self.peak_by.get(kind, 0), live)
 
-    def release(self, nbytes: int) -> None:
-        """A backward (or weight-grad) let ``nbytes`` go."""
+    def release(self, nbytes: int, kind: str = "stash") -> None:
+        """``nbytes`` of ``kind`` went (a backward or weight-grad ran, a send completed)."""
         self.live -= nbytes
+        self.live_by[kind] = self.live_by.get(kind, 0) - nbytes
+
+    def reset(self) -> None:
+        """Nothing is alive any more (a failed step was cleared); the peaks stay."""
+        self.live = 0
+        self.live_by = dict.fromkeys(self.live_by, 0)

@@ -54,6 +54,11 @@ class WeightGradStore:
             for work in self._pending.pop(microbatch, []):
                 work()
 
+    def clear(self) -> None:
+        """Drop all deferred work (a failed step is abandoned)."""
+        self._pending.clear()
+        self._current = None
+
     def __len__(self) -> int:
         return sum(len(v) for v in self._pending.values())
 

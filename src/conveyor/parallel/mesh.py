@@ -7,7 +7,8 @@ Built on ``torch.distributed.device_mesh`` so nobody computes neighbours by hand
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -32,9 +33,8 @@ class Mesh:
     tp_group: dist.ProcessGroup
     pp_ranks: tuple[int, ...]
     """Global ranks of this rank's pipeline, by pipeline index."""
-    pp_grad_group: dist.ProcessGroup
-    """The same ranks as ``pp_group``, for gradients: NCCL matches messages by order, so
-    activations and gradients must not share a group (see runtime/comm.py)."""
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Groups and transports built on this mesh, reused by every pipeline on it."""
 
     @classmethod
     def build(cls, pp: int, dp: int = 1, tp: int = 1, device_type: str = "cpu") -> Mesh:
@@ -47,14 +47,6 @@ class Mesh:
             )
         dm = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         pp_ranks = tuple(dm["pp"].mesh.tolist())
-        grad_group = None
-        for d in range(dp):  # new_group is collective: every rank creates every pipeline's
-            for t in range(tp):
-                ranks = dm.mesh[:, d, t].tolist()
-                group = dist.new_group(ranks)
-                if dist.get_rank() in ranks:
-                    grad_group = group
-        assert grad_group is not None
         return cls(
             device_mesh=dm,
             pp=pp,
@@ -68,8 +60,32 @@ class Mesh:
             dp_group=dm.get_group("dp"),
             tp_group=dm.get_group("tp"),
             pp_ranks=pp_ranks,
-            pp_grad_group=grad_group,
         )
+
+    def link_groups(
+        self, links: list[tuple[int, int, str]]
+    ) -> dict[tuple[int, int, str], dist.ProcessGroup]:
+        """Two-rank groups for directed links ``(src, dst, channel)`` of pipeline indices.
+
+        Collective call, with the same ``links`` on every rank: a link's groups are
+        created for every pipeline (one per dp x tp position), once per mesh and
+        channel. Returns this rank's pipeline's groups, keyed by *global* ranks.
+        """
+        full = self.device_mesh.mesh  # (pp, dp, tp) tensor of global ranks
+        cached: dict[tuple[int, int, str], dist.ProcessGroup] = self.cache.setdefault("links", {})
+        mine: dict[tuple[int, int, str], dist.ProcessGroup] = {}
+        d, t = self.dp_rank, self.tp_rank
+        for link in sorted(set(links)):
+            src, dst, channel = link
+            if link not in cached:  # the same on every rank: links arrive in the same order
+                for dd in range(self.dp):
+                    for tt in range(self.tp):
+                        ranks = sorted({int(full[src, dd, tt]), int(full[dst, dd, tt])})
+                        group = dist.new_group(ranks)
+                        if (dd, tt) == (d, t):
+                            cached[link] = group
+            mine[(int(full[src, d, t]), int(full[dst, d, t]), channel)] = cached[link]
+        return mine
 
     def pipeline_pair_group(self, a: int, b: int) -> dist.ProcessGroup | None:
         """A group of pipeline indices ``a`` and ``b`` of this rank's pipeline (collective call).

@@ -1,143 +1,143 @@
-"""Point-to-point transfers between pipeline stages over ``torch.distributed``.
+"""Point-to-point transfers between pipeline stages: one protocol on every backend.
 
-Shapes and dtypes are agreed once per (boundary, direction, microbatch shape): the
-first transfer carries a small metadata tensor, later ones only the payload. Every
-wait has a timeout and raises :class:`CommTimeout`, which the executor turns into a
-message naming the action it was waiting on.
-
-Gloo matches messages by tag, so receives can be posted ahead in any order. NCCL
-ignores tags and matches by order, so activations and gradients travel in two
-process groups of their own: between two ranks, the order of one kind of message
-agrees on both sides for every schedule (the schedule tests check it), while the
-interleaving of the two kinds need not (ZB-V). There the executor also issues each
-gap of communication between two computations as one batch (``batch_isend_irecv``
-per group), the way the peer issues its mirror image.
+- **Static shapes.** Every tensor crossing a boundary is described before the step
+  by the model's boundary signature (``models/boundary.py``); receivers allocate from
+  it and only payloads travel.
+- **One process group per link and direction of data.** Activations from rank A to
+  rank B, and gradients from A to B, each have a two-rank group of their own. Within a
+  group a rank only sends or only receives, in the order of its schedule, which the
+  peer's schedule agrees with (checked by the schedule tests). So NCCL's ordered
+  matching pairs the right messages, and a group's stream can never hold a send
+  behind a receive: the protocol cannot deadlock where the schedule does not.
+- **Each action is one batch** of its boundary tensors; the backend may return one
+  work per op (gloo) or one for the batch (NCCL), both are mapped.
+- Receives are posted ahead and waited on when consumed; sends are released as soon
+  as they complete. Every wait has a timeout that names the action.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
+from ..models.boundary import Signature
 from ..schedules.ir import Action, Kind
+from .transport import Transport, works_per_op
 
-__all__ = ["CommTimeout", "P2P", "Transfer", "wait_work"]
+__all__ = ["CommTimeout", "P2P", "Posted", "link_of", "wait_work"]
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-_MAX_DIMS = 6
-_KIND_CODE = {Kind.SEND_F: 0, Kind.RECV_F: 0, Kind.SEND_B: 1, Kind.RECV_B: 1}
+ACT, GRAD = "act", "grad"
+_CHANNEL_CODE = {ACT: 0, GRAD: 1}
 
 
 class CommTimeout(RuntimeError):
     """A send or receive did not complete within the timeout."""
 
 
+def link_of(a: Action, stage_ranks: Sequence[int]) -> tuple[int, int, str]:
+    """(sending rank, receiving rank, channel) of a SEND/RECV action."""
+    s = a.stage
+    if a.kind is Kind.SEND_F:
+        return stage_ranks[s], stage_ranks[s + 1], ACT
+    if a.kind is Kind.RECV_F:
+        return stage_ranks[s - 1], stage_ranks[s], ACT
+    if a.kind is Kind.SEND_B:
+        return stage_ranks[s], stage_ranks[s - 1], GRAD
+    if a.kind is Kind.RECV_B:
+        return stage_ranks[s + 1], stage_ranks[s], GRAD
+    raise ValueError(f"{a} is not a communication action")
+
+
 @dataclass
-class Transfer:
-    """One posted operation and, for receives, the buffer it fills."""
+class Posted:
+    """One action's posted operations: the tensors and the works that move them."""
 
     action: Action
-    work: dist.Work | None
-    buffer: torch.Tensor | None = None
+    tensors: dict[str, Tensor]
+    works: list[dist.Work]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this transfer's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def done(self) -> bool:
+        """True once every work has completed."""
+        return all(w.is_completed() for w in self.works)
 
 
 class P2P:
-    """Sends and receives of activations (F direction) and their grads (B direction)."""
+    """Sends and receives of boundary tensors: activations forward, their grads back."""
 
     def __init__(
         self,
-        groups: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None],
+        groups: dict[tuple[int, int, str], dist.ProcessGroup],
         stage_ranks: Sequence[int],
-        num_stages: int,
+        transport: Transport,
         device: torch.device,
         timeout_s: float,
     ) -> None:
-        self.groups = groups  # (activations, gradients)
+        self.groups = groups  # (src rank, dst rank, channel) -> group; this rank's links only
         self.stage_ranks = list(stage_ranks)  # global rank holding each stage
-        self.num_stages = num_stages
+        self.num_stages = len(stage_ranks)
+        self.transport = transport
         self.device = device
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self._meta: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Size, torch.dtype]] = {}
-        self._sent_meta: set[tuple[int, int, tuple[int, ...]]] = set()
-        self.key: tuple[int, ...] = ()
+        # signature of the cut after stage s (s -> s+1), set for each step's microbatch shape
+        self.signature: Callable[[int], Signature] | None = None
 
-    # Each boundary between stage s and s+1 carries activations forward and grads back.
-    def _boundary(self, a: Action) -> int:
-        return a.stage if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
+    def _tag(self, a: Action, boundary: int, index: int, channel: str) -> int:
+        # unique within a step; gloo matches by it, NCCL ignores it
+        return ((a.microbatch * self.num_stages + boundary) * 8 + index) * 2 + _CHANNEL_CODE[channel]
 
-    def _peer(self, a: Action) -> int:
-        if a.kind in (Kind.SEND_F, Kind.RECV_B):
-            return self.stage_ranks[a.stage + 1]
-        return self.stage_ranks[a.stage - 1]
+    def _specs(self, a: Action) -> tuple[int, Signature]:
+        assert self.signature is not None, "P2P.signature is set before a step"
+        boundary = a.stage if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
+        sig = self.signature(boundary)
+        if a.kind in (Kind.SEND_B, Kind.RECV_B):
+            sig = {name: spec for name, spec in sig.items() if spec.grad}
+        return boundary, sig
 
-    def _group(self, a: Action) -> dist.ProcessGroup | None:
-        return self.groups[_KIND_CODE[a.kind]]
+    def post(self, a: Action, tensors: dict[str, Tensor] | None = None) -> Posted:
+        """Post a send of ``tensors`` or, without them, a receive into fresh buffers."""
+        src, dst, channel = link_of(a, self.stage_ranks)
+        group = self.groups[(src, dst, channel)]
+        boundary, sig = self._specs(a)
+        sending = tensors is not None
+        out: dict[str, Tensor] = {}
+        ops: list[dist.P2POp] = []
+        for index, (name, spec) in enumerate(sig.items()):
+            if sending:
+                assert tensors is not None
+                if name not in tensors:
+                    raise ValueError(f"{a}: stage produced no {name!r}, which its boundary carries")
+                spec.check(name, tensors[name], f"{a}")
+                t = tensors[name].contiguous()
+            else:
+                t = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+            out[name] = t
+            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, t,
+                                  dst if sending else src, group,
+                                  self._tag(a, boundary, index, channel)))
+        works = works_per_op(ops, self.transport.batch(ops))
+        unique = list({id(w): w for w in works}.values())
+        return Posted(a, out, unique)
 
-    def _tag(self, a: Action, meta: bool) -> int:
-        code = _KIND_CODE[a.kind] + (2 if meta else 0)
-        return (a.microbatch * self.num_stages + self._boundary(a)) * 4 + code
+    def wait(self, posted: Posted) -> None:
+        """Wait for a posted transfer, or raise CommTimeout naming its action."""
+        for w in posted.works:
+            wait_work(w, self.timeout, _describe(posted.action))
 
-    def _meta_key(self, a: Action) -> tuple[int, int, tuple[int, ...]]:
-        return (_KIND_CODE[a.kind], self._boundary(a), self.key)
 
-    def needs_meta(self, a: Action) -> bool:
-        """True if ``a`` still has to exchange shape/dtype metadata before its payload."""
-        key = self._meta_key(a)
-        return key not in (self._sent_meta if a.kind in (Kind.SEND_F, Kind.SEND_B) else self._meta)
-
-    def meta_ops(self, a: Action, tensor: torch.Tensor | None) -> tuple[dist.P2POp, torch.Tensor]:
-        """The metadata message for a send (``tensor`` given) or a receive."""
-        peer = self._peer(a)
-        if tensor is not None:
-            self._sent_meta.add(self._meta_key(a))
-            dims = list(tensor.shape) + [0] * (_MAX_DIMS - tensor.dim())
-            buf = torch.tensor(
-                [tensor.dim(), _DTYPES.index(tensor.dtype), *dims], dtype=torch.int64,
-                device=self.device,
-            )
-            return dist.P2POp(dist.isend, buf, peer, self._group(a), self._tag(a, True)), buf
-        buf = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
-        return dist.P2POp(dist.irecv, buf, peer, self._group(a), self._tag(a, True)), buf
-
-    def store_meta(self, a: Action, buf: torch.Tensor) -> None:
-        """Remember the shape/dtype announced in a received metadata buffer."""
-        vals = buf.tolist()
-        ndim, dtype = int(vals[0]), _DTYPES[int(vals[1])]
-        self._meta[self._meta_key(a)] = (torch.Size(vals[2 : 2 + ndim]), dtype)
-
-    def payload_op(self, a: Action, tensor: torch.Tensor | None) -> tuple[dist.P2POp, torch.Tensor]:
-        """The payload message of a send (``tensor``) or a receive (buffer allocated here)."""
-        peer = self._peer(a)
-        if tensor is not None:
-            tensor = tensor.contiguous()
-            return dist.P2POp(dist.isend, tensor, peer, self._group(a), self._tag(a, False)), tensor
-        shape, dtype = self._meta[self._meta_key(a)]
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        return dist.P2POp(dist.irecv, buf, peer, self._group(a), self._tag(a, False)), buf
-
-    def start(self, ops: list[dist.P2POp], batched: bool) -> list[dist.Work]:
-        """Issue operations: as one NCCL group when ``batched``, else one by one."""
-        if not ops:
-            return []
-        if batched:  # one batch per group, as batch_isend_irecv requires
-            by_group: dict[int, list[dist.P2POp]] = {}
-            for op in ops:
-                by_group.setdefault(id(op.group), []).append(op)
-            works = {id(op): w for batch in by_group.values()
-                     for op, w in zip(batch, dist.batch_isend_irecv(batch), strict=True)}
-            return [works[id(op)] for op in ops]
-        return [
-            op.op(op.tensor, op.peer, group=op.group, tag=op.tag)  # type: ignore[misc]
-            for op in ops
-        ]
-
-    def wait(self, work: dist.Work | None, what: Action) -> None:
-        """Wait for ``work`` or raise CommTimeout naming ``what``."""
-        wait_work(work, self.timeout, str(what))
+def _describe(a: Action) -> str:
+    what = {Kind.SEND_F: "sending activations of", Kind.RECV_F: "receiving activations of",
+            Kind.SEND_B: "sending grads of", Kind.RECV_B: "receiving grads of"}[a.kind]
+    return f"{a} ({what} stage {a.stage}, microbatch {a.microbatch})"
 
 
 def wait_work(work: dist.Work | None, timeout: datetime.timedelta, what: str) -> None:

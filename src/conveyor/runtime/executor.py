@@ -1,10 +1,12 @@
 """Run one rank's lowered action list for one step.
 
-The executor knows actions, not schedules: it steps through the list, posts
-receives ahead of the computation that needs them, and hands compute actions to
-the stage runners. If anything fails (a timeout, a dead peer, an error in a
-block) it raises :class:`PipelineError` with the rank x step grid, the failing
-action marked, so that the log says where the pipeline stopped.
+The executor knows actions, not schedules: it steps through the list, posts each
+send as soon as its tensor exists and each receive ahead of the computation that
+consumes it (waiting only there), and hands compute actions to the stage runners.
+Completed sends are let go at once, so a rank holds O(stages in flight), not
+O(microbatches), boundary tensors. If anything fails (a timeout, a dead peer, an
+error in a block) it raises :class:`PipelineError` with the rank x step grid and the
+failing action marked, after clearing every trace of the step from the stages.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 from torch import Tensor
 
 from ..log import get_logger
+from ..memory import ActivationMeter
 from ..schedules.ir import Action, Kind, Schedule, format_table
 from ..schedules.validate import TimedAction
-from .comm import P2P, CommTimeout, Transfer
+from .comm import P2P, CommTimeout, Posted
 from .stage import StageRunner
 
 __all__ = ["Executor", "PipelineError", "StepInputs"]
 
 log = get_logger(__name__)
+
+_SENDS = (Kind.SEND_F, Kind.SEND_B)
+_RECVS = (Kind.RECV_F, Kind.RECV_B)
 
 
 class PipelineError(RuntimeError):
@@ -40,12 +45,12 @@ class StepInputs:
 
 @dataclass
 class _StepState:
-    recv: dict[Action, Transfer] = field(default_factory=dict)
-    sends: list[Transfer] = field(default_factory=list)
-    # tensors waiting to leave: stage output per mb (F) or input grad per mb (B)
-    outgoing: dict[Action, Tensor] = field(default_factory=dict)
+    recv: dict[Action, Posted] = field(default_factory=dict)  # posted, not yet consumed
+    sends: list[Posted] = field(default_factory=list)  # posted, not yet complete
+    # tensors waiting for their SEND action: stage outputs (F) or input grads (B)
+    outgoing: dict[Action, dict[str, Tensor]] = field(default_factory=dict)
     # handovers between stages on this rank (V placement), keyed like receives
-    local: dict[Action, Tensor] = field(default_factory=dict)
+    local: dict[Action, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class Executor:
@@ -56,10 +61,10 @@ class Executor:
         schedule: Schedule,
         rank: int,
         stages: dict[int, StageRunner],
-        p2p: P2P,
+        p2p: P2P | None,
         *,
-        batched_comm: bool = False,
         train: bool = True,
+        meter: ActivationMeter | None = None,
     ) -> None:
         if not schedule.lowered:
             raise ValueError("Executor needs a lowered schedule; call schedules.lower() first")
@@ -68,142 +73,132 @@ class Executor:
         self.actions = schedule.actions[rank]
         self.stages = stages
         self.p2p = p2p
-        self.batched = batched_comm
         self.train = train
+        self.meter = meter or ActivationMeter()
         self.last_stage = schedule.num_stages - 1
         self.record = False  # when True, run() keeps the last step's timeline
         self.timeline: list[TimedAction] = []
         self._t0 = 0.0
+        self._index = {a: i for i, a in enumerate(self.actions)}
+        comm = [i for i, a in enumerate(self.actions) if not a.kind.is_compute]
+        self._last_comm = comm[-1] if comm else -1
         self._prefetch = self._plan_prefetch()
+        # set when a failed step may have left messages in flight between ranks
+        self.broken: str | None = None
 
     def _plan_prefetch(self) -> dict[int, list[int]]:
         """For each compute step, the receives (by index) to post before running it.
 
         Receives up to the *next* compute action are posted ahead, so their data
-        arrives while this rank computes. Batched (NCCL) mode posts nothing ahead:
-        its gaps must mirror the peer's exactly.
+        arrives while this rank computes. Safe on every backend: a receive's group
+        holds only receives from one peer, in the order they are consumed.
         """
         plan: dict[int, list[int]] = {}
-        if self.batched:
-            return plan
         computes = [i for i, a in enumerate(self.actions) if a.kind.is_compute]
         for ci, i in enumerate(computes):
             horizon = computes[ci + 1] if ci + 1 < len(computes) else len(self.actions)
-            plan[i] = [
-                j for j in range(i + 1, horizon)
-                if self.actions[j].kind in (Kind.RECV_F, Kind.RECV_B)
-            ]
+            plan[i] = [j for j in range(i + 1, horizon) if self.actions[j].kind in _RECVS]
         return plan
 
     def run(self, data: StepInputs) -> None:
         """Run every action of this rank for one step."""
+        if self.broken is not None:
+            raise PipelineError(
+                f"rank {self.rank}: an earlier step failed with communication in flight "
+                f"({self.broken}); messages between stages may be out of step, so this pipeline "
+                "cannot run another step. Restart the ranks (a run resumes from its checkpoint)"
+            )
         state = _StepState()
         self._t0 = time.perf_counter()
         if self.record:
             self.timeline = []
         i = 0
-        n = len(self.actions)
-        while i < n:
-            a = self.actions[i]
-            try:
+        try:
+            for i, a in enumerate(self.actions):
                 if a.kind.is_compute:
-                    # Posting ahead must never block: a receive whose shape is not agreed
-                    # yet waits for its own gap.
-                    ahead = [self.actions[j] for j in self._prefetch.get(i, ())]
-                    self._post_recvs(state, [r for r in ahead if not self.p2p.needs_meta(r)])
+                    for j in self._prefetch[i]:
+                        self._post_recv(state, self.actions[j])
                     self._compute(a, state, data)
-                    i += 1
+                    self._release_sends(state, wait=False)
+                elif a.kind in _SENDS:
+                    assert self.p2p is not None
+                    posted = self.p2p.post(a, state.outgoing.pop(a))
+                    self.meter.add(posted.nbytes, "send")
+                    state.sends.append(posted)
                 else:
-                    j = i
-                    while j < n and not self.actions[j].kind.is_compute:
-                        j += 1
-                    self._communicate(self.actions[i:j], state, first_index=i)
-                    i = j
-            except _ActionFailed as err:
-                raise self._error(err.index, err.reason) from err.__cause__
-            except (CommTimeout, RuntimeError, ValueError) as err:
-                raise self._error(i, f"{type(err).__name__}: {err}") from err
-        for t in state.sends:
-            try:
-                self.p2p.wait(t.work, t.action)
-            except CommTimeout as err:
-                raise self._error(self.actions.index(t.action), str(err)) from err
+                    self._post_recv(state, a)
+            self._release_sends(state, wait=True)
+        except _ActionFailed as err:
+            self._abandon(state, err.index, err.reason)
+            raise self._error(err.index, err.reason) from err.__cause__
+        except (CommTimeout, RuntimeError, ValueError) as err:
+            reason = f"{type(err).__name__}: {err}"
+            self._abandon(state, i, reason)
+            raise self._error(i, reason) from err
 
     # -- communication -------------------------------------------------------------
 
-    def _post_recvs(self, state: _StepState, acts: list[Action]) -> None:
-        todo = [a for a in acts if a not in state.recv]
-        if not todo:
-            return
-        meta = [(a, *self.p2p.meta_ops(a, None)) for a in todo if self.p2p.needs_meta(a)]
-        if meta:  # first use of this boundary: learn shape and dtype before allocating
-            works = self.p2p.start([op for _, op, _ in meta], self.batched)
-            for (a, _, buf), w in zip(meta, works, strict=True):
-                self.p2p.wait(w, a)
-                self.p2p.store_meta(a, buf)
-        ops = [self.p2p.payload_op(a, None) for a in todo]
-        works = self.p2p.start([op for op, _ in ops], self.batched)
-        for a, (_, buf), w in zip(todo, ops, works, strict=True):
-            state.recv[a] = Transfer(a, w, buf)
+    def _post_recv(self, state: _StepState, a: Action) -> None:
+        if a not in state.recv:
+            assert self.p2p is not None
+            state.recv[a] = self.p2p.post(a)
 
-    def _communicate(self, acts: list[Action], state: _StepState, first_index: int) -> None:
-        """One gap between computations: post its sends and receives (NCCL: as one batch)."""
-        sends = [a for a in acts if a.kind in (Kind.SEND_F, Kind.SEND_B)]
-        recvs = [a for a in acts if a.kind in (Kind.RECV_F, Kind.RECV_B)]
-        t0 = time.perf_counter()
-        meta_sends: list[tuple[Action, tuple[dist.P2POp, Tensor]]] = []
-        payload: list[tuple[Action, tuple[dist.P2POp, Tensor]]] = []
-        for a in sends:
-            tensor = state.outgoing.pop(a)
-            if self.p2p.needs_meta(a):
-                meta_sends.append((a, self.p2p.meta_ops(a, tensor)))
-            payload.append((a, self.p2p.payload_op(a, tensor)))
-        if self.batched:
-            # Mirror of the peer's gap: metadata of sends and receives in one group, then
-            # payloads in one group.
-            recv_meta = [(a, self.p2p.meta_ops(a, None)) for a in recvs if self.p2p.needs_meta(a)]
-            works = self.p2p.start([op for _, (op, _) in meta_sends + recv_meta], True)
-            for w in works:
-                self.p2p.wait(w, acts[0])
-            for a, (_, buf) in recv_meta:
-                self.p2p.store_meta(a, buf)
-            recv_ops = [(a, self.p2p.payload_op(a, None)) for a in recvs]
-            works = self.p2p.start([op for _, (op, _) in payload + recv_ops], True)
-            for (a, (_, buf)), w in zip(payload + recv_ops, works, strict=True):
-                if a.kind in (Kind.RECV_F, Kind.RECV_B):
-                    state.recv[a] = Transfer(a, w, buf)
-                else:
-                    state.sends.append(Transfer(a, w, buf))
-        else:
-            # Metadata before payload; both stay referenced until the step's end so their
-            # buffers outlive the asynchronous sends.
-            for group in (meta_sends, payload):
-                works = self.p2p.start([op for _, (op, _) in group], False)
-                for (a, (_, buf)), w in zip(group, works, strict=True):
-                    state.sends.append(Transfer(a, w, buf))
-            self._post_recvs(state, recvs)
-        for a in recvs:
+    def _release_sends(self, state: _StepState, *, wait: bool) -> None:
+        """Let completed sends go (all of them, waiting, at the end of the step)."""
+        keep = []
+        for posted in state.sends:
+            if wait:
+                try:
+                    assert self.p2p is not None
+                    self.p2p.wait(posted)
+                except CommTimeout as err:
+                    raise _ActionFailed(self._index[posted.action], str(err)) from err
+            elif not posted.done():
+                keep.append(posted)
+                continue
+            self.meter.release(posted.nbytes, "send")
+        state.sends = keep
+
+    def _abandon(self, state: _StepState, index: int, reason: str) -> None:
+        """Clear the step; note if messages may still be in flight between ranks."""
+        for stage in self.stages.values():
+            stage.reset()
+        self.meter.reset()
+        # Past this rank's last communication, a clean failure leaves nothing in flight
+        # once its sends complete; before it, a peer may have sent what nobody will take.
+        broken = index <= self._last_comm or any(not p.done() for p in state.recv.values())
+        if not broken and self.p2p is not None:
             try:
-                self.p2p.wait(state.recv[a].work, a)
-            except CommTimeout as err:
-                raise _ActionFailed(first_index + acts.index(a), str(err)) from err
-            self._note(a, t0, time.perf_counter())
+                for posted in state.sends:
+                    self.p2p.wait(posted)
+            except CommTimeout:
+                broken = True
+        if broken:
+            a = self.actions[index]
+            self.broken = f"rank {self.rank} failed at {a}: {reason}".splitlines()[0]
 
     # -- computation ---------------------------------------------------------------
 
-    @staticmethod
-    def _take(state: _StepState, key: Action) -> Tensor:
-        """The tensor ``key`` names: received from a peer, or handed over on this rank."""
-        if key in state.recv:
-            return state.recv.pop(key).buffer  # type: ignore[return-value]
-        return state.local.pop(key)
+    def _take(self, state: _StepState, key: Action) -> dict[str, Tensor]:
+        """The tensors ``key`` names: received from a peer (waiting here), or handed over."""
+        posted = state.recv.pop(key, None)
+        if posted is None:
+            return state.local.pop(key)
+        t0 = time.perf_counter()
+        try:
+            assert self.p2p is not None
+            self.p2p.wait(posted)
+        except CommTimeout as err:
+            raise _ActionFailed(self._index[key], str(err)) from err
+        self._note(key, t0, time.perf_counter())
+        return posted.tensors
 
-    def _input(self, a: Action, state: _StepState, data: StepInputs) -> Tensor:
+    def _input(self, a: Action, state: _StepState, data: StepInputs) -> dict[str, Tensor] | Tensor:
         if a.stage == 0:
             return data.inputs[a.microbatch]
         return self._take(state, Action(a.stage, Kind.RECV_F, a.microbatch))
 
-    def _output_grad(self, a: Action, state: _StepState) -> Tensor | None:
+    def _output_grad(self, a: Action, state: _StepState) -> dict[str, Tensor] | None:
         if a.stage == self.last_stage:
             return None
         return self._take(state, Action(a.stage, Kind.RECV_B, a.microbatch))
@@ -227,11 +222,13 @@ class Executor:
             stage.weight(a.microbatch)
         self._note(a, t0, time.perf_counter())
 
-    def _hand_over(self, send: Action, recv: Action, tensor: Tensor, state: _StepState) -> None:
+    def _hand_over(
+        self, send: Action, recv: Action, tensors: dict[str, Tensor], state: _StepState
+    ) -> None:
         if recv.stage in self.stages:  # next/previous stage lives here: no transfer
-            state.local[recv] = tensor.detach()
+            state.local[recv] = {k: t.detach() for k, t in tensors.items()}
         else:
-            state.outgoing[send] = tensor
+            state.outgoing[send] = tensors
 
     # -- reporting -----------------------------------------------------------------
 
@@ -256,4 +253,3 @@ class _ActionFailed(Exception):
         super().__init__(reason)
         self.index = index
         self.reason = reason
-

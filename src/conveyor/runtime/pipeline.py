@@ -10,6 +10,7 @@ outside: it sees this rank's parameters like any other module's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -19,14 +20,30 @@ from torch import Tensor, nn
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ActivationMeter
 from ..models import EmbeddingBlock, HeadBlock, block_param_counts, build_blocks, tie_weights
+from ..models.boundary import Signature, boundary_signature
 from ..parallel.mesh import Mesh
 from ..parallel.partition import Partition, by_params, uniform
 from ..schedules import Kind, Schedule, lower, validate
-from .comm import P2P
+from .comm import P2P, link_of
 from .executor import Executor, StepInputs
+from .nccl_semantics import NcclSemantics
 from .stage import StageRunner
+from .transport import TorchTransport
 
-__all__ = ["Pipeline", "make_partition"]
+__all__ = ["BatchError", "Pipeline", "make_partition", "NCCL_SEMANTICS_ENV"]
+
+NCCL_SEMANTICS_ENV = "CONVEYOR_NCCL_SEMANTICS"
+"""Set to 1 to run point-to-point traffic under NCCL's rules on gloo (a test mode)."""
+
+
+class BatchError(ValueError):
+    """A batch given to ``train_step``/``eval_step`` does not fit the pipeline."""
+
+
+def _nccl_semantics(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get(NCCL_SEMANTICS_ENV, "0") not in ("", "0")
 
 
 def make_partition(model: ModelConfig, par: ParallelConfig, num_stages: int) -> Partition:
@@ -50,6 +67,7 @@ class Pipeline:
         device: torch.device | None = None,
         timeout_s: float = 300.0,
         autocast_dtype: torch.dtype | None = None,
+        emulate_nccl: bool | None = None,
     ) -> None:
         self.model_cfg = model
         self.par = par
@@ -76,13 +94,10 @@ class Pipeline:
         self._tied_param: nn.Parameter | None = None
         if model.tie_embeddings:
             self._tie(placement.rank_of(0), placement.rank_of(self.schedule.num_stages - 1))
-        stage_ranks = [mesh.pp_ranks[placement.rank_of(s)] for s in range(placement.num_stages)]
-        p2p = P2P((mesh.pp_group, mesh.pp_grad_group), stage_ranks, placement.num_stages,
-                  self.device, timeout_s)
-        self.p2p = p2p
-        batched = dist.get_backend(mesh.pp_group) == "nccl"
+        lowered = lower(self.schedule)
+        self.p2p = self._make_p2p(lowered, timeout_s, _nccl_semantics(emulate_nccl))
         self.executor = Executor(
-            lower(self.schedule), mesh.pp_rank, self.stages, p2p, batched_comm=batched
+            lowered, mesh.pp_rank, self.stages, self.p2p, meter=self.meter
         )
         # Evaluation runs the training schedule's forwards alone, in the same order:
         # valid by construction (forwards depend only on forwards) on any placement.
@@ -91,8 +106,28 @@ class Pipeline:
             {r: [a for a in acts if a.kind is Kind.F] for r, acts in self.schedule.actions.items()},
         )
         self.eval_executor = Executor(
-            lower(fwd), mesh.pp_rank, self.stages, p2p, batched_comm=batched, train=False
+            lower(fwd), mesh.pp_rank, self.stages, self.p2p, train=False, meter=self.meter
         )
+
+    def _make_p2p(self, lowered: Schedule, timeout_s: float, emulate: bool) -> P2P:
+        """Point-to-point groups for every link the schedule uses, warmed up collectively."""
+        mesh, placement = self.mesh, self.schedule.placement
+        stage_pp = [placement.rank_of(s) for s in range(placement.num_stages)]
+        links = [link_of(a, stage_pp) for acts in lowered.actions.values() for a in acts
+                 if a.kind in (Kind.SEND_F, Kind.SEND_B)]
+        groups = mesh.link_groups(links)  # collective: every rank, the same links
+        if emulate and self.device.type != "cpu":
+            raise ValueError("NCCL semantics are emulated on the CPU (gloo); use device='cpu'")
+        key = ("transport", emulate)
+        if key not in mesh.cache:
+            mesh.cache[key] = NcclSemantics(timeout_s) if emulate else TorchTransport(self.device)
+        transport = mesh.cache[key]
+        me = mesh.rank
+        mine = {k: g for k, g in groups.items() if me in k[:2]}
+        for link in sorted(mine):  # one global order: no two ranks wait on each other
+            transport.warm_up(mine[link])
+        stage_ranks = [mesh.pp_ranks[r] for r in stage_pp]
+        return P2P(mine, stage_ranks, transport, self.device, timeout_s)
 
     def _tie(self, emb_rank: int, head_rank: int) -> None:
         first = self.stages.get(0)
@@ -150,23 +185,77 @@ class Pipeline:
 
     # -- steps -----------------------------------------------------------------------
 
-    def _microbatches(self, tokens: Tensor) -> list[Tensor]:
-        shard = tokens.chunk(self.mesh.dp)[self.mesh.dp_rank]
-        return [t.to(self.device, non_blocking=True) for t in shard.chunk(self.num_microbatches)]
+    def _microbatches(self, tokens: Tensor, targets: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """This replica's microbatches; sets the boundary shapes they imply."""
+        self._check_batch(tokens, targets)
+        dp, m = self.mesh.dp, self.num_microbatches
+
+        def split(t: Tensor) -> list[Tensor]:
+            shard = t.chunk(dp)[self.mesh.dp_rank]
+            return [c.to(self.device, non_blocking=True) for c in shard.chunk(m)]
+
+        mbs_in, mbs_tgt = split(tokens), split(targets)
+        batch, seq = mbs_in[0].shape
+        bounds = self.partition.bounds
+        signatures: dict[int, Signature] = {}
+
+        def signature(boundary: int) -> Signature:
+            if boundary not in signatures:
+                last_block = bounds[boundary][1] - 1
+                signatures[boundary] = boundary_signature(self.model_cfg, batch, seq, last_block)
+            return signatures[boundary]
+
+        self.p2p.signature = signature
+        return mbs_in, mbs_tgt
+
+    def _check_batch(self, tokens: Tensor, targets: Tensor) -> None:
+        dp, m = self.mesh.dp, self.num_microbatches
+        if tokens.dim() != 2 or tokens.shape != targets.shape:
+            raise BatchError(
+                f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} must both be "
+                "(batch, sequence) of the same shape"
+            )
+        if tokens.dtype != torch.long or targets.dtype != torch.long:
+            raise BatchError(f"tokens and targets must be int64 ids, got {tokens.dtype} and "
+                             f"{targets.dtype}")
+        n, seq = tokens.shape
+        if n == 0 or n % (dp * m):
+            raise BatchError(
+                f"batch of {n} sequences does not split evenly into dp={dp} x microbatches={m}; "
+                f"use a batch size that is a multiple of {dp * m}"
+            )
+        if seq > self.model_cfg.max_seq_len:
+            raise BatchError(f"sequence length {seq} exceeds max_seq_len="
+                             f"{self.model_cfg.max_seq_len}; use shorter sequences")
 
     def train_step(self, tokens: Tensor, targets: Tensor) -> float:
-        """Forward and backward of the global batch; grads accumulate; returns the batch loss."""
-        mbs_in, mbs_tgt = self._microbatches(tokens), self._microbatches(targets)
-        self.p2p.key = tuple(mbs_in[0].shape)
-        self.executor.run(StepInputs(mbs_in, mbs_tgt))
+        """Forward and backward of the global batch; grads accumulate; returns the batch loss.
+
+        Grads from earlier steps (no ``zero_grad`` between calls) are set aside while this
+        step runs, so the sums across ranks (tied copies, data-parallel replicas) cover
+        this step's grads alone; a failed step puts them back untouched.
+        """
+        mbs_in, mbs_tgt = self._microbatches(tokens, targets)
+        params = self.parameters()
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            self.executor.run(StepInputs(mbs_in, mbs_tgt))
+        except BaseException:
+            for p, g in zip(params, earlier, strict=True):
+                p.grad = g
+            raise
         self._reduce_grads()
+        for p, g in zip(params, earlier, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
         return self._reduce_loss()
 
     @torch.no_grad()
     def eval_step(self, tokens: Tensor, targets: Tensor) -> float:
         """Forward-only loss of a batch (no grads, nothing stashed), known to every rank."""
-        mbs_in, mbs_tgt = self._microbatches(tokens), self._microbatches(targets)
-        self.p2p.key = tuple(mbs_in[0].shape)
+        mbs_in, mbs_tgt = self._microbatches(tokens, targets)
         self.eval_executor.run(StepInputs(mbs_in, mbs_tgt))
         return self._reduce_loss()
 
@@ -199,4 +288,8 @@ class Pipeline:
 
     def peak_stashed_bytes(self) -> int:
         """Most bytes of activations this rank's stages held for backward at once."""
+        return self.meter.peak_by.get("stash", 0)
+
+    def peak_activation_bytes(self) -> int:
+        """Most bytes held at once for backward and in boundary sends not yet delivered."""
         return self.meter.peak

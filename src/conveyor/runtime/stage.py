@@ -74,10 +74,23 @@ class StageRunner:
                 x = block(x)
         return x
 
-    def forward(self, mb: int, x: Tensor, targets: Tensor | None, *, train: bool = True) -> Tensor:
-        """Run the stage on microbatch ``mb``; returns the activation to send, or the loss."""
-        if not self.is_first and train:
-            x.requires_grad_(True)
+    def forward(
+        self, mb: int, inputs: Tensor | dict[str, Tensor], targets: Tensor | None, *,
+        train: bool = True,
+    ) -> dict[str, Tensor]:
+        """Run the stage on microbatch ``mb``: the boundary tensors to send, or ``{"loss"}``.
+
+        ``inputs`` are the token ids on the first stage, else the boundary tensors.
+        """
+        if isinstance(inputs, Tensor):
+            x = inputs
+        else:
+            if set(inputs) != {"hidden"}:
+                raise ValueError(f"stage {self.stage} expects boundary tensors ['hidden'], "
+                                 f"got {sorted(inputs)}")
+            x = inputs["hidden"]
+            if train:
+                x.requires_grad_(True)
         shape = tuple(x.shape)
         measure = train and shape not in self._saved_by_shape
         with torch.autocast(
@@ -96,19 +109,31 @@ class StageRunner:
             self._stash[mb] = (None if self.is_first else x, out)
             self._saved[mb] = self._saved_by_shape[shape]
             self.meter.add(self._saved[mb])
-        return out.detach()
+        return {"loss" if self.is_last else "hidden": out.detach()}
 
-    def backward(self, mb: int, grad: Tensor | None) -> Tensor | None:
-        """Backward of microbatch ``mb`` given the grad of its output; returns its input's grad."""
+    def backward(self, mb: int, grads: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """Backward of microbatch ``mb`` given its outputs' grads; returns its inputs' grads."""
         x, out = self._stash.pop(mb)
+        grad = None if self.is_last or grads is None else grads["hidden"]
         if self.weight_store is None:
             self.meter.release(self._saved.pop(mb))
         if self.weight_store is not None:
             with self.weight_store.collect(mb):
-                torch.autograd.backward(out, None if self.is_last else grad)
+                torch.autograd.backward(out, grad)
         else:
-            torch.autograd.backward(out, None if self.is_last else grad)
-        return None if x is None else x.grad
+            torch.autograd.backward(out, grad)
+        if x is None:
+            return None
+        assert x.grad is not None
+        return {"hidden": x.grad}
+
+    def reset(self) -> None:
+        """Forget everything a (failed) step left: stashed graphs, losses, deferred W work."""
+        self._stash.clear()
+        self._saved.clear()
+        self.losses = []
+        if self.weight_store is not None:
+            self.weight_store.clear()
 
     def weight(self, mb: int) -> None:
         """Weight-grad of microbatch ``mb`` (work deferred by its B)."""
