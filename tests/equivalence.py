@@ -37,6 +37,10 @@ class Case:
     flavour: str = "gpt2"
     virtual_stages: int | None = None
     dp: int = 1
+    nccl: bool = False
+    """Run point-to-point traffic under NCCL's rules (``NcclSemantics``) and check the
+    step-0 forward-only evaluation too."""
+    batch: int = BATCH
 
     @property
     def model(self) -> ModelConfig:
@@ -58,15 +62,16 @@ class Case:
         flags += [f"v{self.virtual_stages}"] * (self.virtual_stages is not None) + [f"dp{self.dp}"] * (
             self.dp > 1
         )
+        flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
         return f"{self.schedule}-" + "-".join(flags)
 
 
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(size: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed sequence of (inputs, targets) global batches, one per step."""
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(STEPS):
-        t = torch.randint(0, BASE.vocab_size, (BATCH, SEQ + 1), generator=g)
+        t = torch.randint(0, BASE.vocab_size, (size, SEQ + 1), generator=g)
         out.append((t[:, :-1], t[:, 1:]))
     return out
 
@@ -80,7 +85,9 @@ def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.5, momentum=0.9)
 
 
-Result = tuple[list[float], dict[str, torch.Tensor]]
+Result = tuple[list[float], dict[str, torch.Tensor], float]
+"""Training losses, final parameters, and the forward-only loss of batch 0 before training
+(NaN where a case does not evaluate)."""
 
 
 def reference(case: Case) -> Result:
@@ -89,7 +96,10 @@ def reference(case: Case) -> Result:
     model = Transformer(case.model, seed=0)
     opt = make_optimizer(list(model.parameters()))
     losses = []
-    for x, y in batches():
+    data = batches(case.batch)
+    with torch.no_grad():
+        eval_loss = model.loss(*data[0]).item()
+    for x, y in data:
         opt.zero_grad()
         loss = model.loss(x, y)
         loss.backward()
@@ -100,25 +110,28 @@ def reference(case: Case) -> Result:
         k: clones.setdefault(v.untyped_storage().data_ptr(), v.detach().clone())
         for k, v in model.state_dict().items()
     }
-    return losses, params
+    return losses, params, eval_loss
 
 
 def _run_cases(cases: list[Case]) -> dict[str, Result]:
     out: dict[str, Result] = {}
     meshes: dict[tuple[int, int], Mesh] = {}
-    data = batches()
     for case in cases:
         key = (case.pp, case.dp)
         if key not in meshes:
             meshes[key] = Mesh.build(case.pp, case.dp)
-        pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60)
+        pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60,
+                        emulate_nccl=case.nccl)
         opt = make_optimizer(pipe.parameters())
+        data = batches(case.batch)
+        eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
         losses = []
         for x, y in data:
             opt.zero_grad()
             losses.append(pipe.train_step(x, y))
             opt.step()
-        out[str(case)] = (losses, {k: v.detach().clone() for k, v in pipe.named_parameters()})
+        params = {k: v.detach().clone() for k, v in pipe.named_parameters()}
+        out[str(case)] = (losses, params, eval_loss)
     return out
 
 
@@ -136,14 +149,18 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_equivalent(case: Case, got: dict[int, Result], ref: Result) -> None:
     """Every rank's losses equal the reference's; together they hold every parameter."""
-    ref_losses, ref_params = ref
-    for rank, (losses, _) in got.items():
+    ref_losses, ref_params, ref_eval = ref
+    for rank, (losses, _, eval_loss) in got.items():
+        if case.nccl:
+            assert abs(eval_loss - ref_eval) <= LOSS_RTOL * abs(ref_eval), (
+                f"{case}: rank {rank} step-0 eval loss {eval_loss!r} != reference {ref_eval!r}"
+            )
         for step, (a, b) in enumerate(zip(losses, ref_losses, strict=True)):
             assert abs(a - b) <= LOSS_RTOL * abs(b), (
                 f"{case}: rank {rank} step {step} loss {a!r} != reference {b!r}"
             )
     seen: set[str] = set()
-    for rank, (_, params) in got.items():
+    for rank, (_, params, _) in got.items():
         for name, value in params.items():
             assert name in ref_params, f"{case}: rank {rank} has unknown parameter {name}"
             d = rel_diff(value, ref_params[name])

@@ -1,9 +1,13 @@
-"""Invariant 1: any schedule and layout trains exactly like one process (fp32).
+"""Invariants 1 and 2: any schedule and layout trains exactly like one process (fp32),
+with gloo's own semantics and under NCCL's (``NcclSemantics``).
 
 Loss of every step within 1e-5 relative, parameters after 3 optimizer steps within
 1e-4 relative: GPipe and 1F1B x pp in {1, 2, 4} x microbatches in {1, 2, 4, 8};
 interleaved 1F1B (v = 2, 3), ZB-H1, ZB-H2 and ZB-V at pp in {2, 4}; recomputation
 on/off, tied embeddings on/off, GPT-2 and Llama flavours; and pp=2 x dp=2.
+Under NCCL semantics: every schedule x pp in {2, 3, 4} x microbatches in
+{1, 2, 3, 4, 8}, plus pp=2 x dp=2, each also checking the step-0 forward-only
+evaluation.
 """
 
 from __future__ import annotations
@@ -22,14 +26,28 @@ SPLIT_AND_VIRTUAL = ["interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
 FLAVOURS = ["gpt2", "llama"]
 
 
-def _cases(pp: int) -> list[Case]:
+def _nccl_cases(pp: int) -> list[Case]:
+    """Every schedule x microbatch count at ``pp`` under NCCL semantics; options rotate."""
     cases = []
+    for sched, m in itertools.product(SCHEDULES + SPLIT_AND_VIRTUAL, (1, 2, 3, 4, 8)):
+        flavour = FLAVOURS[(m + pp) % 2]
+        cases.append(Case(sched, pp, m, recompute=m == 4, tied=m in (3, 8), flavour=flavour,
+                          nccl=True, batch=6 if m == 3 else 8))
+    return cases
+
+
+def _cases(pp: int) -> list[Case]:
+    if pp == 3:
+        return _nccl_cases(3)
+    cases = [] if pp == 1 else _nccl_cases(pp)
     if pp > 1:
         for sched, m, flavour in itertools.product(SPLIT_AND_VIRTUAL, (1, 4, 8), FLAVOURS):
             cases.append(Case(sched, pp, m, recompute=m == 4, tied=m == 8, flavour=flavour))
         cases.append(Case("interleaved-1f1b", pp, 4, virtual_stages=2 if pp == 4 else 3))
     if pp == 4:  # the same 4 ranks as 2 stages x 2 data-parallel replicas
         cases += [Case("1f1b", 2, 2, dp=2), Case("zb-v", 2, 4, dp=2, tied=True, flavour="llama")]
+        cases += [Case("1f1b", 2, 4, dp=2, nccl=True),
+                  Case("zb-v", 2, 2, dp=2, tied=True, flavour="llama", nccl=True)]
     for sched, m, flavour in itertools.product(SCHEDULES, (1, 2, 4, 8), FLAVOURS):
         # recompute and tying vary together with the microbatch count so that every
         # combination of them meets every schedule and flavour without a full product
@@ -39,7 +57,7 @@ def _cases(pp: int) -> list[Case]:
     return cases
 
 
-CASES = {pp: _cases(pp) for pp in (1, 2, 4)}  # by world size: one spawned group each
+CASES = {pp: _cases(pp) for pp in (1, 2, 3, 4)}  # by world size: one spawned group each
 
 
 @cache
@@ -52,11 +70,11 @@ def _results(world: int) -> dict | Exception:
 
 
 @cache
-def _reference(flavour: str, tied: bool) -> tuple:
-    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour))
+def _reference(flavour: str, tied: bool, batch: int) -> tuple:
+    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch))
 
 
-@pytest.mark.parametrize("case", [c for world in (1, 2, 4) for c in CASES[world]], ids=str)
+@pytest.mark.parametrize("case", [c for world in (1, 2, 3, 4) for c in CASES[world]], ids=str)
 def test_matches_single_process(case: Case) -> None:
     world = case.pp * case.dp
     results = _results(world)
@@ -64,4 +82,4 @@ def test_matches_single_process(case: Case) -> None:
         pytest.fail(f"group of {world} ranks failed: {results}")
     got = results[str(case)]
     assert set(got) == set(range(case.pp * case.dp))
-    assert_equivalent(case, got, _reference(case.flavour, case.tied))
+    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch))
