@@ -21,10 +21,9 @@ import torch.distributed as dist
 from conveyor.parallel.mesh import Mesh
 from conveyor.runtime.executor import PipelineError
 from conveyor.runtime.launch import launch
-from conveyor.runtime.pipeline import Pipeline
 from conveyor.runtime.nccl_semantics import NcclSemantics
+from conveyor.runtime.pipeline import Pipeline
 from conveyor.runtime.transport import TorchTransport
-
 from equivalence import Case, batches
 
 pytestmark = pytest.mark.multiprocess
