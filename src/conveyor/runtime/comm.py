@@ -81,6 +81,7 @@ class P2P:
         transport: Transport,
         device: torch.device,
         timeout_s: float,
+        health: dict[str, str] | None = None,
     ) -> None:
         self.groups = groups  # (src rank, dst rank, channel) -> group; this rank's links only
         self.stage_ranks = list(stage_ranks)  # global rank holding each stage
@@ -90,6 +91,17 @@ class P2P:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         # signature of the cut after stage s (s -> s+1), set for each step's microbatch shape
         self.signature: Callable[[int], Signature] | None = None
+        # shared by every P2P over the same groups: stale messages outlive a pipeline
+        self._health = {} if health is None else health
+
+    @property
+    def broken(self) -> str | None:
+        """Why these groups may hold stale messages (a step failed mid-flight), or None."""
+        return self._health.get("broken")
+
+    def mark_broken(self, reason: str) -> None:
+        """Refuse every later step over these groups: messages may be out of step."""
+        self._health.setdefault("broken", reason)
 
     def _tag(self, a: Action, boundary: int, index: int, channel: str) -> int:
         # unique within a step; gloo matches by it, NCCL ignores it

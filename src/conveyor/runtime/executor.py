@@ -83,8 +83,6 @@ class Executor:
         comm = [i for i, a in enumerate(self.actions) if not a.kind.is_compute]
         self._last_comm = comm[-1] if comm else -1
         self._prefetch = self._plan_prefetch()
-        # set when a failed step may have left messages in flight between ranks
-        self.broken: str | None = None
 
     def _plan_prefetch(self) -> dict[int, list[int]]:
         """For each compute step, the receives (by index) to post before running it.
@@ -102,10 +100,10 @@ class Executor:
 
     def run(self, data: StepInputs) -> None:
         """Run every action of this rank for one step."""
-        if self.broken is not None:
+        if self.p2p is not None and self.p2p.broken is not None:
             raise PipelineError(
                 f"rank {self.rank}: an earlier step failed with communication in flight "
-                f"({self.broken}); messages between stages may be out of step, so this pipeline "
+                f"({self.p2p.broken}); messages between stages may be out of step, so this pipeline "
                 "cannot run another step. Restart the ranks (a run resumes from its checkpoint)"
             )
         state = _StepState()
@@ -173,9 +171,9 @@ class Executor:
                     self.p2p.wait(posted)
             except CommTimeout:
                 broken = True
-        if broken:
+        if broken and self.p2p is not None:
             a = self.actions[index]
-            self.broken = f"rank {self.rank} failed at {a}: {reason}".splitlines()[0]
+            self.p2p.mark_broken(f"rank {self.rank} failed at {a}: {reason}".splitlines()[0])
 
     # -- computation ---------------------------------------------------------------
 

@@ -127,7 +127,8 @@ class Pipeline:
         for link in sorted(mine):  # one global order: no two ranks wait on each other
             transport.warm_up(mine[link])
         stage_ranks = [mesh.pp_ranks[r] for r in stage_pp]
-        return P2P(mine, stage_ranks, transport, self.device, timeout_s)
+        health = mesh.cache.setdefault(("p2p-health", emulate), {})
+        return P2P(mine, stage_ranks, transport, self.device, timeout_s, health)
 
     def _tie(self, emb_rank: int, head_rank: int) -> None:
         first = self.stages.get(0)
