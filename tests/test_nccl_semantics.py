@@ -199,5 +199,6 @@ def test_the_old_single_group_layout_deadlocks_only_under_nccl_semantics() -> No
     assert not r[0]["old_layout/gloo"].startswith("error")
     for rank in (0, 1):
         err = r[rank]["old_layout/nccl"]
-        assert err.startswith("error: rank") and "timed out" in err, err
+        # the host's wait or the stream's own gloo wait may report the timeout first
+        assert err.startswith("error: rank") and "timed out" in err.lower(), err
         assert "receiving" in err  # names the receive it waited on
