@@ -16,6 +16,7 @@ from conveyor.schedules import (
     execute,
     gpipe,
     lower,
+    overlap,
     one_f_one_b,
     validate,
 )
@@ -25,11 +26,31 @@ SIZES = [(p, m) for p in (1, 2, 3, 4, 5, 8) for m in (1, 2, 3, 4, 7, 8, 16)]
 
 def test_action_text_round_trip() -> None:
     for kind in Kind:
+        if kind is Kind.OVERLAP_F_B:
+            continue
         for stage, mb in [(0, 0), (3, 12), (11, 7)]:
             a = Action(stage, kind, mb)
             assert Action.parse(str(a)) == a
     assert str(Action(1, Kind.F, 0)) == "1F0"
+    assert str(Action(0, Kind.I, 3)) == "0I3"
     assert str(Action(0, Kind.SEND_B, 3)) == "0SEND_B3"
+    pair = overlap(Action(2, Kind.F, 5), Action(1, Kind.B, 3))
+    assert str(pair) == "(2F5;1B3)OVERLAP_F_B"
+    assert Action.parse(str(pair)) == pair
+    assert pair.parts == (Action(2, Kind.F, 5), Action(1, Kind.B, 3))
+
+
+def test_action_text_is_torchs() -> None:
+    from torch.distributed.pipelining.schedules import _Action
+
+    for text in ["1F0", "0I3", "2W1", "0B2", "3SEND_F4", "1RECV_B0", "(2F5;1B3)OVERLAP_F_B"]:
+        assert str(_Action.from_str(text)) == text == str(Action.parse(text))
+
+
+@pytest.mark.parametrize("text", ["(1F0)OVERLAP_F_B", "(1B0;1F0)OVERLAP_F_B", "(1F0;1W0)OVERLAP_F_B"])
+def test_overlap_is_a_forward_then_a_backward(text: str) -> None:
+    with pytest.raises(ScheduleError):
+        Action.parse(text)
 
 
 @pytest.mark.parametrize("text", ["", "F0", "1X0", "1F", "a1F0", "1F0x"])

@@ -9,7 +9,7 @@ from .describe import describe
 from .forward_only import forward_only
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
-from .ir import Action, Kind, Placement, Schedule, ScheduleError
+from .ir import Action, Kind, Placement, Schedule, ScheduleError, overlap
 from .lower import lower
 from .one_f_one_b import one_f_one_b
 from .registry import SCHEDULE_CHUNKS, SCHEDULES, build_schedule, check_virtual_stages
@@ -37,6 +37,7 @@ __all__ = [
     "interleaved_1f1b",
     "lower",
     "one_f_one_b",
+    "overlap",
     "read_schedule_csv",
     "validate",
     "write_schedule_csv",

@@ -6,7 +6,7 @@ clock table under unit costs, and the validator's figures.
 
 from __future__ import annotations
 
-from .ir import Schedule
+from .ir import Kind, Schedule
 from .validate import execute, validate
 
 __all__ = ["describe"]
@@ -20,10 +20,13 @@ def describe(schedule: Schedule) -> str:
     stats = validate(schedule)
     run = execute(schedule)
     p, n = schedule.num_ranks, schedule.num_stages
+    kinds = {p.kind for p in schedule.parts()}
     if schedule.forward_only:
-        backward, costs = "forward only (no B, no W)", "F = 1"
-    elif schedule.split_backward:
-        backward, costs = "B = input grad, W = weight grad", "F = B = W = 1"
+        backward, costs = "forward only (no backward)", "F = 1"
+    elif Kind.B in kinds and Kind.I in kinds:
+        backward, costs = "B = full backward, I = input grad, W = weight grad", "F = B = I = W = 1"
+    elif Kind.I in kinds:
+        backward, costs = "I = input grad, W = weight grad", "F = I = W = 1"
     else:
         backward, costs = "B = full backward", "F = B = 1"
     per_rank = ", ".join(f"rank {r}: {k}" for r, k in sorted(stats.peak_activations.items()))
@@ -43,6 +46,6 @@ def describe(schedule: Schedule) -> str:
         f"bubble fraction: {stats.bubble_fraction:.4f} (idle share of ranks x makespan)",
         f"steady bubble fraction: {stats.steady_bubble_fraction:.4f} "
         "(idle inside each rank's first-to-last action)",
-        f"peak stashed activations (F done, B not yet): {per_rank}",
+        f"peak activations, in stage-microbatches held (F done, B or W not yet): {per_rank}",
     ]
     return "\n".join(lines)

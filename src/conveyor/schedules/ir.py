@@ -6,7 +6,15 @@ actions that rank performs in one training step. Every other part of Conveyor
 knows a schedule by name.
 
 Text form of an action is ``<stage><kind><microbatch>``, e.g. ``1F0`` (stage 1,
-forward of microbatch 0) or ``0SEND_F3``. ``Action.parse`` reads it back.
+forward of microbatch 0), ``0I3`` or ``0SEND_F3``; an overlapped forward/backward
+pair reads ``(2F5;1B3)OVERLAP_F_B``. ``Action.parse`` reads it back. Letters and
+text form are those of ``torch.distributed.pipelining``'s action IR, so schedule
+tables exchange with it both ways.
+
+Backward kinds: ``B`` is a full backward (input-grad and weight-grad together);
+``I`` computes the input-grad only, and its ``W`` the weight-grad later. A stage
+and microbatch has either one ``B`` or an ``I`` then a ``W``; one schedule may mix
+both.
 
 No torch here: schedules are tested without processes.
 """
@@ -19,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "overlap",
     "Kind",
     "Action",
     "Placement",
@@ -38,8 +47,10 @@ class Kind(enum.Enum):
     """What an action does. F/B/W compute; the rest move tensors between ranks."""
 
     F = "F"  # forward
-    B = "B"  # backward: input-grad only if the schedule has W actions, else full backward
-    W = "W"  # weight-grad (only in split-backward schedules)
+    B = "B"  # full backward: input-grad and weight-grad together
+    I = "I"  # noqa: E741 - torch's letter: input-grad only; its W comes later
+    W = "W"  # weight-grad of an earlier I
+    OVERLAP_F_B = "OVERLAP_F_B"  # a forward and a backward run as one (DualPipeV)
     SEND_F = "SEND_F"  # send this stage's output activation to the next stage
     RECV_F = "RECV_F"  # receive this stage's input activation from the previous stage
     SEND_B = "SEND_B"  # send the grad of this stage's input to the previous stage
@@ -47,14 +58,20 @@ class Kind(enum.Enum):
 
     @property
     def is_compute(self) -> bool:
-        """True for F, B and W."""
+        """True for F, B, I, W and the overlapped pair."""
         return self in COMPUTE_KINDS
 
+    @property
+    def is_backward(self) -> bool:
+        """True for the kinds that send a grad back: B and I."""
+        return self in (Kind.B, Kind.I)
 
-COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.W})
+
+COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.I, Kind.W, Kind.OVERLAP_F_B})
 COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
 
-_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)$")
+_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
+_OVERLAP_RE = re.compile(r"^\((.*)\)OVERLAP_F_B$")
 
 
 @dataclass(frozen=True, order=True)
@@ -64,21 +81,38 @@ class Action:
     stage: int
     kind: Kind
     microbatch: int
+    sub: tuple[Action, ...] = ()
+    """The forward and the backward of an OVERLAP_F_B pair (empty otherwise)."""
 
     def __str__(self) -> str:
+        if self.kind is Kind.OVERLAP_F_B:
+            return "(" + ";".join(str(a) for a in self.sub) + ")OVERLAP_F_B"
         return f"{self.stage}{self.kind.value}{self.microbatch}"
 
     def __repr__(self) -> str:
         return f"Action({self})"
 
+    @property
+    def parts(self) -> tuple[Action, ...]:
+        """The single actions this one runs: its pair when overlapped, else itself."""
+        return self.sub if self.kind is Kind.OVERLAP_F_B else (self,)
+
     @classmethod
     def parse(cls, text: str) -> Action:
-        """Read an action back from its text form, e.g. ``'1F0'``."""
-        m = _ACTION_RE.match(text.strip())
+        """Read an action back from its text form, e.g. ``'1F0'`` or ``'(2F5;1B3)OVERLAP_F_B'``."""
+        text = text.strip()
+        pair = _OVERLAP_RE.match(text)
+        if pair is not None:
+            parts = [cls.parse(t) for t in pair.group(1).split(";")]
+            if len(parts) != 2:
+                raise ScheduleError(f"{text!r}: an overlapped pair holds exactly two actions")
+            return overlap(*parts)
+        m = _ACTION_RE.match(text)
         if m is None:
             raise ScheduleError(
                 f"cannot parse action {text!r}: expected <stage><kind><microbatch> "
-                "such as '1F0', '0B3', '2W1' or '0SEND_F2'"
+                "such as '1F0', '0B3', '0I3', '2W1' or '0SEND_F2', or an overlapped pair "
+                "'(2F5;1B3)OVERLAP_F_B'"
             )
         return cls(int(m.group(1)), Kind(m.group(2)), int(m.group(3)))
 
@@ -89,13 +123,28 @@ def F(stage: int, mb: int) -> Action:  # noqa: N802 - reads like the paper's not
 
 
 def B(stage: int, mb: int) -> Action:  # noqa: N802
-    """Backward (input-grad, or full if the schedule has no W) of ``mb`` on ``stage``."""
+    """Full backward (input-grad and weight-grad) of ``mb`` on ``stage``."""
     return Action(stage, Kind.B, mb)
 
 
+def I(stage: int, mb: int) -> Action:  # noqa: N802, E743
+    """Input-grad of ``mb`` on ``stage``; its weight-grad waits for a later W."""
+    return Action(stage, Kind.I, mb)
+
+
 def W(stage: int, mb: int) -> Action:  # noqa: N802
-    """Weight-grad of ``mb`` on ``stage``."""
+    """Weight-grad of ``mb`` on ``stage`` (after its I)."""
     return Action(stage, Kind.W, mb)
+
+
+def overlap(forward: Action, backward: Action) -> Action:
+    """A forward and a backward (B or I) of one rank, run as one compute action."""
+    if forward.kind is not Kind.F or not backward.kind.is_backward:
+        raise ScheduleError(
+            f"an overlapped pair is a forward then a backward (B or I); got {forward} and "
+            f"{backward}"
+        )
+    return Action(-1, Kind.OVERLAP_F_B, -1, (forward, backward))
 
 
 @dataclass(frozen=True)
@@ -183,18 +232,21 @@ class Schedule:
 
     @property
     def split_backward(self) -> bool:
-        """True when weight-grads are separate W actions (B computes input-grads only)."""
-        return any(a.kind is Kind.W for acts in self.actions.values() for a in acts)
+        """True when some backward is split into an I and a later W."""
+        return any(p.kind is Kind.I for p in self.parts())
 
     @property
     def forward_only(self) -> bool:
-        """True when the schedule has no B and no W at all (evaluation / inference)."""
-        return not any(
-            a.kind in (Kind.B, Kind.W) for acts in self.actions.values() for a in acts
-        )
+        """True when the schedule has no backward at all (evaluation / inference)."""
+        return not any(p.kind in (Kind.B, Kind.I, Kind.W) for p in self.parts())
+
+    def parts(self, rank: int | None = None) -> list[Action]:
+        """Single actions of ``rank`` (or of all ranks) in order, overlapped pairs opened."""
+        ranks = self.actions if rank is None else [rank]
+        return [p for r in ranks for a in self.actions[r] for p in a.parts]
 
     def compute_actions(self, rank: int) -> list[Action]:
-        """The F/B/W actions of ``rank`` in order, without communication."""
+        """The compute actions of ``rank`` in order, without communication."""
         return [a for a in self.actions[rank] if a.kind.is_compute]
 
     def table(self) -> str:

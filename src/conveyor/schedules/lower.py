@@ -9,7 +9,7 @@ Stages on the same rank (V placement) hand tensors over locally, with no action.
 
 from __future__ import annotations
 
-from .ir import Action, Kind, Schedule, ScheduleError
+from .ir import Action, Kind, Placement, Schedule, ScheduleError
 
 __all__ = ["lower"]
 
@@ -24,27 +24,32 @@ def lower(schedule: Schedule) -> Schedule:
     for rank, acts in schedule.actions.items():
         row: list[Action] = []
         for a in acts:
-            s, m = a.stage, a.microbatch
-            remote_prev = s > 0 and place.rank_of(s - 1) != rank
-            remote_next = s < last and place.rank_of(s + 1) != rank
-            if a.kind is Kind.F:
-                if remote_prev:
-                    row.append(Action(s, Kind.RECV_F, m))
-                row.append(a)
-                if remote_next:
-                    row.append(Action(s, Kind.SEND_F, m))
-            elif a.kind is Kind.B:
-                if remote_next:
-                    row.append(Action(s, Kind.RECV_B, m))
-                row.append(a)
-                if remote_prev:
-                    row.append(Action(s, Kind.SEND_B, m))
-            elif a.kind is Kind.W:
-                row.append(a)
-            else:
+            if not a.kind.is_compute:
                 raise ScheduleError(
                     f"schedule {schedule.name!r} rank {rank} holds {a}: communication actions "
-                    "are added by lower(); write only F, B and W"
+                    "are added by lower(); write only F, B, I, W and overlapped pairs"
                 )
+            # an overlapped pair receives what both halves need first and sends after both
+            for p in a.parts:
+                row += _comm(p, rank, place, last, before=True)
+            row.append(a)
+            for p in a.parts:
+                row += _comm(p, rank, place, last, before=False)
         out[rank] = row
     return Schedule.build(schedule.name, schedule.num_microbatches, place, out, lowered=True)
+
+
+def _comm(a: Action, rank: int, place: Placement, last: int, *, before: bool) -> list[Action]:
+    """The receive before, or the send after, a single compute action."""
+    s, m = a.stage, a.microbatch
+    remote_prev = s > 0 and place.rank_of(s - 1) != rank
+    remote_next = s < last and place.rank_of(s + 1) != rank
+    if a.kind is Kind.F:
+        if before:
+            return [Action(s, Kind.RECV_F, m)] if remote_prev else []
+        return [Action(s, Kind.SEND_F, m)] if remote_next else []
+    if a.kind.is_backward:
+        if before:
+            return [Action(s, Kind.RECV_B, m)] if remote_next else []
+        return [Action(s, Kind.SEND_B, m)] if remote_prev else []
+    return []  # W: nothing crosses ranks

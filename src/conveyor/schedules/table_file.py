@@ -243,31 +243,31 @@ def _check_actions(
     """Per-cell range and duplicate checks, then that every needed action appears."""
     seen: dict[Action, int] = {}
     for rank, acts in actions.items():
-        for cell, a in zip(rows[rank], acts, strict=True):
+        for cell, action in zip(rows[rank], acts, strict=True):
             column = cell[1]
-            if a.microbatch >= m:
-                raise ScheduleError(
-                    f"rank {rank}, column {column}: microbatch {a.microbatch} is out of range "
-                    f"0..{m - 1} (microbatches={m})"
-                )
-            if a in seen:
-                raise ScheduleError(
-                    f"rank {rank}, column {column}: {a} appears twice (also column {seen[a]})"
-                )
-            seen[a] = column
-    # the same rule as validate.check_coverage: F always, B unless forward-only, W if split
-    kinds = {a.kind for a in seen}
-    needed = [Kind.F]
-    if kinds & {Kind.B, Kind.W}:
-        needed.append(Kind.B)
-    if Kind.W in kinds:
-        needed.append(Kind.W)
+            for a in action.parts:
+                if a.microbatch >= m:
+                    raise ScheduleError(
+                        f"rank {rank}, column {column}: microbatch {a.microbatch} is out of range "
+                        f"0..{m - 1} (microbatches={m})"
+                    )
+                if a in seen:
+                    raise ScheduleError(
+                        f"rank {rank}, column {column}: {a} appears twice (also column {seen[a]})"
+                    )
+                seen[a] = column
+    # the same rule as validate.check_coverage: F always; unless forward-only, B or I and W
+    backward = any(a.kind is not Kind.F for a in seen)
     for stage in range(placement.num_stages):
-        for kind in needed:
-            for mb in range(m):
-                a = Action(stage, kind, mb)
+        rank = placement.rank_of(stage)
+        for mb in range(m):
+            needed = [Action(stage, Kind.F, mb)]
+            if Action(stage, Kind.I, mb) in seen or Action(stage, Kind.W, mb) in seen:
+                needed += [Action(stage, Kind.I, mb), Action(stage, Kind.W, mb)]
+            elif backward:
+                needed.append(Action(stage, Kind.B, mb))
+            for a in needed:
                 if a not in seen:
-                    rank = placement.rank_of(stage)
                     raise ScheduleError(
                         f"rank {rank}: the table never runs {a}; add it to rank {rank}'s row"
                     )

@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 Key = tuple[Kind, int, int]  # (kind, stage, microbatch): an event that has happened
+_CROSSING = (Kind.SEND_F, Kind.SEND_B, Kind.F, Kind.I)  # events another rank may wait on
 
 
 class DeadlockError(ScheduleError):
@@ -123,7 +124,14 @@ class Execution:
 
 
 def _deps(schedule: Schedule, rank: int, a: Action) -> list[Key]:
-    """Events that must have happened before ``a`` may start on ``rank``."""
+    """Events that must have happened before ``a`` may start on ``rank``.
+
+    The input-grad of (stage, microbatch) is the event ``(I, stage, mb)``, recorded by
+    its B or its I, whichever the schedule runs.
+    """
+    if a.kind is Kind.OVERLAP_F_B:
+        own = {_key(p) for p in a.sub}
+        return [d for p in a.sub for d in _deps(schedule, rank, p) if d not in own]
     place = schedule.placement
     last = schedule.num_stages - 1
     s, m = a.stage, a.microbatch
@@ -134,63 +142,94 @@ def _deps(schedule: Schedule, rank: int, a: Action) -> list[Key]:
         if lowered and place.rank_of(s - 1) != rank:
             return [(Kind.RECV_F, s, m)]
         return [(Kind.F, s - 1, m)]
-    if a.kind is Kind.B:
+    if a.kind.is_backward:
         deps: list[Key] = [(Kind.F, s, m)]
         if s < last:
             if lowered and place.rank_of(s + 1) != rank:
                 deps.append((Kind.RECV_B, s, m))
             else:
-                deps.append((Kind.B, s + 1, m))
+                deps.append((Kind.I, s + 1, m))
         return deps
     if a.kind is Kind.W:
-        return [(Kind.B, s, m)]
+        return [(Kind.I, s, m)]
     if a.kind is Kind.SEND_F:
         return [(Kind.F, s, m)]
     if a.kind is Kind.SEND_B:
-        return [(Kind.B, s, m)]
+        return [(Kind.I, s, m)]
     if a.kind is Kind.RECV_F:
         return [(Kind.SEND_F, s - 1, m)]
     return [(Kind.SEND_B, s + 1, m)]  # RECV_B
 
 
-def check_coverage(schedule: Schedule) -> None:
-    """Every stage's F and B (and W, if split) run exactly once per microbatch, on its rank.
+def _key(a: Action) -> Key:
+    return (a.kind, a.stage, a.microbatch)
 
-    A forward-only schedule (no B and no W anywhere) needs only the F actions.
+
+def _events(a: Action) -> list[Key]:
+    """Events an action produces once done (a B also makes its input-grad ready)."""
+    out = []
+    for p in a.parts:
+        out.append(_key(p))
+        if p.kind is Kind.B:
+            out.append((Kind.I, p.stage, p.microbatch))
+    return out
+
+
+def check_coverage(schedule: Schedule) -> None:
+    """Each (stage, microbatch) runs F, then either one B or an I and a W, once, on its rank.
+
+    A forward-only schedule (no backward anywhere) needs only the F actions.
     """
     place = schedule.placement
     counts: Counter[tuple[Kind, int, int]] = Counter()
     for rank, acts in schedule.actions.items():
-        for i, a in enumerate(acts):
-            if not 0 <= a.stage < schedule.num_stages:
-                raise ScheduleError(_at(schedule, rank, i, f"stage {a.stage} does not exist"))
-            if not 0 <= a.microbatch < schedule.num_microbatches:
-                raise ScheduleError(
-                    _at(schedule, rank, i, f"microbatch {a.microbatch} is out of range "
-                        f"0..{schedule.num_microbatches - 1}")
-                )
-            if place.rank_of(a.stage) != rank:
-                raise ScheduleError(
-                    _at(schedule, rank, i, f"stage {a.stage} is placed on rank "
-                        f"{place.rank_of(a.stage)}, not on rank {rank}")
-                )
-            key = (a.kind, a.stage, a.microbatch)
-            counts[key] += 1
-            if counts[key] > 1:
-                raise ScheduleError(_at(schedule, rank, i, f"{a} appears more than once"))
-    kinds = [Kind.F]
-    if not schedule.forward_only:
-        kinds.append(Kind.B)
-    if schedule.split_backward:
-        kinds.append(Kind.W)
+        for i, action in enumerate(acts):
+            for a in action.parts:
+                _check_action(schedule, rank, i, a)
+                key = _key(a)
+                counts[key] += 1
+                if counts[key] > 1:
+                    raise ScheduleError(_at(schedule, rank, i, f"{a} appears more than once"))
+    backward = not schedule.forward_only
     for s in range(schedule.num_stages):
         for m in range(schedule.num_microbatches):
-            for k in kinds:
-                if counts[(k, s, m)] == 0:
-                    raise ScheduleError(
-                        f"schedule {schedule.name!r} never runs {Action(s, k, m)} "
-                        f"(rank {place.rank_of(s)})"
-                    )
+            b, i, w = (counts[(k, s, m)] for k in (Kind.B, Kind.I, Kind.W))
+            missing = []
+            if counts[(Kind.F, s, m)] == 0:
+                missing.append(Action(s, Kind.F, m))
+            if b and (i or w):
+                raise ScheduleError(
+                    f"schedule {schedule.name!r} runs both {Action(s, Kind.B, m)} and a split "
+                    f"backward ({Action(s, Kind.I, m)}/{Action(s, Kind.W, m)}); use one B, or "
+                    "one I and one W"
+                )
+            if i != w:
+                lone, other = (Kind.I, Kind.W) if i else (Kind.W, Kind.I)
+                raise ScheduleError(
+                    f"schedule {schedule.name!r} runs {Action(s, lone, m)} without "
+                    f"{Action(s, other, m)}; an I needs its W and a W its I"
+                )
+            if backward and not (b or i):
+                missing.append(Action(s, Kind.B, m))
+            for a in missing:
+                raise ScheduleError(
+                    f"schedule {schedule.name!r} never runs {a} (rank {place.rank_of(s)})"
+                )
+
+
+def _check_action(schedule: Schedule, rank: int, i: int, a: Action) -> None:
+    if not 0 <= a.stage < schedule.num_stages:
+        raise ScheduleError(_at(schedule, rank, i, f"stage {a.stage} does not exist"))
+    if not 0 <= a.microbatch < schedule.num_microbatches:
+        raise ScheduleError(
+            _at(schedule, rank, i, f"microbatch {a.microbatch} is out of range "
+                f"0..{schedule.num_microbatches - 1}")
+        )
+    if schedule.placement.rank_of(a.stage) != rank:
+        raise ScheduleError(
+            _at(schedule, rank, i, f"stage {a.stage} is placed on rank "
+                f"{schedule.placement.rank_of(a.stage)}, not on rank {rank}")
+        )
 
 
 def _at(schedule: Schedule, rank: int, index: int, reason: str) -> str:
@@ -225,7 +264,7 @@ def execute(
                 ready = 0.0
                 for d in deps:
                     t, producer = done[d]
-                    crosses = producer != rank and d[0] in (Kind.SEND_F, Kind.SEND_B, Kind.F, Kind.B)
+                    crosses = producer != rank and d[0] in _CROSSING
                     ready = max(ready, t + (latency(a) if crosses else 0.0))
                 if a.kind in (Kind.RECV_F, Kind.RECV_B):
                     # A receive spans the wait, from the moment the rank asks until the data
@@ -235,7 +274,8 @@ def execute(
                     start = max(free[rank], ready)
                     end = start + duration(rank, a)
                 free[rank] = end
-                done[(a.kind, a.stage, a.microbatch)] = (end, rank)
+                for event in _events(a):
+                    done[event] = (end, rank)
                 timeline[rank].append(TimedAction(rank, a, start, end, ready))
                 pos[rank] += 1
                 remaining -= 1
@@ -270,27 +310,30 @@ class ScheduleStats:
     """Idle share of all ranks over the whole step: 1 - busy / (ranks * makespan)."""
     makespan: float
     peak_activations: dict[int, int]
-    """Per rank: most microbatch-stages forwarded but not yet backwarded (B) at once."""
+    """Per rank: most microbatch-stages held at once (F done, B or W not yet)."""
     steady_bubble_fraction: float = float("nan")
     """Idle share inside each rank's own first-to-last-action span (see
     :meth:`Execution.steady_bubble_fraction`); ``validate`` always fills it, nan otherwise."""
 
 
 def peak_activations(schedule: Schedule) -> dict[int, int]:
-    """Per rank, the most (stage, microbatch) activations stashed at once (F done, B not).
+    """Per rank, the most (stage, microbatch) activations held at once, in stage units.
 
-    A forward-only schedule stashes nothing for a backward, so its peaks are all 0.
+    The one definition Conveyor uses everywhere (validator, simulator, runtime meter):
+    a forward's activations are held from its F until its backward is complete, i.e.
+    until its B, or until its W when split (an I frees part of them, but the W still
+    needs the layer inputs). A forward-only schedule holds nothing for a backward.
     """
     if schedule.forward_only:
         return {rank: 0 for rank in schedule.actions}
     peaks = {}
-    for rank, acts in schedule.actions.items():
+    for rank in schedule.actions:
         live = peak = 0
-        for a in acts:
+        for a in schedule.parts(rank):
             if a.kind is Kind.F:
                 live += 1
                 peak = max(peak, live)
-            elif a.kind is Kind.B:
+            elif a.kind in (Kind.B, Kind.W):
                 live -= 1
         peaks[rank] = peak
     return peaks
@@ -304,8 +347,9 @@ def validate(
 ) -> ScheduleStats:
     """Check a schedule can run; return its bubble and peak activations under given unit costs."""
     check_coverage(schedule)
-    cost = {Kind.F: f_cost, Kind.B: b_cost, Kind.W: w_cost}
-    run = execute(schedule, lambda rank, a: cost.get(a.kind, 0.0))
+    # unit costs by default: every compute action (B, I or W alike) takes one tick
+    cost = {Kind.F: f_cost, Kind.B: b_cost, Kind.I: b_cost, Kind.W: w_cost}
+    run = execute(schedule, lambda rank, a: sum(cost.get(p.kind, 0.0) for p in a.parts))
     return ScheduleStats(
         run.bubble_fraction(),
         run.makespan,
