@@ -16,6 +16,7 @@ from conveyor.models import Transformer
 from conveyor.parallel.mesh import Mesh
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
+from conveyor.schedules import Action, Placement, Schedule
 
 STEPS = 3
 BATCH = 8
@@ -38,6 +39,8 @@ class Case:
     flavour: str = "gpt2"
     virtual_stages: int | None = None
     dp: int = 1
+    custom: tuple[tuple[str, ...], ...] | None = None
+    """A hand-written schedule: each rank's actions as text (``schedule`` names it)."""
     nccl: bool = False
     """Run point-to-point traffic under NCCL's rules (``NcclSemantics``) and check the
     step-0 forward-only evaluation too."""
@@ -52,10 +55,19 @@ class Case:
     @property
     def parallel(self) -> ParallelConfig:
         """The parallel config of this case."""
-        return ParallelConfig(
-            pp=self.pp, dp=self.dp, schedule=self.schedule, microbatches=self.microbatches,
+        return ParallelConfig(  # a custom schedule replaces the config's (any valid name)
+            pp=self.pp, dp=self.dp, schedule="1f1b" if self.custom else self.schedule,
+            microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
         )
+
+    def built_schedule(self) -> Schedule | None:
+        """The hand-written schedule of this case (None: the config's own schedule)."""
+        if self.custom is None:
+            return None
+        place = Placement.looped(self.pp)
+        acts = {r: [Action.parse(t) for t in row] for r, row in enumerate(self.custom)}
+        return Schedule.build(self.schedule, self.microbatches, place, acts)
 
     def __str__(self) -> str:
         flags = [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
@@ -122,7 +134,7 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
         if key not in meshes:
             meshes[key] = Mesh.build(case.pp, case.dp)
         pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60,
-                        emulate_nccl=case.nccl)
+                        emulate_nccl=case.nccl, schedule=case.built_schedule())
         opt = make_optimizer(pipe.parameters())
         data = batches(case.batch)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")

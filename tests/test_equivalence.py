@@ -26,6 +26,13 @@ SPLIT_AND_VIRTUAL = ["interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
 FLAVOURS = ["gpt2", "llama"]
 
 
+# B and I/W mixed in one schedule, and an overlapped F/B pair, at pp=2 with m=4
+MIXED = (
+    ("0F0", "0F1", "0I0", "0F2", "0B1", "0F3", "0I2", "0W0", "0B3", "0W2"),
+    ("1F0", "1B0", "1F1", "(1F2;1I1)OVERLAP_F_B", "1B2", "1W1", "1F3", "1I3", "1W3"),
+)
+
+
 def _nccl_cases(pp: int) -> list[Case]:
     """Every schedule x microbatch count at ``pp`` under NCCL semantics; options rotate."""
     cases = []
@@ -40,13 +47,17 @@ def _cases(pp: int) -> list[Case]:
     if pp == 3:
         return _nccl_cases(3)
     cases = [] if pp == 1 else _nccl_cases(pp)
+    if pp == 2:
+        cases += [Case("mixed", 2, 4, custom=MIXED, tied=True),
+                  Case("mixed", 2, 4, custom=MIXED, flavour="llama", recompute=True, nccl=True)]
     if pp > 1:
         for sched, m, flavour in itertools.product(SPLIT_AND_VIRTUAL, (1, 4, 8), FLAVOURS):
             cases.append(Case(sched, pp, m, recompute=m == 4, tied=m == 8, flavour=flavour))
         cases.append(Case("interleaved-1f1b", pp, 4, virtual_stages=2 if pp == 4 else 3))
     if pp == 4:  # the same 4 ranks as 2 stages x 2 data-parallel replicas
         cases += [Case("1f1b", 2, 2, dp=2), Case("zb-v", 2, 4, dp=2, tied=True, flavour="llama")]
-        cases += [Case("1f1b", 2, 4, dp=2, nccl=True),
+        cases += [Case("mixed", 2, 4, custom=MIXED, dp=2, nccl=True),
+                  Case("1f1b", 2, 4, dp=2, nccl=True),
                   Case("zb-v", 2, 2, dp=2, tied=True, flavour="llama", nccl=True)]
     for sched, m, flavour in itertools.product(SCHEDULES, (1, 2, 4, 8), FLAVOURS):
         # recompute and tying vary together with the microbatch count so that every

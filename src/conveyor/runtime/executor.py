@@ -12,6 +12,7 @@ failing action marked, after clearing every trace of the step from the stages.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -23,12 +24,23 @@ from ..schedules.validate import TimedAction
 from .comm import P2P, CommTimeout, Posted
 from .stage import StageRunner
 
-__all__ = ["Executor", "PipelineError", "StepInputs"]
+__all__ = ["Executor", "OverlapHook", "PipelineError", "StepInputs", "run_in_order"]
 
 log = get_logger(__name__)
 
 _SENDS = (Kind.SEND_F, Kind.SEND_B)
 _RECVS = (Kind.RECV_F, Kind.RECV_B)
+
+
+OverlapHook = Callable[[Action, Callable[[], None], Action, Callable[[], None]], None]
+"""Runs an overlapped pair, given each half's action and a thunk that computes it."""
+
+
+def run_in_order(f: Action, run_f: Callable[[], None], b: Action, run_b: Callable[[], None]) -> None:
+    """The default overlap: the forward, then the backward."""
+    del f, b
+    run_f()
+    run_b()
 
 
 class PipelineError(RuntimeError):
@@ -77,6 +89,9 @@ class Executor:
         self.meter = meter or ActivationMeter()
         self.last_stage = schedule.num_stages - 1
         self.record = False  # when True, run() keeps the last step's timeline
+        # how an OVERLAP_F_B pair runs: (forward, run_forward, backward, run_backward);
+        # one after the other unless a custom overlap (e.g. two CUDA streams) is set
+        self.overlap: OverlapHook = run_in_order
         self.timeline: list[TimedAction] = []
         self._t0 = 0.0
         self._index = {a: i for i, a in enumerate(self.actions)}
@@ -203,6 +218,15 @@ class Executor:
 
     def _compute(self, a: Action, state: _StepState, data: StepInputs) -> None:
         t0 = time.perf_counter()
+        if a.kind is Kind.OVERLAP_F_B:
+            f, b = a.sub
+            self.overlap(f, lambda: self._run_one(f, state, data),
+                         b, lambda: self._run_one(b, state, data))
+        else:
+            self._run_one(a, state, data)
+        self._note(a, t0, time.perf_counter())
+
+    def _run_one(self, a: Action, state: _StepState, data: StepInputs) -> None:
         stage = self.stages[a.stage]
         if a.kind is Kind.F:
             targets = data.targets[a.microbatch] if a.stage == self.last_stage else None
@@ -210,15 +234,15 @@ class Executor:
             if a.stage < self.last_stage:
                 self._hand_over(Action(a.stage, Kind.SEND_F, a.microbatch),
                                 Action(a.stage + 1, Kind.RECV_F, a.microbatch), out, state)
-        elif a.kind is Kind.B:
-            grad_in = stage.backward(a.microbatch, self._output_grad(a, state))
+        elif a.kind.is_backward:
+            grad_in = stage.backward(a.microbatch, self._output_grad(a, state),
+                                     defer_weights=a.kind is Kind.I)
             if a.stage > 0:
                 assert grad_in is not None
                 self._hand_over(Action(a.stage, Kind.SEND_B, a.microbatch),
                                 Action(a.stage - 1, Kind.RECV_B, a.microbatch), grad_in, state)
         else:
             stage.weight(a.microbatch)
-        self._note(a, t0, time.perf_counter())
 
     def _hand_over(
         self, send: Action, recv: Action, tensors: dict[str, Tensor], state: _StepState

@@ -79,7 +79,8 @@ class Pipeline:
         placement = self.schedule.placement
         self.partition = make_partition(model, par, self.schedule.num_stages)
         my_stages = placement.stages_of(mesh.pp_rank)
-        split = self.schedule.split_backward
+        # only stages with an I defer weight-grads (and pay for the deferring linears)
+        split = {p.stage for p in self.schedule.parts() if p.kind is Kind.I}
         self.stages: dict[int, StageRunner] = {}
         self.meter = ActivationMeter()
         for s in my_stages:
@@ -88,7 +89,7 @@ class Pipeline:
             self.stages[s] = StageRunner(
                 s, dict(zip(idx, blocks, strict=True)),
                 num_microbatches=self.num_microbatches, recompute=par.recompute,
-                split_backward=split, autocast_dtype=autocast_dtype, meter=self.meter,
+                split_backward=s in split, autocast_dtype=autocast_dtype, meter=self.meter,
             )
         self.tied_group: dist.ProcessGroup | None = None
         self._tied_param: nn.Parameter | None = None
@@ -103,7 +104,7 @@ class Pipeline:
         # valid by construction (forwards depend only on forwards) on any placement.
         fwd = Schedule.build(
             "forward-only", self.num_microbatches, placement,
-            {r: [a for a in acts if a.kind is Kind.F] for r, acts in self.schedule.actions.items()},
+            {r: [p for p in self.schedule.parts(r) if p.kind is Kind.F] for r in self.schedule.actions},
         )
         self.eval_executor = Executor(
             lower(fwd), mesh.pp_rank, self.stages, self.p2p, train=False, meter=self.meter

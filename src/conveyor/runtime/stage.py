@@ -111,16 +111,25 @@ class StageRunner:
             self.meter.add(self._saved[mb])
         return {"loss" if self.is_last else "hidden": out.detach()}
 
-    def backward(self, mb: int, grads: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-        """Backward of microbatch ``mb`` given its outputs' grads; returns its inputs' grads."""
+    def backward(
+        self, mb: int, grads: dict[str, Tensor] | None, *, defer_weights: bool = False
+    ) -> dict[str, Tensor] | None:
+        """Backward of microbatch ``mb`` given its outputs' grads; returns its inputs' grads.
+
+        A full backward (B) computes the weight-grads too; with ``defer_weights`` (I) the
+        linear layers file theirs for :meth:`weight` (W), and the activations they need
+        stay counted until then.
+        """
         x, out = self._stash.pop(mb)
         grad = None if self.is_last or grads is None else grads["hidden"]
-        if self.weight_store is None:
-            self.meter.release(self._saved.pop(mb))
-        if self.weight_store is not None:
+        if defer_weights:
+            if self.weight_store is None:
+                raise RuntimeError(f"stage {self.stage} runs an I action but was built without "
+                                   "split backward; build it with split_backward=True")
             with self.weight_store.collect(mb):
                 torch.autograd.backward(out, grad)
         else:
+            self.meter.release(self._saved.pop(mb))
             torch.autograd.backward(out, grad)
         if x is None:
             return None
@@ -137,7 +146,9 @@ class StageRunner:
 
     def weight(self, mb: int) -> None:
         """Weight-grad of microbatch ``mb`` (work deferred by its B)."""
-        assert self.weight_store is not None, "W action on a stage without split backward"
+        if self.weight_store is None:
+            raise RuntimeError(f"stage {self.stage} runs a W action but was built without "
+                               "split backward; build it with split_backward=True")
         self.weight_store.flush(mb)
         # what B freed and what W frees are not told apart: count the whole at W, as
         # the simulator does
