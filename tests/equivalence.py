@@ -98,9 +98,10 @@ def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.5, momentum=0.9)
 
 
-Result = tuple[list[float], dict[str, torch.Tensor], float]
-"""Training losses, final parameters, and the forward-only loss of batch 0 before training
-(NaN where a case does not evaluate)."""
+Result = tuple[list[float], dict[str, torch.Tensor], float, tuple[int, int]]
+"""Training losses, final parameters, the forward-only loss of batch 0 before training
+(NaN where a case does not evaluate), and the rank's peak held activations in
+stage-microbatches as (measured by the runtime meter, predicted by the validator)."""
 
 
 def reference(case: Case) -> Result:
@@ -123,7 +124,7 @@ def reference(case: Case) -> Result:
         k: clones.setdefault(v.untyped_storage().data_ptr(), v.detach().clone())
         for k, v in model.state_dict().items()
     }
-    return losses, params, eval_loss
+    return losses, params, eval_loss, (0, 0)
 
 
 def _run_cases(cases: list[Case]) -> dict[str, Result]:
@@ -144,7 +145,8 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
             losses.append(pipe.train_step(x, y))
             opt.step()
         params = {k: v.detach().clone() for k, v in pipe.named_parameters()}
-        out[str(case)] = (losses, params, eval_loss)
+        peaks = (pipe.meter.peak_units, pipe.stats.peak_activations[pipe.mesh.pp_rank])
+        out[str(case)] = (losses, params, eval_loss, peaks)
     return out
 
 
@@ -162,8 +164,12 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_equivalent(case: Case, got: dict[int, Result], ref: Result) -> None:
     """Every rank's losses equal the reference's; together they hold every parameter."""
-    ref_losses, ref_params, ref_eval = ref
-    for rank, (losses, _, eval_loss) in got.items():
+    ref_losses, ref_params, ref_eval, _ = ref
+    for rank, (losses, _, eval_loss, (measured, predicted)) in got.items():
+        assert measured == predicted, (
+            f"{case}: rank {rank} held {measured} stage-microbatches at most, the validator "
+            f"predicts {predicted}"
+        )
         if not math.isnan(eval_loss):
             assert abs(eval_loss - ref_eval) <= LOSS_RTOL * abs(ref_eval), (
                 f"{case}: rank {rank} step-0 eval loss {eval_loss!r} != reference {ref_eval!r}"
@@ -173,7 +179,7 @@ def assert_equivalent(case: Case, got: dict[int, Result], ref: Result) -> None:
                 f"{case}: rank {rank} step {step} loss {a!r} != reference {b!r}"
             )
     seen: set[str] = set()
-    for rank, (_, params, _) in got.items():
+    for rank, (_, params, *_) in got.items():
         for name, value in params.items():
             assert name in ref_params, f"{case}: rank {rank} has unknown parameter {name}"
             d = rel_diff(value, ref_params[name])

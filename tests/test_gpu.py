@@ -53,7 +53,8 @@ def _run(cases: list[Case], dtype: torch.dtype | None = None) -> dict:
             losses.append(pipe.train_step(x, y))
             opt.step()
         params = {k: v.detach().cpu() for k, v in pipe.named_parameters()}
-        out[str(case)] = (losses, params, eval_loss)
+        peaks = (pipe.meter.peak_units, pipe.stats.peak_activations[pipe.mesh.pp_rank])
+        out[str(case)] = (losses, params, eval_loss, peaks)
     return out
 
 

@@ -58,6 +58,8 @@ class ActivationMeter:
 
     Bytes are counted by kind (``stash``: what forwards saved for backward; ``send``:
     boundary tensors posted and not yet delivered) and in total, each with its peak.
+    Stashes are also counted in stage-microbatch units, the unit of
+    ``schedules.validate.peak_activations``, so the two can be compared directly.
     """
 
     def __init__(self) -> None:
@@ -65,6 +67,8 @@ class ActivationMeter:
         self.peak = 0
         self.live_by: dict[str, int] = {}
         self.peak_by: dict[str, int] = {}
+        self.units = 0
+        self.peak_units = 0
 
     def add(self, nbytes: int, kind: str = "stash") -> None:
         """``nbytes`` of ``kind`` became alive (a forward stashed them, a send was posted)."""
@@ -72,13 +76,18 @@ class ActivationMeter:
         self.peak = max(self.peak, self.live)
         live = self.live_by[kind] = self.live_by.get(kind, 0) + nbytes
         self.peak_by[kind] = max(self.peak_by.get(kind, 0), live)
+        if kind == "stash":
+            self.units += 1
+            self.peak_units = max(self.peak_units, self.units)
 
     def release(self, nbytes: int, kind: str = "stash") -> None:
         """``nbytes`` of ``kind`` went (a backward or weight-grad ran, a send completed)."""
         self.live -= nbytes
         self.live_by[kind] = self.live_by.get(kind, 0) - nbytes
+        if kind == "stash":
+            self.units -= 1
 
     def reset(self) -> None:
         """Nothing is alive any more (a failed step was cleared); the peaks stay."""
-        self.live = 0
+        self.live = self.units = 0
         self.live_by = dict.fromkeys(self.live_by, 0)
