@@ -364,7 +364,8 @@ class TorchRunner(_Runner):
         return self.meter.peak
 
 
-_TORCH_KIND = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "B", "BACKWARD_WEIGHT": "W"}
+# torch and Conveyor share letters: I is the input-grad of a split backward, B a full one
+_TORCH_KIND = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
 
 
 def _same_order(torch_schedule: Any, ours: Any, rank: int) -> bool | None:

@@ -23,8 +23,13 @@ def test_schedule_file_round_trip_and_bad_file(tmp_path: Path, capsys: pytest.Ca
     assert main(["schedule", "show", "--schedule", "zb-h1", "--pp", "2", "--microbatches", "4",
                  "--csv", str(csv)]) == 0
     capsys.readouterr()
+    assert csv.read_text().splitlines()[1] == "0,F0,F1,I0,W0,F2,I1,W1,F3,I2,W2,I3,W3"
     assert main(["schedule", "show", "--schedule-file", str(csv)]) == 0
-    assert "schedule 'zb-h1'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "schedule 'zb-h1'" in out and "I = input grad, W = weight grad" in out
+    assert "rank 1: .  F0 I0 F1 I1 W0 F2 I2 W1 F3 I3 W2 W3" in out
+    # held until the W: rank 1 runs each W a step late, so it holds 2, as rank 0 does
+    assert "(F done, B or W not yet): rank 0: 2, rank 1: 2" in out
     bad = tmp_path / "bad.csv"
     bad.write_text("0,F0,B0\n1,F0,X0\n")
     assert main(["schedule", "show", "--schedule-file", str(bad)]) == 2

@@ -16,10 +16,11 @@ from conveyor.schedules import (
     execute,
     gpipe,
     lower,
-    overlap,
     one_f_one_b,
+    overlap,
     validate,
 )
+from conveyor.schedules.validate import activation_events, peak_activations
 
 SIZES = [(p, m) for p in (1, 2, 3, 4, 5, 8) for m in (1, 2, 3, 4, 7, 8, 16)]
 
@@ -117,6 +118,32 @@ def test_bubble_closed_form_and_order(name: str, p: int, m: int) -> None:
 def test_peak_activations(p: int, m: int) -> None:
     assert validate(gpipe(p, m)).peak_activations == {r: m for r in range(p)}
     assert validate(one_f_one_b(p, m)).peak_activations == {r: min(p - r, m) for r in range(p)}
+
+
+def test_peak_activations_held_until_b_or_w() -> None:
+    # rank 0 mixes a split backward (0I0 .. 0W0) with a full one (0B1): 0I0 frees nothing,
+    # so 0F1 makes two held at once and only 0B1 and 0W0 release them
+    s = _custom({0: ["0F0", "0I0", "0F1", "0B1", "0W0"], 1: ["1F0", "1B0", "1F1", "1I1", "1W1"]}, m=2)
+    assert validate(s).peak_activations == {0: 2, 1: 1}
+    assert activation_events(s, 0) == [
+        (Action.parse("0F0"), 1), (Action.parse("0F1"), 1), (Action.parse("0B1"), -1),
+        (Action.parse("0W0"), -1),
+    ]
+    # weighted by stage: the same walk in other units (the simulator's bytes)
+    assert peak_activations(s, lambda stage: 10 * (stage + 1)) == {0: 20, 1: 20}
+
+
+def test_overlapped_pair_holds_its_forward_before_its_backward_frees() -> None:
+    s = _custom({0: ["0F0", "0F1", "0B0", "0B1"], 1: ["1F0", "(1F1;1B0)OVERLAP_F_B", "1B1"]}, m=2)
+    stats = validate(s)
+    assert stats.peak_activations == {0: 2, 1: 2}  # 1F1's activations exist before 1B0 frees
+    # unit costs per part: the pair spans ticks 2..4 (F + B), and 0B0 waits for it to end
+    assert stats.makespan == 6
+    low = lower(s)
+    assert [str(a) for a in low.actions[1]] == [
+        "1RECV_F0", "1F0", "1RECV_F1", "(1F1;1B0)OVERLAP_F_B", "1SEND_B0", "1B1", "1SEND_B1",
+    ]
+    assert validate(low).makespan == stats.makespan
 
 
 def test_1f1b_lowered_pairs_in_same_order_on_both_sides() -> None:

@@ -22,11 +22,16 @@ CASES = [(name, v) for name, chunks in SCHEDULE_CHUNKS.items() for v in ((chunks
 
 
 def _check_order(s: Schedule) -> None:
-    """On its rank, every F comes before its B, and every B before its W."""
-    for acts in s.actions.values():
-        index = {(a.kind, a.stage, a.microbatch): i for i, a in enumerate(acts)}
+    """On its rank, every F comes before its B or I, and every I before its W."""
+    for rank in s.actions:
+        # position of each single action; the two halves of an overlapped pair share one step
+        index = {
+            (p.kind, p.stage, p.microbatch): (i, j)
+            for i, a in enumerate(s.actions[rank])
+            for j, p in enumerate(a.parts)
+        }
         for (kind, stage, mb), i in index.items():
-            before = {Kind.B: Kind.F, Kind.W: Kind.B}.get(kind)
+            before = {Kind.B: Kind.F, Kind.I: Kind.F, Kind.W: Kind.I}.get(kind)
             if before is not None:
                 assert index[(before, stage, mb)] < i, f"{kind.value}{mb} of stage {stage} too early"
 
@@ -112,14 +117,18 @@ def test_describe_shows_tables_and_figures() -> None:
     text = describe(build_schedule("zb-h1", 3, 4))
     assert text.splitlines()[0] == (
         "schedule 'zb-h1': 3 ranks, 3 stages (looped placement), 4 microbatches; "
-        "B = input grad, W = weight grad"
+        "I = input grad, W = weight grad"
     )
-    assert "rank 0: 0F0 0F1 0F2 0B0 0W0 0F3 0B1 0W1 0B2 0W2 0B3 0W3" in text
-    assert "rank 2: .  .  F0 B0 F1 B1 F2 B2 W0 F3 B3 W1 W2 W3" in text
+    assert "rank 0: 0F0 0F1 0F2 0I0 0W0 0F3 0I1 0W1 0I2 0W2 0I3 0W3" in text
+    assert "rank 2: .  .  F0 I0 F1 I1 F2 I2 W0 F3 I3 W1 W2 W3" in text
     assert "makespan: 14" in text
     assert "bubble fraction: 0.1429 " in text  # (p-1)/(3m+p-1) = 2/14
-    assert "peak stashed activations (F done, B not yet): rank 0: 3, rank 1: 2, rank 2: 1" in text
+    # held until the W, which rank r runs r steps after its I: min(p, m) = 3 on every rank
+    assert (
+        "peak activations, in stage-microbatches held (F done, B or W not yet): "
+        "rank 0: 3, rank 1: 3, rank 2: 3"
+    ) in text
     fwd = describe(build_schedule("forward-only", 2, 2))
-    assert "forward only (no B, no W)" in fwd and "rank 0: 0, rank 1: 0" in fwd
+    assert "forward only (no backward)" in fwd and "rank 0: 0, rank 1: 0" in fwd
     assert "(vshape placement)" in describe(build_schedule("zb-v", 2, 4, 2))
     assert "B = full backward" in describe(build_schedule("gpipe", 2, 2))

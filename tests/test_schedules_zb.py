@@ -27,27 +27,27 @@ MICROBATCHES = range(1, 21)
 
 def test_zb_h1_literal_table() -> None:
     assert execute(zb_h1(3, 4)).clock_table().splitlines() == [
-        "rank 0: F0 F1 F2 .  .  B0 W0 F3 B1 W1 B2 W2 B3 W3",
-        "rank 1: .  F0 F1 .  B0 F2 B1 W0 F3 B2 W1 B3 W2 W3",
-        "rank 2: .  .  F0 B0 F1 B1 F2 B2 W0 F3 B3 W1 W2 W3",
+        "rank 0: F0 F1 F2 .  .  I0 W0 F3 I1 W1 I2 W2 I3 W3",
+        "rank 1: .  F0 F1 .  I0 F2 I1 W0 F3 I2 W1 I3 W2 W3",
+        "rank 2: .  .  F0 I0 F1 I1 F2 I2 W0 F3 I3 W1 W2 W3",
     ]
 
 
 def test_zb_h2_literal_table() -> None:
     assert execute(zb_h2(3, 5)).clock_table().splitlines() == [
-        "rank 0: F0 F1 F2 F3 F4 B0 W0 B1 W1 B2 W2 B3 W3 B4 W4 .  .",
-        "rank 1: .  F0 F1 F2 B0 F3 B1 F4 B2 W0 B3 W1 B4 W2 W3 W4 .",
-        "rank 2: .  .  F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 W0 W1 W2 W3 W4",
+        "rank 0: F0 F1 F2 F3 F4 I0 W0 I1 W1 I2 W2 I3 W3 I4 W4 .  .",
+        "rank 1: .  F0 F1 F2 I0 F3 I1 F4 I2 W0 I3 W1 I4 W2 W3 W4 .",
+        "rank 2: .  .  F0 I0 F1 I1 F2 I2 F3 I3 F4 I4 W0 W1 W2 W3 W4",
     ]
 
 
 def test_zb_v_literal_table() -> None:
     # rank 0 holds stages 0 and 3, rank 1 holds 1 and 2
     assert execute(zb_v(2, 4)).clock_table().splitlines() == [
-        "rank 0: 0F0 0F1 0F2 3F0 3B0 3W0 3F1 3B1 3W1 0F3 0B0 0W0 3F2 3B2 3W2 0B1 0W1 3F3 3B3 3W3 "
-        "0B2 0W2 0B3 0W3 .",
-        "rank 1: .   1F0 2F0 1F1 2F1 2B0 2W0 1F2 1B0 1W0 2F2 2B1 2W1 1F3 1B1 1W1 2F3 2B2 2W2 1B2 "
-        "2B3 1B3 1W2 2W3 1W3",
+        "rank 0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 3I3 3W3 "
+        "0I2 0W2 0I3 0W3 .",
+        "rank 1: .   1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 "
+        "2I3 1I3 1W2 2W3 1W3",
     ]
 
 
@@ -64,14 +64,18 @@ def test_zb_h1_closed_form_and_memory(p: int) -> None:
     for m in MICROBATCHES:
         stats = validate(zb_h1(p, m))
         # optimal for single-stage ranks: rank p-1 starts at p-1 with 3m units of work, and
-        # the last B on rank p-1 still has p-1 Bs and a W after it
+        # the last I on rank p-1 still has p-1 Is and a W after it
         assert stats.makespan == max(3 * m + p - 1, 2 * m + 2 * p - 1), f"p={p} m={m}"
         if m >= p:
             assert stats.bubble_fraction == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
-            # the only idle time inside a rank's span is rank r's p-1-r wait for its first B
+            # the only idle time inside a rank's span is rank r's p-1-r wait for its first I
             idle = p * (p - 1) / 2
             assert stats.steady_bubble_fraction == pytest.approx(idle / (3 * m * p + idle), abs=1e-12)
-        assert stats.peak_activations == validate(one_f_one_b(p, m)).peak_activations
+        # held until its W, r steps after its I: r more than 1F1B's min(p - r, m) on rank r
+        assert stats.peak_activations == {r: min(p, m) for r in range(p)}, f"p={p} m={m}"
+        one_f_one_b_peaks = validate(one_f_one_b(p, m)).peak_activations
+        assert stats.peak_activations[0] == one_f_one_b_peaks[0]  # rank 0 defers no W
+        assert all(stats.peak_activations[r] >= one_f_one_b_peaks[r] for r in range(p))
 
 
 @pytest.mark.parametrize("p", RANKS)
@@ -82,10 +86,14 @@ def test_zb_h2_closed_form_and_memory(p: int) -> None:
         if m >= p:
             assert stats.bubble_fraction == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
         assert (stats.steady_bubble_fraction == 0) == (m >= 2 * p - 1 or p == 1)
-        extra = min(p - 1, max(0, m - p))
+        # warm-up w_r = p-1-r + min(p-1-r, x) forwards, Ws lag_r = r + min(r, x) steps late:
+        # held until the W, the peak is w_r + lag_r + 1, i.e. 2p - 1 on every rank for large m
+        x = min(p - 1, max(0, m - p))
         assert stats.peak_activations == {
-            r: min(m, p - r + min(p - 1 - r, extra)) for r in range(p)
-        }
+            r: min(m, p + min(p - 1 - r, x) + min(r, x)) for r in range(p)
+        }, f"p={p} m={m}"
+        if m >= 2 * p - 1:
+            assert set(stats.peak_activations.values()) == {2 * p - 1}
         if m <= p:
             assert zb_h2(p, m).actions == zb_h1(p, m).actions
 
@@ -100,6 +108,12 @@ def test_zb_v_closed_form_and_memory(p: int) -> None:
         if 2 * m >= 3 * p - 1:
             assert stats.bubble_fraction == pytest.approx((p - 1) / (6 * m + p - 1), abs=1e-12)
         assert (stats.steady_bubble_fraction == 0) == (m >= 2 * p - 1 or p == 1)
+        # nothing is released before the first chunk-1 W, which follows 2p-1-r chunk-0 and
+        # r+1 chunk-1 forwards (at most m of each); each later F has a W before the next F
+        assert stats.peak_activations == {
+            r: min(2 * p - 1 - r, m) + min(r + 1, m) for r in range(p)
+        }, f"p={p} m={m}"
+        assert stats.peak_activations == {r: min(2 * p, 2 * m, m + 1 + r) for r in range(p)}
         # half-size chunks: never more than 1F1B's rank-0 peak, min(p, m) full stages
         assert all(k <= 2 * min(p, m) for k in stats.peak_activations.values())
         if m >= 2 * p - 1:
@@ -128,9 +142,11 @@ def _custom(rows: dict[int, list[str]], m: int, p: int = 2) -> Schedule:
     "rows,reason",
     [
         ({0: ["0F0", "0F1"], 1: ["1F0"]}, "never runs 1F1"),
-        ({0: ["0F0", "0B0"], 1: ["1F0"]}, "never runs 1B0"),  # some B: every B is needed
-        ({0: ["0F0", "0W0"], 1: ["1F0", "1W0"]}, "never runs 0B0"),  # W needs its B
-        ({0: ["0F0", "0B0", "0W0"], 1: ["1F0", "1B0"]}, "never runs 1W0"),
+        ({0: ["0F0", "0B0"], 1: ["1F0"]}, "never runs 1B0"),  # some B: every backward is needed
+        ({0: ["0F0", "0I0"], 1: ["1F0", "1B0"]}, "runs 0I0 without 0W0"),  # an I needs its W
+        ({0: ["0F0", "0W0"], 1: ["1F0", "1B0"]}, "runs 0W0 without 0I0"),  # a W needs its I
+        ({0: ["0F0", "0B0", "0W0"], 1: ["1F0", "1B0"]}, r"runs both 0B0 and a split backward"),
+        ({0: ["0F0", "0B0", "0I0"], 1: ["1F0", "1B0"]}, "runs both 0B0"),
     ],
 )
 def test_coverage_of_forward_only_and_split_schedules(rows: dict[int, list[str]], reason: str) -> None:

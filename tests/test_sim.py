@@ -11,8 +11,20 @@ import pytest
 from conveyor.config import ModelConfig
 from conveyor.models import block_param_counts
 from conveyor.parallel.partition import uniform
-from conveyor.schedules import Kind, Placement, Schedule, gpipe, one_f_one_b, validate
-from conveyor.schedules.ir import Action, B, F, W
+from conveyor.schedules import (
+    SCHEDULE_CHUNKS,
+    Kind,
+    Placement,
+    Schedule,
+    build_schedule,
+    forward_only,
+    gpipe,
+    one_f_one_b,
+    overlap,
+    validate,
+    zb_h1,
+)
+from conveyor.schedules.ir import Action, B, F, I, W
 from conveyor.schedules.validate import TimedAction
 from conveyor.sim import (
     CostError,
@@ -32,19 +44,32 @@ TINY = ModelConfig(vocab_size=128, n_layers=2, d_model=64, n_heads=2, max_seq_le
 
 
 def _split_1f1b(p: int, m: int, defer_w: bool) -> Schedule:
-    """1F1B with split backward: each W right after its B, or all W at the end."""
+    """1F1B with split backward: each B becomes an I, its W right after it or all W at the end."""
     base = one_f_one_b(p, m)
     actions: dict[int, list[Action]] = {}
     for r, acts in base.actions.items():
         row: list[Action] = []
         for a in acts:
-            row.append(a)
-            if a.kind is Kind.B and not defer_w:
+            if a.kind is not Kind.B:
+                row.append(a)
+                continue
+            row.append(I(a.stage, a.microbatch))
+            if not defer_w:
                 row.append(W(a.stage, a.microbatch))
         if defer_w:
             row += [W(r, i) for i in range(m)]
         actions[r] = row
     return Schedule.build("1f1b-split", m, base.placement, actions)
+
+
+@pytest.mark.parametrize("p,m", SIZES)
+@pytest.mark.parametrize("name", ["zb-h1", "zb-h2", "zb-v"])
+def test_unit_costs_reproduce_validator_split(name: str, p: int, m: int) -> None:
+    sched = build_schedule(name, p, m, SCHEDULE_CHUNKS[name])
+    stats = validate(sched)  # F = I = W = 1
+    result = simulate(sched, CostModel.uniform(sched.num_stages, w=1.0))
+    assert result.step_time == pytest.approx(stats.makespan)
+    assert result.bubble_fraction == pytest.approx(stats.bubble_fraction)
 
 
 @pytest.mark.parametrize("p,m", SIZES)
@@ -84,6 +109,51 @@ def test_unsplit_backward_costs_b_plus_w() -> None:
     assert any(t.action.kind is Kind.W for t in split.timeline[0])
 
 
+def _durations(sim, rank: int) -> dict[str, float]:
+    return {str(t.action): t.end - t.start for t in sim.timeline[rank] if t.action.kind.is_compute}
+
+
+def test_each_kind_costs_its_own_work() -> None:
+    # B is a full backward (full_b when measured), I the input-grad, W the weight-grad;
+    # one schedule may mix them: stage 0 splits microbatch 0 and runs microbatch 1 whole
+    base = CostModel.uniform(2, f=1.0, b=2.0, w=0.5).to_dict()
+    cost = CostModel.from_dict({**base, "full_b": [3.0, 4.0]})
+    mixed = Schedule.build("mixed", 2, Placement.looped(2), {
+        0: [F(0, 0), F(0, 1), I(0, 0), B(0, 1), W(0, 0)],
+        1: [F(1, 0), B(1, 0), F(1, 1), I(1, 1), W(1, 1)],
+    })
+    sim = simulate(mixed, cost)
+    assert _durations(sim, 0) == {"0F0": 1.0, "0F1": 1.0, "0I0": 2.0, "0B1": 3.0, "0W0": 0.5}
+    assert _durations(sim, 1) == {"1F0": 1.0, "1B0": 4.0, "1F1": 1.0, "1I1": 2.0, "1W1": 0.5}
+    assert cost.duration(1, Kind.B) == 4.0 and CostModel.uniform(1, b=2.0, w=0.5).duration(0, Kind.B) == 2.5
+    with pytest.raises(CostError, match="communication"):
+        cost.duration(0, Kind.SEND_F)
+
+
+def test_overlapped_pair_costs_both_parts() -> None:
+    acts = {
+        0: [F(0, 0), F(0, 1), B(0, 0), B(0, 1)],
+        1: [F(1, 0), overlap(F(1, 1), B(1, 0)), B(1, 1)],
+    }
+    sched = Schedule.build("pair", 2, Placement.looped(2), acts)
+    sim = simulate(sched, CostModel.uniform(2, f=1.0, b=2.0, w=0.5))
+    assert _durations(sim, 1)["(1F1;1B0)OVERLAP_F_B"] == pytest.approx(1.0 + 2.5)
+    # 1F1's activations exist before 1B0 frees its own: two held at the pair
+    assert sim.peak_activation_bytes == {0: 2, 1: 2}
+    # the pair waits for 0F1 and its SEND_B leaves after it: 0B0 starts when it ends
+    pair_end = next(t.end for t in sim.timeline[1] if t.action.kind is Kind.OVERLAP_F_B)
+    assert next(t.start for t in sim.timeline[0] if str(t.action) == "0B0") == pytest.approx(pair_end)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULE_CHUNKS))
+def test_memory_walk_is_the_validators_definition(name: str) -> None:
+    # the simulator weighs the validator's held stage-microbatches by activation bytes
+    sched = build_schedule(name, 3, 7, SCHEDULE_CHUNKS[name] or 2)
+    stats = validate(sched)
+    sim = simulate(sched, CostModel.uniform(sched.num_stages, activation_bytes=5))
+    assert sim.peak_activation_bytes == {r: 5 * k for r, k in stats.peak_activations.items()}
+
+
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8)])
 def test_analytic_1f1b_memory_at_most_gpipe(p: int, m: int) -> None:
     cfg = ModelConfig(n_layers=8)
@@ -104,6 +174,17 @@ def test_split_backward_frees_activations_at_w() -> None:
     deferred = simulate(_split_1f1b(2, 4, defer_w=True), cost)
     assert eager.peak_activation_bytes == {0: 2, 1: 1}
     assert deferred.peak_activation_bytes == {0: 4, 1: 4}  # nothing freed until the Ws
+    # ZB-H1 defers each W r steps: min(p, m) held on every rank, not 1F1B's min(p - r, m)
+    assert simulate(zb_h1(4, 8), cost_4 := CostModel.uniform(4, w=1.0)).peak_activation_bytes == {
+        r: 4 for r in range(4)
+    }
+    assert simulate(one_f_one_b(4, 8), cost_4).peak_activation_bytes == {0: 4, 1: 3, 2: 2, 3: 1}
+
+
+def test_forward_only_holds_no_activations() -> None:
+    # eval runs without autograd: nothing is kept for a backward (the validator's rule too)
+    sim = simulate(forward_only(2, 3), CostModel.uniform(2, activation_bytes=7))
+    assert sim.peak_activation_bytes == {0: 0, 1: 0}
 
 
 def test_analytic_scales_with_layers_and_seq() -> None:
@@ -203,6 +284,30 @@ def test_png_written(tmp_path: Path) -> None:
     ):
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_png_and_trace_draw_input_grads_and_pairs(tmp_path: Path) -> None:
+    from conveyor.sim.render import _COLOURS
+
+    assert len({_COLOURS[k] for k in ("F", "B", "I", "W")}) == 4
+    # torch's DualPipeV order for 2 ranks, 4 microbatches: F, B, I, W and overlapped pairs
+    rows = {
+        0: "0F0 0F1 0F2 3F0 3I0 3W0 3F1 (0F3;3B1)OVERLAP_F_B (3F2;0B0)OVERLAP_F_B 3B2 "
+           "(3F3;0B1)OVERLAP_F_B 3B3 0I2 0W2 0I3 0W3",
+        1: "1F0 2F0 1F1 2F1 1F2 2B0 (2F2;1B0)OVERLAP_F_B (1F3;2B1)OVERLAP_F_B "
+           "(2F3;1B1)OVERLAP_F_B 2B2 1B2 2I3 1I3 2W3 1W3",
+    }
+    acts = {r: [Action.parse(x) for x in row.split()] for r, row in rows.items()}
+    sched = Schedule.build("v-pairs", 4, Placement.vshape(2), acts)
+    validate(sched)
+    sim = simulate(sched, CostModel.uniform(4, w=0.5, latency_s=0.1))
+    data = render_gantt(sim.timeline, tmp_path / "pairs.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    events = chrome_trace({"sim": sim.timeline})["traceEvents"]
+    names = {e["name"] for e in events if e["ph"] == "X"}
+    assert {"I0 s3", "W0 s3", "B0 s2", "F3 s0+B1 s3", "F2 s2+B0 s1"} <= names
+    pair = next(e for e in events if e["name"] == "F3 s0+B1 s3")
+    assert pair["args"]["parts"] == ["0F3", "3B1"] and pair["args"]["kind"] == "OVERLAP_F_B"
 
 
 def test_table_has_a_row_per_rank() -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "validate",
     "ScheduleStats",
     "check_coverage",
+    "activation_events",
     "peak_activations",
     "DeadlockError",
 ]
@@ -292,7 +293,7 @@ def _deadlock(schedule: Schedule, pos: dict[int, int], done: dict[Key, object]) 
         if pos[rank] >= len(acts):
             continue
         a = acts[pos[rank]]
-        missing = [Action(s, k, m) for k, s, m in _deps(schedule, rank, a) if (k, s, m) not in done]
+        missing = [_producer(schedule, d) for d in _deps(schedule, rank, a) if d not in done]
         lines.append(
             f"  rank {rank} step {pos[rank]}: {a} waits for "
             + ", ".join(f"{x} (rank {schedule.placement.rank_of(x.stage)})" for x in missing)
@@ -300,6 +301,14 @@ def _deadlock(schedule: Schedule, pos: dict[int, int], done: dict[Key, object]) 
         waits[(rank, pos[rank])] = missing
     lines.append(format_table(schedule.actions, marks=list(waits)))
     return DeadlockError("\n".join(lines), waits)
+
+
+def _producer(schedule: Schedule, event: Key) -> Action:
+    """The action that makes ``event`` happen: the input-grad event ``I`` is a B's when full."""
+    kind, s, m = event
+    if kind is Kind.I and Action(s, Kind.B, m) in schedule.parts(schedule.placement.rank_of(s)):
+        return Action(s, Kind.B, m)
+    return Action(s, kind, m)
 
 
 @dataclass(frozen=True)
@@ -316,25 +325,40 @@ class ScheduleStats:
     :meth:`Execution.steady_bubble_fraction`); ``validate`` always fills it, nan otherwise."""
 
 
-def peak_activations(schedule: Schedule) -> dict[int, int]:
-    """Per rank, the most (stage, microbatch) activations held at once, in stage units.
+def activation_events(schedule: Schedule, rank: int) -> list[tuple[Action, int]]:
+    """``rank``'s single actions that change what it holds, in order: (action, +1 or -1).
+
+    The one definition of held activations, shared by :func:`peak_activations` and the
+    simulator's memory walk: an F starts holding its stage-microbatch (+1); its B, or
+    its W when the backward is split, releases it (-1). An I releases nothing, as the
+    W still needs the layer inputs. An overlapped pair counts its F before its
+    backward: both run at once, so the new activations exist before the old ones go.
+    A forward-only schedule keeps nothing for a backward, so it has no events.
+    """
+    if schedule.forward_only:
+        return []
+    delta = {Kind.F: 1, Kind.B: -1, Kind.W: -1}
+    return [(a, delta[a.kind]) for a in schedule.parts(rank) if a.kind in delta]
+
+
+def peak_activations(
+    schedule: Schedule, size: Callable[[int], int] | None = None
+) -> dict[int, int]:
+    """Per rank, the most activations held at once: stage-microbatches, or ``size(stage)`` units.
 
     The one definition Conveyor uses everywhere (validator, simulator, runtime meter):
     a forward's activations are held from its F until its backward is complete, i.e.
     until its B, or until its W when split (an I frees part of them, but the W still
-    needs the layer inputs). A forward-only schedule holds nothing for a backward.
+    needs the layer inputs); see :func:`activation_events`. ``size`` weighs a stage's
+    microbatch, e.g. in bytes; by default each counts 1. A forward-only schedule holds
+    nothing for a backward, so its peaks are all 0.
     """
-    if schedule.forward_only:
-        return {rank: 0 for rank in schedule.actions}
     peaks = {}
     for rank in schedule.actions:
         live = peak = 0
-        for a in schedule.parts(rank):
-            if a.kind is Kind.F:
-                live += 1
-                peak = max(peak, live)
-            elif a.kind in (Kind.B, Kind.W):
-                live -= 1
+        for a, sign in activation_events(schedule, rank):
+            live += sign * (size(a.stage) if size is not None else 1)
+            peak = max(peak, live)
         peaks[rank] = peak
     return peaks
 

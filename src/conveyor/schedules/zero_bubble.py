@@ -9,7 +9,7 @@ What "zero bubble" means here. The validator's ``bubble_fraction`` is
 forwards have reached it, so with F = I = W = 1 no schedule of single-stage ranks
 beats a makespan of ``max(3m + p - 1, 2m + 2p - 1)``: rank p - 1 starts at p - 1
 and has 3m units of work, and the microbatch whose I is last on rank p - 1 still
-has p - 1 Bs and one W to go after it. That start-up skew is not idle time that a
+has p - 1 Is (one per rank upstream) and one W to go after it. That start-up skew is not idle time that a
 schedule can remove; the next step's warm-up overlaps it once the optimizer step
 does not synchronise the ranks (the paper's post-validation). So we report two
 figures (both from :func:`conveyor.schedules.validate`):
@@ -31,10 +31,28 @@ zb-v    max(6m + p - 1, 4m + 4p - 2)            (p-1)/(6m+p-1) for 2m >= 3p-1  m
 ZB-H1 and ZB-H2 reach the lower bound for every m; ZB-V reaches its own (rank p - 1
 starts at p - 1 and has 6m units) once 2m >= 3p - 1.
 
-Peak held activations (F done, W not yet: a W still needs its layers' inputs) per
-rank, as :func:`~conveyor.schedules.validate.peak_activations` counts them: ZB-H1
-holds each microbatch r ticks longer than 1F1B, ZB-H2 longer still; ZB-V's
-chunks are half-size stages.
+Peak held activations per rank r, in stage-microbatches, as
+:func:`~conveyor.schedules.validate.peak_activations` counts them: held from the F
+until the W (an I frees nothing: the W still needs its layers' inputs).
+
+* ZB-H1: ``min(p, m)`` on every rank, where 1F1B holds ``min(p - r, m)``. Rank r
+  runs ``w = min(p - 1 - r, m)`` warm-up forwards, then in step i the forward of
+  microbatch w + i, the I of i, and the W of i - r once i >= r. After step i's
+  forward it holds ``w + i + 1 - max(0, i - r)``, which grows until i = r and then
+  stays at ``w + r + 1 = p`` (m if fewer forwards exist): each W runs r steps late, so r more microbatches are
+  held than in 1F1B. That is the memory ZB-H1 pays for filling the drain; rank 0,
+  which defers nothing, holds what 1F1B's rank 0 does.
+* ZB-H2: the same walk with ``w_r = p - 1 - r + e_r`` warm-up forwards and Ws
+  ``lag_r = r + min(r, x)`` steps late (``e_r``, ``x`` as in :func:`zb_h2`) peaks at
+  ``min(m, w_r + lag_r + 1) = min(m, p + min(p - 1 - r, x) + min(r, x))``, i.e.
+  ``2p - 1`` on every rank once m >= 2p - 1: about twice 1F1B's rank-0 peak.
+* ZB-V: ``min(2p - 1 - r, m) + min(r + 1, m) = min(2p, 2m, m + 1 + r)`` chunks:
+  nothing is released before the first chunk-1 W, by which time rank r has run
+  ``2p - 1 - r`` chunk-0 and ``r + 1`` chunk-1 forwards (at most m of each); from
+  then on every F is followed by a W before the next F. Outside the drain, which
+  runs no F, each I is followed at once by its W, so releasing at the W instead of
+  the I changes nothing here. Chunks are half-size stages, so 2p chunks are p
+  stages: 1F1B's rank-0 peak, on every rank once m >= 2p - 1.
 """
 
 from __future__ import annotations
@@ -47,9 +65,9 @@ __all__ = ["zb_h1", "zb_h2", "zb_v"]
 def zb_h1(num_ranks: int, num_microbatches: int) -> Schedule:
     """ZB-H1: 1F1B's order of F and I, each rank r running every W r steps late.
 
-    Same warm-up as 1F1B; the deferred Ws
-    fill the drain, cutting 1F1B's bubble to a third. Clock table, 3 ranks,
-    4 microbatches::
+    Same warm-up as 1F1B; the deferred Ws fill the drain, cutting 1F1B's bubble to a
+    third, and hold each microbatch r steps longer, so every rank peaks at
+    ``min(p, m)`` held microbatches. Clock table, 3 ranks, 4 microbatches::
 
         rank 0: F0 F1 F2 .  .  I0 W0 F3 I1 W1 I2 W2 I3 W3
         rank 1: .  F0 F1 .  I0 F2 I1 W0 F3 I2 W1 I3 W2 W3

@@ -2,7 +2,8 @@
 
 Forward seconds of a stage = its blocks' forward FLOPs / (peak FLOP/s x efficiency).
 Backward costs twice the forward FLOPs (one matmul for the input-grad, one for the
-weight-grad per forward matmul), split equally: B = W = forward. Memory counts
+weight-grad per forward matmul), split equally: I = W = forward, and a full
+backward B costs both. Memory counts
 come from :mod:`conveyor.models` (parameters, stashed activations).
 """
 

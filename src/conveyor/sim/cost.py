@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from conveyor.schedules import Kind
+from conveyor.schedules import Action, Kind
 
 __all__ = ["CostError", "CostModel"]
 
@@ -31,9 +31,9 @@ class CostModel:
     f: tuple[float, ...]
     """Forward seconds of each stage for one microbatch."""
     b: tuple[float, ...]
-    """Backward input-grad seconds of each stage; without W actions a B costs ``b + w``."""
+    """Input-grad seconds of each stage: what an I costs."""
     w: tuple[float, ...]
-    """Backward weight-grad seconds of each stage."""
+    """Weight-grad seconds of each stage: what a W costs."""
     activation_bytes: tuple[int, ...]
     """Bytes each stage stashes per microbatch between its F and the action that frees them."""
     param_bytes: tuple[int, ...]
@@ -47,8 +47,8 @@ class CostModel:
     message_bytes: int = 0
     """Bytes of one message: one microbatch's activation (or its grad) between stages."""
     full_b: tuple[float, ...] | None = None
-    """Seconds of a whole backward of each stage (a B in a schedule without W actions);
-    None: ``b + w``. Measured separately because splitting a backward costs some extra."""
+    """Seconds of a full backward of each stage: what a B costs; None: ``b + w``.
+    Measured separately because splitting a backward costs some extra."""
     source: str = field(default="", compare=False)
     """Where the numbers came from, e.g. 'analytic h100' or 'profiled on cpu'."""
 
@@ -111,17 +111,24 @@ class CostModel:
         """Seconds for one activation (or grad) message between adjacent stages."""
         return self.latency_s + self.message_bytes / self.bandwidth_Bps
 
-    def duration(self, stage: int, kind: Kind, split_backward: bool) -> float:
-        """Seconds of a compute action; a B of a schedule without W also does the W work."""
+    def duration(self, stage: int, kind: Kind) -> float:
+        """Seconds of one single compute action: F, B (full backward, ``full_b`` or b + w), I or W."""
         if kind is Kind.F:
             return self.f[stage]
         if kind is Kind.B:
-            if split_backward:
-                return self.b[stage]
             return self.full_b[stage] if self.full_b else self.b[stage] + self.w[stage]
+        if kind is Kind.I:
+            return self.b[stage]
         if kind is Kind.W:
             return self.w[stage]
+        if kind is Kind.OVERLAP_F_B:
+            raise CostError("an overlapped pair has no stage of its own; use action_duration()")
         raise CostError(f"{kind.value} is communication, not compute; see transfer_time()")
+
+    def action_duration(self, action: Action) -> float:
+        """Seconds a compute action occupies its rank; an overlapped pair costs its two parts."""
+        # no overlap speed-up is modelled: the pair is as slow as running both in turn
+        return sum(self.duration(p.stage, p.kind) for p in action.parts)
 
     def static_bytes(self, stage: int) -> int:
         """Memory a stage holds all step long: parameters, gradients and optimizer state."""

@@ -4,12 +4,13 @@ Each stage's blocks are built as the runtime builds them and run on one random
 microbatch with one thread, as each pipeline rank uses one thread. Per stage:
 
 - **F**: the stage's forward (the last stage includes the loss).
-- **B** and **W**: timed the way the runtime runs them: the stage's linear layers
-  defer their weight-grads to a :class:`~conveyor.models.linear.WeightGradStore`
-  during B, and W runs that store. Splitting costs a little more than one backward
-  (the deferred work reads its inputs again), and the simulator should see that.
-- **whole backward**: one ``backward`` without a store, for schedules without W.
-  Each backward is timed on its own fresh forward graph.
+- **I** and **W** (``b`` and ``w``): timed the way the runtime runs them: the stage's
+  linear layers defer their weight-grads to a
+  :class:`~conveyor.models.linear.WeightGradStore` during I, and W runs that store.
+  Splitting costs a little more than one backward (the deferred work reads its
+  inputs again), and the simulator should see that.
+- **B** (``full_b``): one whole ``backward`` without a store, what a full-backward
+  action costs. Each backward is timed on its own fresh forward graph.
 - **activation bytes**: storages saved for backward during one forward, seen through
   ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameters
   and buffers excluded; the stage's received input is included (the runtime stashes it).
@@ -66,7 +67,7 @@ def profile_stage(
     repeats: int = 5,
     seed: int = 0,
 ) -> StageProfile:
-    """Time F, B and W of ``blocks`` (one stage) and count what its forward stashes."""
+    """Time F, B, I and W of ``blocks`` (one stage) and count what its forward stashes."""
     gen = torch.Generator().manual_seed(seed)
     shape = (microbatch_size, seq_len)
     tokens = torch.randint(cfg.vocab_size, shape, generator=gen)
@@ -76,7 +77,7 @@ def profile_stage(
     grad_out: Tensor | None = None
 
     def forward() -> tuple[Tensor, Tensor]:
-        """Return (the tensor B differentiates w.r.t., the stage's output or loss)."""
+        """Return (the tensor a backward differentiates w.r.t., the stage's output or loss)."""
         if first:
             h = blocks[0](tokens)
             wrt, rest = h, blocks[1:]

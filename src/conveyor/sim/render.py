@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from conveyor.schedules import Kind
+from conveyor.schedules import Action, Kind
 from conveyor.schedules.validate import TimedAction
 
 __all__ = [
@@ -42,9 +42,15 @@ __all__ = [
 Timeline = Mapping[int, Sequence[TimedAction]]
 
 # Okabe-Ito palette: distinguishable under the common colour-vision deficiencies
-_COLOURS = {"F": "#0072B2", "B": "#E69F00", "W": "#009E73", "SEND": "#CC79A7", "wait": "#D4D4D4"}
-_TEXT = {"F": "white", "B": "black", "W": "white", "SEND": "black"}
-_LEGEND = {"F": "forward", "B": "backward", "W": "weight grad", "SEND": "send", "wait": "waiting"}
+_COLOURS = {
+    "F": "#0072B2", "B": "#E69F00", "I": "#D55E00", "W": "#009E73", "SEND": "#CC79A7",
+    "wait": "#D4D4D4",
+}
+_TEXT = {"F": "white", "B": "black", "I": "white", "W": "white", "SEND": "black"}
+_LEGEND = {
+    "F": "forward", "B": "full backward", "I": "input grad", "W": "weight grad",
+    "pair": "overlapped F+B", "SEND": "send", "wait": "waiting",
+}
 
 
 def _origin(timeline: Timeline) -> float:
@@ -52,7 +58,7 @@ def _origin(timeline: Timeline) -> float:
 
 
 def timeline_stats(timeline: Timeline) -> tuple[float, float]:
-    """(step time in seconds, bubble fraction) counting only F/B/W as busy."""
+    """(step time in seconds, bubble fraction) counting only compute actions as busy."""
     t0 = _origin(timeline)
     span = max((t.end for row in timeline.values() for t in row), default=t0) - t0
     if span <= 0 or not timeline:
@@ -65,7 +71,7 @@ def timeline_stats(timeline: Timeline) -> tuple[float, float]:
 
 def _name(t: TimedAction) -> str:
     a = t.action
-    return f"{a.kind.value}{a.microbatch} s{a.stage}"
+    return "+".join(f"{p.kind.value}{p.microbatch} s{p.stage}" for p in a.parts)
 
 
 def wait_slices(timeline: Timeline) -> dict[int, list[tuple[float, float, TimedAction]]]:
@@ -116,12 +122,7 @@ def chrome_trace(runs: Mapping[str, Timeline]) -> dict[str, Any]:
                         "cat": "compute" if a.kind.is_compute else "comm",
                         "ts": (t.start - t0) * 1e6,
                         "dur": (t.end - t.start) * 1e6,
-                        "args": {
-                            "stage": a.stage,
-                            "microbatch": a.microbatch,
-                            "kind": a.kind.value,
-                            "ready_us": (t.ready - t0) * 1e6,
-                        },
+                        "args": _args(a) | {"ready_us": (t.ready - t0) * 1e6},
                     }
                 )
         for rank, spans in wait_slices(timeline).items():
@@ -140,6 +141,13 @@ def chrome_trace(runs: Mapping[str, Timeline]) -> dict[str, Any]:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
+def _args(a: Action) -> dict[str, Any]:
+    """Trace event arguments: stage, microbatch and kind, or an overlapped pair's parts."""
+    if a.kind is Kind.OVERLAP_F_B:
+        return {"kind": a.kind.value, "action": str(a), "parts": [str(p) for p in a.parts]}
+    return {"stage": a.stage, "microbatch": a.microbatch, "kind": a.kind.value}
+
+
 def write_chrome_trace(runs: Mapping[str, Timeline], path: str | Path) -> Path:
     """Write :func:`chrome_trace` to ``path`` (open it in ui.perfetto.dev or chrome://tracing)."""
     path = Path(path)
@@ -156,7 +164,8 @@ def _draw(ax: Axes, timeline: Timeline, renderer: Any) -> set[str]:
     waits = wait_slices(timeline)
     for rank in ranks:
         y = rank  # the y axis is inverted below, so rank 0 is on top
-        chunk_of = {s: i for i, s in enumerate(sorted({t.action.stage for t in timeline[rank]}))}
+        stages = {p.stage for t in timeline[rank] for p in t.action.parts}
+        chunk_of = {s: i for i, s in enumerate(sorted(stages))}
         for begin, end, _ in waits[rank]:
             ax.broken_barh(
                 [((begin - t0) * 1e3, (end - begin) * 1e3)],
@@ -166,30 +175,44 @@ def _draw(ax: Axes, timeline: Timeline, renderer: Any) -> set[str]:
             )
             used.add("wait")
         for t in timeline[rank]:
-            kind = t.action.kind.value if t.action.kind.is_compute else "SEND"
             if t.end <= t.start or t.action.kind in (Kind.RECV_F, Kind.RECV_B):
                 continue
             x, w = (t.start - t0) * 1e3, (t.end - t.start) * 1e3
-            # later model chunks on the same rank (virtual stages) are hatched
-            hatch = "//" if chunk_of[t.action.stage] else None
-            ax.broken_barh(
-                [(x, w)],
-                (y - height / 2, height),
-                facecolors=_COLOURS[kind],
-                edgecolor="white",
-                linewidth=0.5,
-                hatch=hatch,
-            )
-            used.update([kind, "chunk"] if hatch else [kind])
-            if kind != "SEND":
+            if not t.action.kind.is_compute:
+                _bar(ax, (x, w), (y - height / 2, height), "SEND", None)
+                used.add("SEND")
+                continue
+            # an overlapped pair runs both parts at once: F on the top half, its backward below
+            parts = t.action.parts
+            h = height / len(parts)
+            for i, p in enumerate(parts):
+                kind = p.kind.value
+                # later model chunks on the same rank (virtual stages) are hatched
+                hatch = "//" if chunk_of[p.stage] else None
+                y0 = y - height / 2 + i * h
+                _bar(ax, (x, w), (y0, h), kind, hatch)
+                used.update([kind, "chunk"] if hatch else [kind])
                 backing = _COLOURS[kind] if hatch else None  # keeps the digit legible over hatching
-                _label(ax, renderer, (x, w, y), str(t.action.microbatch), _TEXT[kind], backing)
+                _label(ax, renderer, (x, w, y0 + h / 2), str(p.microbatch), _TEXT[kind], backing)
+            if len(parts) > 1:
+                ax.broken_barh([(x, w)], (y - height / 2, height), facecolors="none",
+                               edgecolor="black", linewidth=0.8)
+                used.add("pair")
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.set_ylim(max(ranks, default=0) + 0.6, min(ranks, default=0) - 0.6)
     ax.set_xlabel("time (ms)")
     ax.grid(axis="x", linewidth=0.3, alpha=0.5)
     ax.set_axisbelow(True)
     return used
+
+
+def _bar(
+    ax: Axes, xw: tuple[float, float], y_h: tuple[float, float], kind: str, hatch: str | None
+) -> None:
+    """One bar of a timeline panel in ``kind``'s colour."""
+    ax.broken_barh(
+        [xw], y_h, facecolors=_COLOURS[kind], edgecolor="white", linewidth=0.5, hatch=hatch
+    )
 
 
 def _label(
@@ -217,8 +240,10 @@ def _title(name: str, timeline: Timeline) -> str:
 
 
 def _legend(fig: Figure, used: set[str]) -> None:
-    order = [k for k in ("F", "B", "W", "SEND", "wait") if k in used]
+    order = [k for k in ("F", "B", "I", "W", "SEND", "wait") if k in used]
     handles = [Patch(facecolor=_COLOURS[k], label=_LEGEND[k]) for k in order]
+    if "pair" in used:
+        handles.append(Patch(facecolor="white", edgecolor="black", label=_LEGEND["pair"]))
     if "chunk" in used:
         handles.append(Patch(facecolor="white", edgecolor="grey", hatch="//", label="later chunk"))
     fig.legend(
@@ -259,7 +284,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def render_gantt(timeline: Timeline, path: str | Path, *, title: str = "simulated") -> Path:
-    """Write a PNG Gantt chart: one row per rank, F/B/W and waiting in distinct colours."""
+    """Write a PNG Gantt chart: one row per rank, F/B/I/W and waiting in distinct colours."""
     fig, (ax,), renderer = _figure(len(timeline), 1)
     step, _ = timeline_stats(timeline)
     ax.set_xlim(0, step * 1e3 * 1.005 or 1.0)  # limits first: label fitting reads the transform

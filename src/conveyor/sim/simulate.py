@@ -4,26 +4,29 @@ The clock is the validator's own engine, :func:`conveyor.schedules.validate.exec
 run on the lowered schedule, so the simulator and the validator cannot disagree
 about dependencies. Costs enter as:
 
-- F, B, W occupy their rank for ``cost.f/b/w[stage]`` seconds (B costs ``b + w``
-  when the schedule has no W actions);
+- F, I and W occupy their rank for ``cost.f/b/w[stage]`` seconds; a B (a full
+  backward) for ``cost.full_b[stage]``, or ``b + w`` when that was not measured; an
+  overlapped F/B pair for the sum of its two parts;
 - a SEND occupies no compute time (the runtime posts it asynchronously); the
   message reaches its RECV ``cost.transfer_time()`` after the SEND, and the wait
   shows as idle time before the RECV. Messages do not contend for the link.
 
 Memory per rank = parameters + gradients + optimizer state of its stages (all
-step long) + the peak of stashed activations while walking its actions in order:
-an F adds its stage's ``activation_bytes``; they are freed by the B when the
-schedule has no W, else by the W (inputs of every matmul must live until the
-weight-grad). Transient tensors inside one action are not counted.
+step long) + the peak of held activations while walking its actions in order, by
+the validator's one definition
+(:func:`~conveyor.schedules.validate.activation_events`): an F adds its stage's
+``activation_bytes``; its B frees them, or its W when the backward is split (the
+inputs of every matmul live until the weight-grad). Transient tensors inside one
+action are not counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from conveyor.schedules import Kind, Schedule, execute, lower
+from conveyor.schedules import Schedule, execute, lower
 from conveyor.schedules.ir import Action
-from conveyor.schedules.validate import Execution, TimedAction
+from conveyor.schedules.validate import Execution, TimedAction, peak_activations
 
 from .cost import CostError, CostModel
 
@@ -41,7 +44,7 @@ class SimResult:
     cost: CostModel
     execution: Execution
     peak_activation_bytes: dict[int, int]
-    """Per rank: most bytes of stashed activations alive at once."""
+    """Per rank: most bytes of activations held at once (F done, B or W not yet)."""
     peak_memory_bytes: dict[int, int]
     """Per rank: parameters, gradients and optimizer state plus peak activations."""
 
@@ -85,21 +88,12 @@ class SimResult:
 
 
 def peak_memory(schedule: Schedule, cost: CostModel) -> tuple[dict[int, int], dict[int, int]]:
-    """Per rank (peak stashed activation bytes, peak total bytes) walking its actions."""
-    free_kind = Kind.W if schedule.split_backward else Kind.B
-    peak_act: dict[int, int] = {}
-    peak_total: dict[int, int] = {}
-    for rank, acts in schedule.actions.items():
-        live = peak = 0
-        for a in acts:
-            if a.kind is Kind.F:
-                live += cost.activation_bytes[a.stage]
-                peak = max(peak, live)
-            elif a.kind is free_kind:
-                live -= cost.activation_bytes[a.stage]
-        static = sum(cost.static_bytes(s) for s in schedule.placement.stages_of(rank))
-        peak_act[rank] = peak
-        peak_total[rank] = static + peak
+    """Per rank (peak held activation bytes, peak total bytes) walking its actions."""
+    peak_act = peak_activations(schedule, lambda stage: cost.activation_bytes[stage])
+    peak_total = {
+        rank: peak + sum(cost.static_bytes(s) for s in schedule.placement.stages_of(rank))
+        for rank, peak in peak_act.items()
+    }
     return peak_act, peak_total
 
 
@@ -111,14 +105,11 @@ def simulate(schedule: Schedule, cost: CostModel) -> SimResult:
             f"{schedule.num_stages}; build the costs with the same partition "
             "(pp * virtual_stages stages)"
         )
-    split = schedule.split_backward
     lowered = schedule if schedule.lowered else lower(schedule)
     transfer = cost.transfer_time()
 
     def duration(rank: int, a: Action) -> float:
-        if a.kind.is_compute:
-            return cost.duration(a.stage, a.kind, split)
-        return 0.0
+        return cost.action_duration(a) if a.kind.is_compute else 0.0
 
     run = execute(lowered, duration, lambda a: transfer)
     peak_act, peak_total = peak_memory(lowered, cost)
