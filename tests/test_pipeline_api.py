@@ -113,9 +113,23 @@ def _failed_in_flight() -> str:
         return str(err)
 
 
+def _send_peaks(mesh: Mesh) -> dict[str, int]:
+    """Most boundary bytes a rank had in flight in 1F1B with 16 microbatches, per mode."""
+    case = Case("1f1b", 2, 16)
+    x, y = batches(16)[0]
+    out = {}
+    for emulate in (False, True):
+        pipe = Pipeline(case.model, case.parallel, mesh, seed=0, emulate_nccl=emulate)
+        for _ in range(2):
+            pipe.train_step(x, y)
+        out["nccl" if emulate else "gloo"] = pipe.meter.peak_by.get("send", 0)
+    return out
+
+
 def _run() -> dict[str, object]:
     mesh = Mesh.build(2)
     return {"bad": _bad_batches(mesh), "accumulate": _accumulate(mesh),
+            "send_peaks": _send_peaks(mesh),
             "failed": _failed_step(mesh), "in_flight": _failed_in_flight()}
 
 
@@ -167,3 +181,12 @@ def test_a_step_after_a_failure_in_flight_is_refused_by_name() -> None:
         msg = result["in_flight"]
         assert "failed with communication in flight" in msg, msg  # type: ignore[operator]
         assert "cannot run another step" in msg  # type: ignore[operator]
+
+
+def test_delivered_sends_are_let_go_during_the_step() -> None:
+    # one boundary tensor: 1 sequence x 16 positions x d_model 32, fp32
+    one = 1 * 16 * 32 * 4
+    for rank, result in _results().items():
+        for mode, peak in result["send_peaks"].items():  # type: ignore[union-attr]
+            # held to the step's end, the 16 sends would peak at 16 tensors
+            assert 0 < peak <= 4 * one, f"rank {rank} {mode}: {peak / one:.0f} tensors in flight"
