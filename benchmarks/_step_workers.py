@@ -57,10 +57,9 @@ from torch import Tensor, nn
 from conveyor.config import ModelConfig, ParallelConfig
 from conveyor.memory import ActivationMeter, count_saved_bytes
 from conveyor.models import Transformer, build_blocks, lm_loss
+from conveyor.parallel.layout import resolve_layout
 from conveyor.parallel.mesh import Mesh
-from conveyor.parallel.partition import uniform
 from conveyor.runtime.pipeline import Pipeline
-from conveyor.schedules import build_schedule
 
 TORCH_COUNTERPART: dict[str, str | None] = {
     "gpipe": "ScheduleGPipe",
@@ -260,10 +259,10 @@ class TorchRunner(_Runner):
             list(range(world)), timeout=datetime.timedelta(seconds=min(spec.timeout_s, 120.0))
         )
         par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches)
-        ours = build_schedule(case.schedule, case.pp, spec.microbatches, par.chunks)
-        placement = ours.placement
+        layout = resolve_layout(spec.model, par)  # the split and placement Conveyor runs
+        placement = layout.placement
         num_stages = placement.num_stages
-        partition = uniform(spec.model.num_blocks, num_stages)
+        partition = layout.partition
         mine = sorted(placement.stages_of(rank))
         self.has_first = 0 in mine
         self.has_last = num_stages - 1 in mine
@@ -301,7 +300,7 @@ class TorchRunner(_Runner):
         # Conveyor's order by reading their code. The runtime schedules run their list.
         self.same_order = (
             None if case.torch_class in _SINGLE_STAGE_CLASSES
-            else _same_order(self.schedule, ours, rank)
+            else _same_order(self.schedule, layout.schedule, rank)
         )
         if spec.lr:
             self.opt = torch.optim.SGD(self.params, lr=spec.lr)

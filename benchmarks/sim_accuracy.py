@@ -21,9 +21,7 @@ from typing import Any
 import torch
 
 from conveyor.config import ModelConfig, ParallelConfig
-from conveyor.parallel.partition import uniform
-from conveyor.schedules import build_schedule
-from conveyor.schedules.registry import SCHEDULE_CHUNKS
+from conveyor.parallel.layout import resolve_layout
 from conveyor.schedules.validate import Execution, TimedAction
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
@@ -84,18 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig(vocab_size=args.vocab, n_layers=args.layers, d_model=args.d_model,
                       n_heads=args.heads, max_seq_len=args.seq)
     names = args.schedules.split(",")
-    mb_size = args.batch // args.microbatches
+    layouts = {n: resolve_layout(cfg, ParallelConfig(pp=2, schedule=n,
+                                                     microbatches=args.microbatches),
+                                 batch_size=args.batch) for n in names}
     costs = {}
-    for stages in sorted({2 * (SCHEDULE_CHUNKS[n] or 2) for n in names}):
-        print(f"profiling {stages} stages ...", file=sys.stderr)
-        costs[stages] = profile_costs(cfg, uniform(cfg.num_blocks, stages),
-                                      microbatch_size=mb_size, seq_len=args.seq)
+    for layout in layouts.values():
+        if layout.partition not in costs:
+            print(f"profiling {layout.num_stages} stages {layout.partition} ...", file=sys.stderr)
+            costs[layout.partition] = profile_costs(
+                cfg, layout.partition, microbatch_size=layout.microbatch_size, seq_len=args.seq)
     print("measuring ...", file=sys.stderr)
     measured = launch(_measure, 2, cfg, names, args.batch, args.microbatches, args.steps)
     rows = []
     for name in names:
-        sched = build_schedule(name, 2, args.microbatches, SCHEDULE_CHUNKS[name] or 2)
-        sim = simulate(sched, costs[sched.num_stages])
+        sched = layouts[name].schedule
+        sim = simulate(sched, costs[layouts[name].partition])
         real = Execution(_median_step({r: measured[r][name]["timelines"] for r in measured}))
         peaks = {r: measured[r][name]["peak"] for r in sorted(measured)}
         row = {

@@ -77,6 +77,7 @@ def test_corpus_smaller_than_one_batch(tmp_path: Path, capsys: pytest.CaptureFix
          ["batch_size=6 cannot be split into microbatches=4", "multiple of dp*microbatches"]),
         (["--schedule", "bogus"], ["schedule='bogus' is unknown", "1f1b"]),
         (["--schedule", "forward-only"], ["cannot train"]),
+        (["--partition", "even"], ["partition='even' is unknown", "uniform, params, cost"]),
         (["--heads", "3"], ["d_model=32 is not divisible by n_heads=3"]),
         (["--lr", "0"], ["lr=0.0 must be a number > 0"]),
         (["--val-fraction", "1.5"], ["val_fraction=1.5 must be in [0, 1)"]),

@@ -63,6 +63,21 @@ def test_train_then_eval_then_report(tmp_path: Path, corpus: Path,
     assert len(err) == 1 and "corrupt" in err[0] and "Traceback" not in err[0], err
 
 
+@pytest.mark.multiprocess
+def test_train_with_cost_partition_logs_its_layout(tmp_path: Path, corpus: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # vocab 1024 on d_model 32: the head weighs ~2.6 layers, so `cost` moves a layer off it
+    argv = ["train", "--data", str(corpus), "--pp", "2", *TINY, "--layers", "4",
+            "--vocab-size", "1024", "--partition", "cost", "--steps", "2", "--val-fraction", "0",
+            "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"), "--name", "cost"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "partition cost [0:4 | 4:6]" in err, err
+    assert "stage 1 on rank 1: blocks 4:6 (layer 3 + head)" in err
+    config = json.loads((tmp_path / "runs" / "cost" / "config.json").read_text())
+    assert config["parallel"]["partition"] == "cost"
+
+
 def test_toml_config_and_flags_override_it(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,23 @@ def test_simulate_h100_writes_png_and_trace(tmp_path: Path, capsys: pytest.Captu
 def test_simulate_rejects_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--model", "gpt5"]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+def test_simulate_takes_train_partition_options(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # "small" is the model: vocab 8192, d_model 256, 8 layers; the head's vocab
+    # projection weighs about 2.6 layers
+    printed = {}
+    for how in ("uniform", "cost"):
+        assert main(["simulate", "--model", "small", "--device", "h100", "--pp", "2",
+                     "--microbatches", "4", "--partition", how,
+                     "--out", str(tmp_path / f"{how}.png")]) == 0
+        printed[how] = capsys.readouterr().out
+    assert "partition uniform [0:5 | 5:10]" in printed["uniform"]
+    assert "partition cost [0:6 | 6:10]" in printed["cost"]  # fewer layers beside the head
+    assert "stage 1 on rank 1: blocks 6:10 (layers 5-7 + head)" in printed["cost"]
+
+    def step_ms(out: str) -> float:
+        return float(re.search(r"; step (\S+) ms", out)[1])
+
+    assert step_ms(printed["cost"]) < step_ms(printed["uniform"])

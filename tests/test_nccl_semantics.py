@@ -140,6 +140,10 @@ def _old_layout(kind: str) -> str:
         return " ".join(f"{pipe.train_step(x, y):.6f}" for x, y in batches())
     except PipelineError as err:
         return f"error: {err}"
+    finally:
+        # over the world group, which the broken links do not touch: no rank leaves (and
+        # closes its connections) before its peer has hit its own timeout
+        dist.barrier()
 
 
 CHECKS = {"works": _works_per_batch, "rendezvous": _rendezvous, "ordered": _ordered,

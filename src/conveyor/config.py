@@ -13,17 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from .schedules import (
-    SCHEDULE_CHUNKS,
-    SCHEDULES,
-    Schedule,
-    ScheduleError,
-    build_schedule,
-    check_virtual_stages,
-)
-from .schedules.table_file import read_schedule_csv
+from .schedules import SCHEDULES, ScheduleError, check_virtual_stages
 
 __all__ = [
+    "PARTITIONS",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -38,6 +31,11 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+PARTITIONS = ("uniform", "params", "cost")
+"""Ways to split blocks into stages (``parallel.layout.PARTITIONERS`` implements them):
+equal layer counts, balanced parameter counts, or balanced predicted compute."""
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -144,29 +142,36 @@ class ParallelConfig:
     """Model chunks per pipeline rank; None: what the schedule needs (2 for interleaved and zb-v)."""
     recompute: bool = False
     """Recompute block activations in backward instead of stashing them."""
-    partition: Literal["uniform", "params"] = "uniform"
-    """How blocks are assigned to stages."""
+    partition: Literal["uniform", "params", "cost"] = "uniform"
+    """How blocks are assigned to stages: one of PARTITIONS."""
     schedule_file: str | None = None
     """A hand-written CSV schedule (see `conveyor schedule show --csv`); replaces ``schedule``."""
 
+    # Only what each field says on its own is checked here. What the fields decide
+    # together (chunks, stages, the schedule object, the partition) is decided, and
+    # checked, by parallel.layout.resolve_layout alone.
     def __post_init__(self) -> None:
         _positive(self, "pp", "dp", "tp", "microbatches")
         if self.virtual_stages is not None:
             _positive(self, "virtual_stages")
         if self.schedule_file is not None:
-            self._check_schedule_file()
+            if not Path(self.schedule_file).is_file():
+                raise ConfigError(
+                    f"schedule_file={self.schedule_file!r} does not exist; write one with "
+                    "`conveyor schedule show --csv FILE` and edit it"
+                )
         elif self.schedule not in SCHEDULES or self.schedule == "forward-only":
             names = ", ".join(n for n in sorted(SCHEDULES) if n != "forward-only")
             why = "cannot train (it has no backward)" if self.schedule in SCHEDULES else "is unknown"
             raise ConfigError(f"schedule={self.schedule!r} {why}; choose one of {names}")
-        else:
+        elif self.virtual_stages is not None:
             try:
-                check_virtual_stages(self.schedule, self.chunks)
+                check_virtual_stages(self.schedule, self.virtual_stages)
             except ScheduleError as err:
                 raise ConfigError(str(err)) from None
-        if self.partition not in ("uniform", "params"):
+        if self.partition not in PARTITIONS:
             raise ConfigError(
-                f"partition={self.partition!r} is unknown; use 'uniform' or 'params'"
+                f"partition={self.partition!r} is unknown; use one of {', '.join(PARTITIONS)}"
             )
 
     @property
@@ -174,58 +179,16 @@ class ParallelConfig:
         """Processes needed: pp * dp * tp."""
         return self.pp * self.dp * self.tp
 
-    def make_schedule(self) -> Schedule:
-        """The schedule this layout trains with: from the CSV file, or built by name."""
-        if self.schedule_file is not None:
-            return read_schedule_csv(Path(self.schedule_file))
-        return build_schedule(self.schedule, self.pp, self.microbatches, self.chunks)
-
-    def _check_schedule_file(self) -> None:
-        where = f"schedule_file={self.schedule_file!r}"
-        if not Path(self.schedule_file).is_file():
-            raise ConfigError(f"{where} does not exist; write one with `conveyor schedule show "
-                              "--csv FILE` and edit it")
-        try:
-            sched = self.make_schedule()
-        except ScheduleError as err:
-            raise ConfigError(f"{where}: {err}") from None
-        if sched.num_ranks != self.pp:
-            raise ConfigError(f"{where} has {sched.num_ranks} ranks (rows) but pp={self.pp}; "
-                              f"set pp={sched.num_ranks} or edit the table")
-        if sched.num_microbatches != self.microbatches:
-            raise ConfigError(
-                f"{where} runs {sched.num_microbatches} microbatches but microbatches="
-                f"{self.microbatches}; set microbatches={sched.num_microbatches}"
-            )
-        if sched.forward_only:
-            raise ConfigError(f"{where} has no backward actions, so it cannot train; add B "
-                              "(and optionally W) actions for every F")
-        if self.virtual_stages not in (None, sched.num_stages // self.pp):
-            raise ConfigError(f"{where} places {sched.num_stages // self.pp} stages per rank but "
-                              f"virtual_stages={self.virtual_stages}; leave virtual_stages unset")
-
-    @property
-    def chunks(self) -> int:
-        """Model chunks per rank actually used (virtual_stages, or the schedule's own)."""
-        if self.virtual_stages is not None:
-            return self.virtual_stages
-        if self.schedule_file is not None:
-            return self.make_schedule().num_stages // self.pp
-        return SCHEDULE_CHUNKS[self.schedule] or 2
-
-    @property
-    def num_stages(self) -> int:
-        """Total stages: pp * chunks."""
-        return self.pp * self.chunks
-
     def check_against(self, model: ModelConfig, global_batch: int) -> None:
-        """Raise ConfigError if this layout cannot run ``model`` on ``global_batch``."""
-        if self.num_stages > model.num_blocks:
+        """Raise ConfigError if ``model`` has fewer blocks than pp or the batch does not split.
+
+        Stages per rank are the layout's to decide: ``resolve_layout`` checks the rest.
+        """
+        if self.pp > model.num_blocks:
             raise ConfigError(
                 f"layers={model.n_layers} (+ embedding and head = {model.num_blocks} blocks) "
-                f"cannot be split into pp={self.pp} stages with virtual_stages="
-                f"{self.chunks}; use pp*virtual_stages <= {model.num_blocks} "
-                "or more layers"
+                f"cannot be split into pp={self.pp} stages; use pp*virtual_stages <= "
+                f"{model.num_blocks} or more layers"
             )
         per_replica, rem = divmod(global_batch, self.dp)
         if rem:

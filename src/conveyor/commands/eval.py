@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import ParallelConfig, from_dict
+from ..config import PARTITIONS, ParallelConfig, from_dict
 
 __all__ = ["register"]
 
@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
     p.add_argument("--microbatches", type=int, metavar="N", default=sup, help=f"microbatches per batch {same}")
     p.add_argument("--virtual-stages", dest="virtual_stages", type=int, metavar="N", default=sup,
                    help=f"model chunks per rank {same}")
-    p.add_argument("--partition", metavar="HOW", default=sup, help=f"uniform or params {same}")
+    p.add_argument("--partition", metavar="HOW", default=sup,
+                   help=f"{', '.join(PARTITIONS)} {same}")
     p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=sup,
                    help=f"sequences per batch {same}")
     p.add_argument("--batches", type=int, metavar="N", default=sup,

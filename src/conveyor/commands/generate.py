@@ -28,8 +28,8 @@ from ..config import ConfigError, ModelConfig
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..generation import TextStream, check_prompt, check_sampling, context_budget, generate
 from ..models import Transformer
+from ..parallel.layout import resolve_partition
 from ..parallel.mesh import Mesh
-from ..parallel.partition import uniform
 from ..runtime.generate import build_stage, generate_pipelined, load_block_weights
 from ..runtime.launch import default_backend, launch
 from ..train.checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
@@ -185,7 +185,7 @@ def _rank(job: _Job) -> list[int]:
     """One pipeline rank: build and load this stage's blocks, then generate."""
     mesh = Mesh.build(job.pp, device_type=_device().type)
     cfg = job.source.cfg
-    partition = uniform(cfg.num_blocks, job.pp)
+    partition = resolve_partition(cfg, job.pp)  # weights load by name: any split works
     blocks = build_stage(cfg, partition, mesh.pp_rank, load=job.source.loader(), device=_device())
     printer = None
     if mesh.pp_rank == 0:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..schedules import SCHEDULES, build_schedule
+from ..schedules import SCHEDULES
 from ..schedules.describe import describe
-from ..schedules.table_file import read_schedule_csv, write_schedule_csv
+from ..schedules.table_file import write_schedule_csv
 
 __all__ = ["register"]
 
@@ -34,13 +34,11 @@ def register(sub: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    if args.schedule_file:
-        schedule = read_schedule_csv(args.schedule_file)
-    else:
-        from ..schedules.registry import SCHEDULE_CHUNKS
+    from ..parallel.layout import resolve_schedule
 
-        chunks = args.virtual or SCHEDULE_CHUNKS[args.schedule] or 2
-        schedule = build_schedule(args.schedule, args.pp, args.microbatches, chunks)
+    schedule = resolve_schedule(name=args.schedule, pp=args.pp, microbatches=args.microbatches,
+                                virtual_stages=args.virtual,
+                                schedule_file=args.schedule_file or None)
     print(describe(schedule))
     if args.csv:
         write_schedule_csv(schedule, args.csv)

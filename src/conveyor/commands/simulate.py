@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig
-from ..parallel.partition import uniform
-from ..schedules import SCHEDULES, build_schedule
-from ..schedules.registry import SCHEDULE_CHUNKS
+from ..config import PARTITIONS, ConfigError, ModelConfig, ParallelConfig
+from ..schedules import SCHEDULES
 
 __all__ = ["register", "MODEL_PRESETS", "load_model_config"]
 
@@ -66,11 +64,15 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--model", default="small",
                    help=f"model preset ({', '.join(MODEL_PRESETS)}) or a TOML/JSON file")
-    p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES))
+    p.add_argument("--schedule", default="1f1b",
+                   choices=sorted(s for s in SCHEDULES if s != "forward-only"))
     p.add_argument("--pp", type=int, default=2, help="pipeline ranks")
     p.add_argument("--microbatches", type=int, default=8, help="microbatches per step")
     p.add_argument("--virtual", type=int, default=None,
                    help="model chunks per rank (default: what the schedule needs)")
+    p.add_argument("--partition", default=ParallelConfig().partition, choices=PARTITIONS,
+                   help="blocks to stages, as in `conveyor train`: uniform (equal layer counts), "
+                   "params (balanced parameters) or cost (balanced predicted compute)")
     p.add_argument("--microbatch-size", type=int, default=2, help="sequences per microbatch")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model max)")
     p.add_argument("--device", default="cpu",
@@ -83,18 +85,17 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..parallel.layout import resolve_layout
     from ..sim import analytic_costs, profile_costs, render_gantt, simulate, write_chrome_trace
 
     cfg = load_model_config(args.model)
     seq = args.seq_len or cfg.max_seq_len
-    chunks = args.virtual or SCHEDULE_CHUNKS[args.schedule] or 2
-    schedule = build_schedule(args.schedule, args.pp, args.microbatches, chunks)
-    if schedule.num_stages > cfg.num_blocks:
-        raise ConfigError(
-            f"layers={cfg.n_layers} (+ embedding and head = {cfg.num_blocks} blocks) cannot be "
-            f"split into {schedule.num_stages} stages; lower --pp or --virtual"
-        )
-    partition = uniform(cfg.num_blocks, schedule.num_stages)
+    par = ParallelConfig(pp=args.pp, schedule=args.schedule, microbatches=args.microbatches,
+                         virtual_stages=args.virtual, partition=args.partition)
+    layout = resolve_layout(cfg, par, batch_size=args.microbatch_size * args.microbatches,
+                            seq_len=seq)
+    print(layout.describe() + "\n")
+    partition, schedule = layout.partition, layout.schedule
     if args.profile:
         if args.device != "cpu":
             raise ConfigError("--profile measures this machine; use it with --device cpu")

@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..runtime.pipeline import make_partition
+    from ..parallel.layout import resolve_layout
     from ..sim import profile_costs, render_comparison, simulate, write_chrome_trace
     from ..sim.timeline_io import load_timeline
     from ..train.rundir import CONFIG_FILE, TIMELINE_FILE
@@ -43,10 +43,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir} has no {CONFIG_FILE}; pass a run directory") from None
     measured, meta = load_timeline(timeline_path)
     par, model = run.parallel, run.model
-    schedule = par.make_schedule()
-    partition = make_partition(model, par, schedule.num_stages)
-    mb_size = run.train.batch_size // (par.dp * par.microbatches)
-    cost = profile_costs(model, partition, microbatch_size=mb_size, seq_len=model.max_seq_len)
+    layout = resolve_layout(model, par, batch_size=run.train.batch_size)
+    schedule = layout.schedule
+    assert layout.microbatch_size is not None  # the batch size was given
+    cost = profile_costs(model, layout.partition, microbatch_size=layout.microbatch_size,
+                         seq_len=model.max_seq_len)
     sim = simulate(schedule, cost)
 
     from ..schedules.validate import Execution

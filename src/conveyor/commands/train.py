@@ -74,7 +74,8 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("parallel", "recompute", "--recompute", {"action": _BOOL},
      "recompute activations in backward instead of keeping them (less memory, ~1/3 slower)"),
     ("parallel", "partition", "--partition", {"metavar": "HOW"},
-     "blocks to stages: uniform (equal block counts) or params (balanced parameter counts)"),
+     "blocks to stages: uniform (equal layer counts), params (balanced parameter counts) or "
+     "cost (balanced predicted compute, embedding and head included)"),
     ("train", "steps", "--steps", {"type": int}, "optimizer steps in total"),
     ("train", "batch_size", "--batch-size", {"type": int}, "sequences per step (global batch)"),
     ("train", "lr", "--lr", {"type": float}, "peak learning rate of AdamW"),

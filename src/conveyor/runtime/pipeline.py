@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ActivationMeter
-from ..models import EmbeddingBlock, HeadBlock, block_param_counts, build_blocks, tie_weights
+from ..models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
 from ..models.boundary import Signature, boundary_signature
+from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
-from ..parallel.partition import Partition, by_params, uniform
 from ..schedules import Kind, Schedule, lower, validate
 from .comm import P2P, link_of
 from .executor import Executor, StepInputs
@@ -30,7 +30,7 @@ from .nccl_semantics import NcclSemantics
 from .stage import StageRunner
 from .transport import TorchTransport
 
-__all__ = ["BatchError", "Pipeline", "make_partition", "NCCL_SEMANTICS_ENV"]
+__all__ = ["BatchError", "Pipeline", "NCCL_SEMANTICS_ENV"]
 
 NCCL_SEMANTICS_ENV = "CONVEYOR_NCCL_SEMANTICS"
 """Set to 1 to run point-to-point traffic under NCCL's rules on gloo (a test mode)."""
@@ -46,15 +46,13 @@ def _nccl_semantics(flag: bool | None) -> bool:
     return os.environ.get(NCCL_SEMANTICS_ENV, "0") not in ("", "0")
 
 
-def make_partition(model: ModelConfig, par: ParallelConfig, num_stages: int) -> Partition:
-    """Blocks -> stages as the parallel config asks."""
-    if par.partition == "params":
-        return by_params(block_param_counts(model), num_stages)
-    return uniform(model.num_blocks, num_stages)
-
-
 class Pipeline:
-    """This rank's stages of the model and the machinery to train them with a schedule."""
+    """This rank's stages of the model and the machinery to train them with a schedule.
+
+    What runs where is a :class:`~conveyor.parallel.layout.Layout`: pass one (resolved
+    once, e.g. by the trainer's parent process), or let ``resolve_layout`` make it from
+    ``model`` and ``par`` (with ``schedule`` replacing the configured schedule).
+    """
 
     def __init__(
         self,
@@ -64,6 +62,7 @@ class Pipeline:
         *,
         seed: int = 0,
         schedule: Schedule | None = None,
+        layout: Layout | None = None,
         device: torch.device | None = None,
         timeout_s: float = 300.0,
         autocast_dtype: torch.dtype | None = None,
@@ -73,11 +72,26 @@ class Pipeline:
         self.par = par
         self.mesh = mesh
         self.device = device or torch.device("cpu")
-        self.schedule = schedule or par.make_schedule()
+        if layout is None:
+            layout = resolve_layout(model, par, schedule=schedule)
+        elif schedule is not None:
+            raise ValueError("pass schedule= or layout=, not both: a Layout holds its schedule")
+        if (layout.pp, layout.dp) != (mesh.pp, mesh.dp):
+            raise ValueError(
+                f"layout pp={layout.pp} dp={layout.dp} does not match mesh pp={mesh.pp} "
+                f"dp={mesh.dp}; build the mesh with Mesh.build({layout.pp}, {layout.dp})"
+            )
+        if layout.partition.num_blocks != model.num_blocks:
+            raise ValueError(
+                f"layout partition {layout.partition} covers {layout.partition.num_blocks} "
+                f"blocks but the model has {model.num_blocks}; resolve the layout for this model"
+            )
+        self.layout = layout
+        self.schedule = layout.schedule
         self.stats = validate(self.schedule)
         self.num_microbatches = self.schedule.num_microbatches
         placement = self.schedule.placement
-        self.partition = make_partition(model, par, self.schedule.num_stages)
+        self.partition = layout.partition
         my_stages = placement.stages_of(mesh.pp_rank)
         # only stages with an I defer weight-grads (and pay for the deferring linears)
         split = {p.stage for p in self.schedule.parts() if p.kind is Kind.I}
@@ -121,7 +135,7 @@ class Pipeline:
             raise ValueError("NCCL semantics are emulated on the CPU (gloo); use device='cpu'")
         key = ("transport", emulate)
         if key not in mesh.cache:
-            mesh.cache[key] = NcclSemantics(timeout_s) if emulate else TorchTransport(self.device)
+            mesh.cache[key] = NcclSemantics(timeout_s) if emulate else TorchTransport(self.device, timeout_s)
         transport = mesh.cache[key]
         me = mesh.rank
         mine = {k: g for k, g in groups.items() if me in k[:2]}

@@ -32,6 +32,7 @@ from ..data import DataError, PreparedData, Sampler, get_batch, prepare_data
 from ..data.tokenizer import load_tokenizer
 from ..log import get_logger
 from ..models import block_param_counts
+from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
@@ -85,6 +86,8 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
 
     Returns each rank's summary (under torchrun: this process's rank only).
     """
+    # decided here, once, before anything is read or spawned: every rank gets this Layout
+    layout = resolve_layout(run.model, run.parallel, batch_size=run.train.batch_size)
     ckpt, meta = None, None
     if run.train.resume is not None:
         ckpt = resolve_checkpoint(Path(run.train.resume))
@@ -95,17 +98,19 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     if meta is not None and meta.get("tokenizer_path"):
         _check_same_tokenizer(data, Path(meta["tokenizer_path"]))
     run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None)
-    world = run.parallel.world_size
+    world = layout.world_size
     n_params = sum(block_param_counts(run.model)) - (
         run.model.vocab_size * run.model.d_model if run.model.tie_embeddings else 0
     )
-    log.info("training %.2fM parameters on %d ranks (pp=%d dp=%d, %s) for %d steps -> %s",
-             n_params / 1e6, world, run.parallel.pp, run.parallel.dp, run.parallel.schedule,
-             run.train.steps, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank runs this
+        log.info("training %.2fM parameters on %d ranks for %d steps -> %s",
+                 n_params / 1e6, world, run.train.steps, run_dir)
+        for line in layout.describe().splitlines():
+            log.info("%s", line)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
     with _user_errors_of_ranks():
-        return launch(train_worker, world, run, run_dir, data.train, data.val, ckpt,
+        return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
                       threads_per_rank=threads)
 
 
@@ -183,14 +188,16 @@ def _evaluate(pipe: Pipeline, batches: list[tuple[torch.Tensor, torch.Tensor]]) 
 class _Trainer:
     """One rank's pipeline, optimizer and data stream, and the bookkeeping around them."""
 
-    def __init__(self, run: RunConfig, run_dir: Path, train: np.ndarray, val: np.ndarray) -> None:
+    def __init__(self, run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarray,
+                 val: np.ndarray) -> None:
         self.run, self.cfg, self.run_dir, self.rows = run, run.train, run_dir, train
         self.rank = dist.get_rank()
         torch.manual_seed(self.cfg.seed)
         device = _device()
         par = run.parallel
         self.mesh = Mesh.build(par.pp, par.dp, device_type=device.type)
-        self.pipe = Pipeline(run.model, par, self.mesh, seed=self.cfg.seed, device=device,
+        self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
+                             device=device,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
         self.opt = build_optimizer(self.pipe.named_parameters(), lr=self.cfg.lr,
                                    weight_decay=self.cfg.weight_decay)
@@ -331,10 +338,10 @@ class _Trainer:
         }
 
 
-def train_worker(run: RunConfig, run_dir: Path, train: np.ndarray, val: np.ndarray,
-                 resume: Path | None = None) -> dict[str, Any]:
-    """Train on this rank (inside ``launch``); return its summary."""
-    trainer = _Trainer(run, run_dir, train, val)
+def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarray,
+                 val: np.ndarray, resume: Path | None = None) -> dict[str, Any]:
+    """Train on this rank (inside ``launch``) laid out as ``layout``; return its summary."""
+    trainer = _Trainer(run, layout, run_dir, train, val)
     if resume is not None:
         trainer.restore(resume)
     return trainer.fit()
@@ -356,7 +363,7 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
         raise ConfigError(f"checkpoint {ckpt} has no usable model/data/train config ({err}); "
                           "evaluate a checkpoint written by `conveyor train`") from None
     batch = batch_size or int(train["batch_size"])
-    par.check_against(model, batch)
+    layout = resolve_layout(model, par, batch_size=batch)
     if data.val_fraction == 0:
         raise ConfigError(f"checkpoint {ckpt} was trained with val_fraction=0, so it has no "
                           "validation set; nothing to evaluate")
@@ -364,19 +371,20 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
                        run_dir=str(train["run_dir"]))
     n = batches or int(train["eval_batches"])
     with _user_errors_of_ranks():
-        results = launch(eval_worker, par.world_size, model, par, ckpt, prepared.val, batch, n)
+        results = launch(eval_worker, par.world_size, model, par, layout, ckpt, prepared.val,
+                         batch, n)
     loss = results[min(results)]
     return {"checkpoint": str(ckpt), "step": int(meta["step"]), "val_loss": loss,
             "val_ppl": perplexity(loss), "batches": min(n, len(prepared.val) // batch),
             "batch_size": batch, "parallel": to_dict(par)}
 
 
-def eval_worker(model: ModelConfig, par: ParallelConfig, ckpt: Path, val: np.ndarray,
-                batch_size: int, n: int) -> float:
+def eval_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: Path,
+                val: np.ndarray, batch_size: int, n: int) -> float:
     """Mean validation loss of ``ckpt`` on this rank's share of the pipeline."""
     device = _device()
     mesh = Mesh.build(par.pp, par.dp, device_type=device.type)
-    pipe = Pipeline(model, par, mesh, device=device)
+    pipe = Pipeline(model, par, mesh, layout=layout, device=device)
     load_params(pipe, ckpt)
     return _evaluate(pipe, val_batches(val, batch_size, n))
 
