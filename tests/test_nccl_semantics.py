@@ -140,10 +140,6 @@ def _old_layout(kind: str) -> str:
         return " ".join(f"{pipe.train_step(x, y):.6f}" for x, y in batches())
     except PipelineError as err:
         return f"error: {err}"
-    finally:
-        # over the world group, which the broken links do not touch: no rank leaves (and
-        # closes its connections) before its peer has hit its own timeout
-        dist.barrier()
 
 
 CHECKS = {"works": _works_per_batch, "rendezvous": _rendezvous, "ordered": _ordered,
@@ -201,8 +197,10 @@ def test_the_old_single_group_layout_deadlocks_only_under_nccl_semantics() -> No
     # without gradient steps the losses are those of the same weights on each batch
     assert r[0]["old_layout/gloo"] == r[1]["old_layout/gloo"]
     assert not r[0]["old_layout/gloo"].startswith("error")
-    for rank in (0, 1):
-        err = r[rank]["old_layout/nccl"]
-        # the host's wait or the stream's own gloo wait may report the timeout first
-        assert err.startswith("error: rank") and "timed out" in err.lower(), err
+    errors = [r[rank]["old_layout/nccl"] for rank in (0, 1)]
+    for err in errors:
+        assert err.startswith("error: rank"), err
         assert "receiving" in err  # names the receive it waited on
+    # the first rank to time out tears gloo's connections down, so its peer may see
+    # "connection closed" instead of a timeout of its own
+    assert any("timed out" in err.lower() for err in errors), errors
