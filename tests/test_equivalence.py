@@ -3,11 +3,13 @@ with gloo's own semantics and under NCCL's (``NcclSemantics``).
 
 Loss of every step within 1e-5 relative, parameters after 3 optimizer steps within
 1e-4 relative: GPipe and 1F1B x pp in {1, 2, 4} x microbatches in {1, 2, 4, 8};
-interleaved 1F1B (v = 2, 3), ZB-H1, ZB-H2 and ZB-V at pp in {2, 4}; recomputation
+interleaved 1F1B (v = 2, 3), ZB-H1, ZB-H2, ZB-V, DualPipeV, V-Half and V-Min at pp
+in {2, 4}; a hand-written schedule mixing B with I/W and an overlapped pair; recomputation
 on/off, tied embeddings on/off, GPT-2 and Llama flavours; and pp=2 x dp=2.
 Under NCCL semantics: every schedule x pp in {2, 3, 4} x microbatches in
-{1, 2, 3, 4, 8}, plus pp=2 x dp=2, each also checking the step-0 forward-only
-evaluation.
+{1, 2, 3, 4, 8} (DualPipeV from m = 2p), plus pp=2 x dp=2, each also checking the
+step-0 forward-only evaluation. Every case also checks that the runtime's peak of
+held activations equals the validator's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.multiprocess
 
 SCHEDULES = ["gpipe", "1f1b"]
 SPLIT_AND_VIRTUAL = ["interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
+V_SCHEDULES = ["dualpipev", "v-half", "v-min"]  # V placement; DualPipeV needs m >= 2p
 FLAVOURS = ["gpt2", "llama"]
 
 
@@ -36,10 +39,15 @@ MIXED = (
 def _nccl_cases(pp: int) -> list[Case]:
     """Every schedule x microbatch count at ``pp`` under NCCL semantics; options rotate."""
     cases = []
-    for sched, m in itertools.product(SCHEDULES + SPLIT_AND_VIRTUAL, (1, 2, 3, 4, 8)):
+    every = SCHEDULES + SPLIT_AND_VIRTUAL + V_SCHEDULES
+    for sched, m in itertools.product(every, (1, 2, 3, 4, 8)):
+        if sched == "dualpipev" and m < 2 * pp:
+            m = 2 * pp if m == 1 else 0  # its smallest valid count stands in for m = 1
+            if not m:
+                continue
         flavour = FLAVOURS[(m + pp) % 2]
         cases.append(Case(sched, pp, m, recompute=m == 4, tied=m in (3, 8), flavour=flavour,
-                          nccl=True, batch=6 if m == 3 else 8))
+                          nccl=True, batch=8 if 8 % m == 0 else 6))
     return cases
 
 
@@ -54,6 +62,8 @@ def _cases(pp: int) -> list[Case]:
         for sched, m, flavour in itertools.product(SPLIT_AND_VIRTUAL, (1, 4, 8), FLAVOURS):
             cases.append(Case(sched, pp, m, recompute=m == 4, tied=m == 8, flavour=flavour))
         cases.append(Case("interleaved-1f1b", pp, 4, virtual_stages=2 if pp == 4 else 3))
+        for sched, m in itertools.product(V_SCHEDULES, sorted({2 * pp, 8})):
+            cases.append(Case(sched, pp, m, recompute=m == 8, tied=m != 8, flavour=FLAVOURS[m % 3 % 2]))
     if pp == 4:  # the same 4 ranks as 2 stages x 2 data-parallel replicas
         cases += [Case("1f1b", 2, 2, dp=2), Case("zb-v", 2, 4, dp=2, tied=True, flavour="llama")]
         cases += [Case("mixed", 2, 4, custom=MIXED, dp=2, nccl=True),
@@ -68,7 +78,7 @@ def _cases(pp: int) -> list[Case]:
     return cases
 
 
-CASES = {pp: _cases(pp) for pp in (1, 2, 3, 4)}  # by world size: one spawned group each
+CASES = {pp: list({str(c): c for c in _cases(pp)}.values()) for pp in (1, 2, 3, 4)}  # by world size: one spawned group each
 
 
 @cache

@@ -62,6 +62,8 @@ def _check_lowering(s: Schedule) -> None:
 @pytest.mark.parametrize("name,v", CASES)
 def test_every_schedule_is_valid_ordered_and_lowers(name: str, v: int) -> None:
     for p, m in SIZES:
+        if name == "dualpipev" and m < 2 * p:
+            continue  # DualPipeV needs m >= 2p (test_schedules_v.py checks the refusal)
         s = build_schedule(name, p, m, v)
         assert (s.num_stages, s.num_ranks, s.num_microbatches) == (p * v, p, m)
         stats = validate(s)  # coverage and no deadlock
@@ -73,6 +75,7 @@ def test_every_schedule_is_valid_ordered_and_lowers(name: str, v: int) -> None:
 def test_registry_names_and_chunks() -> None:
     assert set(SCHEDULES) == set(SCHEDULE_CHUNKS) == {
         "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "forward-only",
+        "dualpipev", "v-half", "v-min",
     }
     assert SCHEDULE_CHUNKS["zb-v"] == 2 and SCHEDULE_CHUNKS["interleaved-1f1b"] is None
     assert build_schedule("zb-v", 3, 6, virtual_stages=2).num_stages == 6
@@ -109,7 +112,7 @@ def test_sizes_must_be_positive(name: str, p: int, m: int) -> None:
 
 
 def test_unknown_schedule_in_check_virtual_stages() -> None:
-    with pytest.raises(ScheduleError, match="'zb-h3' is unknown; choose one of 1f1b, forward-only"):
+    with pytest.raises(ScheduleError, match="'zb-h3' is unknown; choose one of 1f1b, dualpipev"):
         check_virtual_stages("zb-h3", 1)
 
 

@@ -30,6 +30,8 @@ from conveyor.schedules.ir import B, F, I, W
 @pytest.mark.parametrize("name", sorted(SCHEDULE_CHUNKS))
 @pytest.mark.parametrize("p,m", [(1, 1), (3, 5), (4, 8)])
 def test_round_trip(name: str, p: int, m: int, tmp_path: Path) -> None:
+    if name == "dualpipev":
+        m = max(m, 2 * p)  # DualPipeV needs m >= 2p
     s = build_schedule(name, p, m, SCHEDULE_CHUNKS[name] or 3)
     assert read_schedule_csv(format_schedule_csv(s)) == s
     path = tmp_path / "plan.csv"
@@ -170,7 +172,7 @@ def test_torch_form_errors(text: str, message: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(SCHEDULE_CHUNKS))
 def test_torch_style_round_trip(name: str, tmp_path: Path) -> None:
-    s = build_schedule(name, 3, 5, SCHEDULE_CHUNKS[name] or 3)
+    s = build_schedule(name, 3, 6 if name == "dualpipev" else 5, SCHEDULE_CHUNKS[name] or 3)
     text = format_schedule_csv(s, style="torch")
     assert text.splitlines()[0].split(",")[:2] == [str(a) for a in s.actions[0][:2]]  # no rank
     back = read_schedule_csv(text)

@@ -5,7 +5,9 @@ Nothing in this package imports torch.
 
 from __future__ import annotations
 
+from .controllable import v_half, v_min
 from .describe import describe
+from .dualpipe import dualpipev
 from .forward_only import forward_only
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
@@ -30,6 +32,7 @@ __all__ = [
     "build_schedule",
     "check_virtual_stages",
     "describe",
+    "dualpipev",
     "execute",
     "format_schedule_csv",
     "forward_only",
@@ -39,6 +42,8 @@ __all__ = [
     "one_f_one_b",
     "overlap",
     "read_schedule_csv",
+    "v_half",
+    "v_min",
     "validate",
     "write_schedule_csv",
     "zb_h1",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .controllable import v_half, v_min
+from .dualpipe import dualpipev
 from .forward_only import forward_only
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b
@@ -24,6 +26,9 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zb-h1": zb_h1,
     "zb-h2": zb_h2,
     "zb-v": zb_v,
+    "dualpipev": dualpipev,
+    "v-half": v_half,
+    "v-min": v_min,
     "forward-only": forward_only,
 }
 """Name -> ``fn(num_ranks, num_microbatches)``; interleaved also takes ``virtual_stages``."""
@@ -35,6 +40,9 @@ SCHEDULE_CHUNKS: dict[str, int | None] = {
     "zb-h1": 1,
     "zb-h2": 1,
     "zb-v": 2,
+    "dualpipev": 2,
+    "v-half": 2,
+    "v-min": 2,
     "forward-only": 1,
 }
 """Name -> model chunks (virtual stages) per rank it runs; None: any ``virtual_stages >= 2``.

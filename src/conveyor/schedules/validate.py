@@ -116,7 +116,9 @@ class Execution:
             for t in self.timeline[rank]:
                 if t.action.kind.is_compute:
                     a = t.action
-                    label = str(a) if stages else f"{a.kind.value}{a.microbatch}"
+                    label = "+".join(  # an overlapped pair reads 0F3+3B1 over both its ticks
+                        str(x) if stages else f"{x.kind.value}{x.microbatch}" for x in a.parts
+                    )
                     for c in range(int(round(t.start)), int(round(t.end))):
                         cells[c] = label
             cell_w = max(len(c) for c in cells) if cells else 1
@@ -240,7 +242,9 @@ def _at(schedule: Schedule, rank: int, index: int, reason: str) -> str:
 
 def execute(
     schedule: Schedule,
-    duration: Callable[[int, Action], float] = lambda rank, a: 1.0 if a.kind.is_compute else 0.0,
+    duration: Callable[[int, Action], float] = lambda rank, a: (
+        float(len(a.parts)) if a.kind.is_compute else 0.0  # an overlapped pair: two ticks
+    ),
     latency: Callable[[Action], float] = lambda a: 0.0,
 ) -> Execution:
     """Run the schedule on a clock; raise ScheduleError naming the stuck actions on deadlock.
