@@ -70,6 +70,9 @@ TORCH_COUNTERPART: dict[str, str | None] = {
     "zb-h1": "ScheduleInterleavedZeroBubble",
     "zb-h2": None,  # torch has no ZB-H2
     "zb-v": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",  # same V placement; overlapped pairs run in order
+    "v-half": None,  # torch has no controllable-memory V schedules
+    "v-min": None,
 }
 _SINGLE_STAGE_CLASSES = {"ScheduleGPipe", "Schedule1F1B"}
 
@@ -374,10 +377,11 @@ def _same_order(torch_schedule: Any, ours: Any, rank: int) -> bool | None:
         return None
     theirs = [
         (a.stage_index, _TORCH_KIND[a.computation_type.name], a.microbatch_index)
-        for a in order[rank]
-        if a is not None and a.computation_type.name in _TORCH_KIND
+        for action in order[rank] if action is not None
+        for a in (action.sub_actions or (action,))  # an overlapped pair: its two halves
+        if a.computation_type.name in _TORCH_KIND
     ]
-    mine = [(a.stage, a.kind.value, a.microbatch) for a in ours.actions[rank] if a.kind.is_compute]
+    mine = [(a.stage, a.kind.value, a.microbatch) for a in ours.parts(rank)]
     return theirs == mine
 
 

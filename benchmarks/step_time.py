@@ -36,8 +36,10 @@ ScheduleInterleaved1F1B (2 stages per rank, looped placement, as ours), zb-h1 ->
 ScheduleInterleavedZeroBubble with ONE stage per rank (its ZB1P builder with one local
 stage yields exactly ZB-H1: rank r runs pp-r warmup forwards, then F/I/W with W
 deferred by r microbatches; same_action_order checks the orders are identical), zb-v
--> ScheduleZBVZeroBubble (V placement: rank r holds stages r and 2*pp-1-r, as ours).
-zb-h2 has no torch counterpart (vs_torch null).
+-> ScheduleZBVZeroBubble (V placement: rank r holds stages r and 2*pp-1-r, as ours),
+dualpipev -> ScheduleDualPipeV (the same V placement and action order; both run an
+overlapped pair's halves one after the other on CPU). zb-h2, v-half and v-min have no
+torch counterpart (vs_torch null).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from _step_workers import TORCH_COUNTERPART, Case, Spec, run_group  # noqa: E402
 from conveyor.config import ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from conveyor.runtime.launch import launch  # noqa: E402
 
-ALL_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v"]
+ALL_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipev",
+                 "v-half", "v-min"]
 PP4_SCHEDULES = ["1f1b", "interleaved-1f1b", "zb-h1"]
 FIELDS = [
     "config", "schedule", "impl", "pp", "microbatches", "threads_per_rank", "median_step_s",
