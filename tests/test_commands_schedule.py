@@ -79,3 +79,14 @@ def test_simulate_takes_train_partition_options(tmp_path: Path,
         return float(re.search(r"; step (\S+) ms", out)[1])
 
     assert step_ms(printed["cost"]) < step_ms(printed["uniform"])
+
+
+def test_schedule_show_writes_torchs_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "dpv.csv"
+    assert main(["schedule", "show", "--schedule", "dualpipev", "--pp", "2", "--microbatches",
+                 "4", "--csv", str(csv), "--csv-style", "torch"]) == 0
+    capsys.readouterr()
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("0F0,0F1,0F2,3F0,3I0,3W0,3F1,(0F3;3B1)OVERLAP_F_B")  # no rank column
+    assert main(["schedule", "show", "--schedule-file", str(csv)]) == 0
+    assert "2 ranks, 4 stages (vshape placement), 4 microbatches" in capsys.readouterr().out

@@ -30,6 +30,9 @@ def register(sub: Any) -> None:
     show.add_argument("--virtual", type=int, default=None,
                       help="model chunks per rank (default: what the schedule needs)")
     show.add_argument("--csv", default=None, help="also write the schedule as a CSV table here")
+    show.add_argument("--csv-style", default="conveyor", choices=["conveyor", "torch"],
+                      help="CSV form: Conveyor's (header and rank column) or torch's "
+                      "(what torch.distributed.pipelining's _load_csv reads)")
     show.set_defaults(run=_show)
 
 
@@ -41,6 +44,6 @@ def _show(args: argparse.Namespace) -> int:
                                 schedule_file=args.schedule_file or None)
     print(describe(schedule))
     if args.csv:
-        write_schedule_csv(schedule, args.csv)
+        write_schedule_csv(schedule, args.csv, style=args.csv_style)
         print(f"\nwrote {args.csv}")
     return 0
