@@ -13,8 +13,9 @@ from ..train.checkpoint import CheckpointError
 
 __all__ = ["COMMANDS", "UserError"]
 
-# Modules under conveyor.commands, in the order --help lists them.
-COMMANDS = ["train", "eval", "report", "generate", "export", "schedule", "simulate", "trace"]
+# Modules under conveyor.commands, in the order --help lists them (import_ adds `import`).
+COMMANDS = ["train", "eval", "report", "generate", "export", "import_", "schedule", "simulate",
+            "trace"]
 
 UserError = (ConfigError, DataError, ScheduleError, CheckpointError, GenerationError,
              FileNotFoundError)

@@ -1,4 +1,10 @@
-"""``conveyor export``: a checkpoint's model as model.safetensors + config.json + tokenizer.json."""
+"""``conveyor export``: a model as one directory, in Conveyor's format or Hugging Face's.
+
+``--format conveyor`` (the default) writes model.safetensors + config.json +
+tokenizer.json; ``--format hf`` writes a directory ``transformers`` loads with
+``from_pretrained`` (``GPT2LMHeadModel`` or ``LlamaForCausalLM``) and
+``AutoTokenizer`` reads, sharded above ``--max-shard-size``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..train.checkpoint import read_meta, resolve_checkpoint
-from ..train.export import export_model
+from ..models.hf_families import family_of
+from ..train.export import read_model, write_export
+from ..train.hf_io import DEFAULT_MAX_SHARD_SIZE, parse_size, write_hf
 
 __all__ = ["register"]
 
@@ -16,21 +23,34 @@ def register(sub: Any) -> None:
     """Add ``export`` to the CLI."""
     p = sub.add_parser(
         "export",
-        help="write a checkpoint's model as one model.safetensors with config.json",
+        help="write a model as one directory (Conveyor's format, or Hugging Face's)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a checkpoint directory (RUN/checkpoints/step-N), or a run directory "
-                        "to export its latest checkpoint")
+                   help="a checkpoint directory (RUN/checkpoints/step-N), a run directory "
+                        "to export its latest checkpoint, or an exported or imported model")
     p.add_argument("--out", type=Path, required=True, help="directory to write the model into")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to copy instead of the one the checkpoint names")
+    p.add_argument("--format", choices=("conveyor", "hf"), default="conveyor",
+                   help="conveyor: config.json + model.safetensors for Conveyor; hf: a "
+                        "Hugging Face transformers directory (GPT2LMHeadModel, LlamaForCausalLM)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                   help="with --format hf: split the weights into files of at most this size "
+                        "(e.g. 5GB, 500MB), listed in model.safetensors.index.json")
     p.set_defaults(run=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
-    ckpt = resolve_checkpoint(args.checkpoint)
-    out = export_model(ckpt, args.out, tokenizer=args.tokenizer)
-    step = read_meta(ckpt).get("step", "?")
-    print(f"exported step {step} of {ckpt} to {out}")
+    max_bytes = parse_size(args.max_shard_size)  # a bad size fails before any reading
+    model = read_model(args.checkpoint, tokenizer=args.tokenizer)
+    what = model.source if model.step is None else f"step {model.step} of {model.source}"
+    if args.format == "hf":
+        files = write_hf(args.out, model, max_shard_size=max_bytes)
+        weights = sum(f.endswith(".safetensors") for f in files)
+        print(f"exported {what} to {args.out} as Hugging Face {family_of(model.cfg).architecture} "
+              f"({weights} weight file{'s' if weights > 1 else ''})")
+    else:
+        write_export(args.out, model.cfg, model.tensors, model.tokenizer)
+        print(f"exported {what} to {args.out}")
     return 0

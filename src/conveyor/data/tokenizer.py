@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,13 +15,15 @@ from conveyor.data.atomic import atomic_write
 from conveyor.data.corpus import Corpus
 from conveyor.data.errors import DataError
 
-__all__ = ["EOT", "DEFAULT_MAX_BYTES", "Tokenizer", "train_tokenizer", "load_tokenizer",
-           "tokenizer_cache_path"]
+__all__ = ["EOT", "DEFAULT_MAX_BYTES", "TOKENIZER_CONFIG", "Tokenizer", "train_tokenizer",
+           "load_tokenizer", "end_of_text_token", "tokenizer_cache_path"]
 
 log = logging.getLogger("conveyor.data")
 
 EOT = "<|endoftext|>"
 """End-of-text special token, placed after every document when packing."""
+TOKENIZER_CONFIG = "tokenizer_config.json"
+"""A Hugging Face tokenizer's settings; beside a tokenizer.json, its ``eos_token`` replaces EOT."""
 DEFAULT_MAX_BYTES = 20_000_000
 """Cap on training text: BPE training time grows with it (~12 MB of stdlib trains in seconds)."""
 MIN_FREQUENCY = 2
@@ -30,13 +33,14 @@ _ENCODE_CHUNK = 256  # documents per encode_batch call; bounds the Rust-side mem
 
 
 class Tokenizer:
-    """A trained byte-level BPE tokenizer with an end-of-text token."""
+    """A trained byte-level BPE tokenizer (or an imported one) with an end-of-text token."""
 
-    def __init__(self, hf: HFTokenizer) -> None:
-        eot_id = hf.token_to_id(EOT)
+    def __init__(self, hf: HFTokenizer, eot: str = EOT) -> None:
+        eot_id = hf.token_to_id(eot)
         if eot_id is None:
-            raise DataError(f"tokenizer has no {EOT} token; retrain it with train_tokenizer")
+            raise DataError(f"tokenizer has no {eot} token; retrain it with train_tokenizer")
         self.hf = hf
+        self.eot = eot
         self.eot_id: int = eot_id
 
     @property
@@ -69,8 +73,25 @@ class Tokenizer:
         atomic_write(Path(path), lambda f: f.write(data))
 
 
+def end_of_text_token(path: Path) -> str:
+    """EOT, or the ``eos_token`` of a Hugging Face tokenizer_config.json beside ``path``."""
+    # Imported models keep their own end token (Llama's "</s>"), named where HF names it
+    config = Path(path).parent / TOKENIZER_CONFIG
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return EOT
+    if isinstance(eos, dict):  # an AddedToken written out by older transformers
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else EOT
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Read a tokenizer.json; DataError if it is missing, corrupt or has no EOT token."""
+    """Read a tokenizer.json; DataError if it is missing, corrupt or has no end-of-text token.
+
+    The end-of-text token is EOT unless a tokenizer_config.json beside the file names
+    another ``eos_token`` (see :func:`end_of_text_token`).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tokenizer file '{path}' does not exist; pass a saved tokenizer.json "
@@ -81,10 +102,14 @@ def load_tokenizer(path: Path) -> Tokenizer:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"tokenizer file '{path}' is corrupt ({reason}); "
                         "delete it so it is retrained, or pass a valid tokenizer.json") from None
-    if hf.token_to_id(EOT) is None:
-        raise DataError(f"tokenizer file '{path}' has no {EOT} token; "
+    eot = end_of_text_token(path)
+    if hf.token_to_id(eot) is None and eot != EOT:
+        raise DataError(f"tokenizer file '{path}' has no {eot} token, the eos_token of "
+                        f"{path.parent / TOKENIZER_CONFIG}; set eos_token there to a token it has")
+    if hf.token_to_id(eot) is None:
+        raise DataError(f"tokenizer file '{path}' has no {eot} token; "
                         "delete it so it is retrained, or pass a tokenizer with that token")
-    return Tokenizer(hf)
+    return Tokenizer(hf, eot)
 
 
 def tokenizer_cache_path(corpus: Corpus, vocab_size: int, cache_dir: Path,

@@ -5,11 +5,15 @@
                           (with tied embeddings only blocks.0.tok.weight: the head shares it)
       config.json         the ModelConfig as a dict
       tokenizer.json      a copy of the run's tokenizer, when the checkpoint names one
+      tokenizer_config.json  only beside an imported Hugging Face tokenizer: its eos_token
+
+``conveyor import`` writes the same directory from a Hugging Face one (``hf_io``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +24,96 @@ from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, to_dict
 from ..data.atomic import atomic_write
+from ..data.tokenizer import TOKENIZER_CONFIG
 from ..models import Transformer
 from .checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
+from .checkpoint_files import META
 
-__all__ = ["MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "export_model", "load_exported"]
+__all__ = ["MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "ModelFiles", "export_model",
+           "is_exported", "load_exported", "read_model", "write_export", "param_shapes",
+           "check_shapes"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model read from disk: its config, its parameters by single-process name, its tokenizer."""
+
+    cfg: ModelConfig
+    tensors: dict[str, Tensor]
+    """Every parameter once (a tied head is the embedding's blocks.0.tok.weight)."""
+    tokenizer: Path | None
+    """The tokenizer.json that goes with it, if any."""
+    step: int | None
+    """The checkpoint's step; None for an exported directory."""
+    source: Path
+    """The checkpoint or exported directory it was read from."""
+
+
+def is_exported(path: Path) -> bool:
+    """Whether ``path`` is an exported (or imported) model directory rather than a checkpoint."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file() \
+        and not (path / META).is_file()
+
+
+def read_model(path: Path, *, tokenizer: Path | None = None) -> ModelFiles:
+    """The model of a checkpoint, a run directory (its latest) or an exported directory.
+
+    ``tokenizer`` overrides the tokenizer the source names.
+    """
+    path = Path(path)
+    if is_exported(path):
+        cfg = read_exported_config(path)
+        tensors = _read_exported_tensors(path)
+        check_shapes(tensors, param_shapes(cfg), str(path / MODEL_FILE))
+        own = path / TOKENIZER_FILE
+        return ModelFiles(cfg, tensors, tokenizer or (own if own.is_file() else None), None, path)
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    cfg = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
+    shapes = param_shapes(cfg)
+    tensors = load_tensors(ckpt, shapes)
+    check_shapes(tensors, shapes, f"checkpoint {ckpt}")
+    named = meta.get("tokenizer_path")
+    return ModelFiles(cfg, tensors, tokenizer or (Path(named) if named else None),
+                      int(meta["step"]) if "step" in meta else None, ckpt)
+
+
+def read_tokenizer_bytes(path: Path) -> bytes:
+    """The bytes of a tokenizer file; CheckpointError naming it and the fix if unreadable."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot read tokenizer {path} ({err.strerror}); pass --tokenizer PATH "
+            "to copy another tokenizer.json into the export"
+        ) from None
+
+
+def write_export(
+    out_dir: Path, cfg: ModelConfig, tensors: dict[str, Tensor], tokenizer: Path | None
+) -> Path:
+    """Write config.json, model.safetensors and (given one) tokenizer.json into ``out_dir``."""
+    out_dir = Path(out_dir)
+    tok_bytes = read_tokenizer_bytes(tokenizer) if tokenizer else None
+    sidecar = Path(tokenizer).parent / TOKENIZER_CONFIG if tokenizer else None
+    side_bytes = sidecar.read_bytes() if sidecar is not None and sidecar.is_file() else None
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    atomic_write(out_dir / MODEL_FILE, lambda f: f.write(data))
+    config = json.dumps(to_dict(cfg), indent=2).encode()
+    atomic_write(out_dir / CONFIG_FILE, lambda f: f.write(config))
+    if tok_bytes is not None:
+        atomic_write(out_dir / TOKENIZER_FILE, lambda f: f.write(tok_bytes))
+    if side_bytes is not None:
+        atomic_write(out_dir / TOKENIZER_CONFIG, lambda f: f.write(side_bytes))
+    else:
+        # a stale one from an earlier export would name another end-of-text token
+        (out_dir / TOKENIZER_CONFIG).unlink(missing_ok=True)
+    return out_dir
 
 
 def export_model(ckpt_dir: Path, out_dir: Path, *, tokenizer: Path | None = None) -> Path:
@@ -35,51 +121,34 @@ def export_model(ckpt_dir: Path, out_dir: Path, *, tokenizer: Path | None = None
 
     ``tokenizer`` overrides the tokenizer path the checkpoint's meta names. Returns ``out_dir``.
     """
-    ckpt = resolve_checkpoint(Path(ckpt_dir))
-    out_dir = Path(out_dir)
-    meta = read_meta(ckpt)
-    cfg = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
-    shapes = _param_shapes(cfg)
-    tensors = load_tensors(ckpt, shapes)
-    _check_shapes(tensors, shapes, f"checkpoint {ckpt}")
-    tok_path = tokenizer or meta.get("tokenizer_path")
-    tok_bytes = None
-    if tok_path:
-        try:
-            tok_bytes = Path(tok_path).read_bytes()
-        except OSError as err:
-            raise CheckpointError(
-                f"cannot read tokenizer {tok_path} ({err.strerror}); pass --tokenizer PATH "
-                "to copy another tokenizer.json into the export"
-            ) from None
-    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    atomic_write(out_dir / MODEL_FILE, lambda f: f.write(data))
-    config = json.dumps(to_dict(cfg), indent=2).encode()
-    atomic_write(out_dir / CONFIG_FILE, lambda f: f.write(config))
-    if tok_bytes is not None:
-        atomic_write(out_dir / TOKENIZER_FILE, lambda f: f.write(tok_bytes))
-    return out_dir
+    model = read_model(ckpt_dir, tokenizer=tokenizer)
+    return write_export(out_dir, model.cfg, model.tensors, model.tokenizer)
 
 
 def load_exported(out_dir: Path) -> tuple[Transformer, ModelConfig]:
     """The single-process model of an export, with every parameter loaded from it."""
     out_dir = Path(out_dir)
-    fix = f"create it with `conveyor export --checkpoint RUN_DIR --out {out_dir}`"
     cfg = read_exported_config(out_dir)
     path = out_dir / MODEL_FILE
-    try:
-        tensors = safetensors.torch.load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{out_dir} has no {MODEL_FILE}; {fix}") from None
-    except (OSError, safetensors.SafetensorError) as err:
-        raise CheckpointError(f"{path} is corrupt ({err}); {fix}") from None
+    tensors = _read_exported_tensors(out_dir)
     model = Transformer(cfg, seed=0)
     params = dict(model.named_parameters())  # a tied head weight is listed once, as the embedding
-    _check_shapes(tensors, {n: tuple(p.shape) for n, p in params.items()}, str(path))
+    check_shapes(tensors, {n: tuple(p.shape) for n, p in params.items()}, str(path))
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
     return model, cfg
+
+
+def _read_exported_tensors(out_dir: Path) -> dict[str, Tensor]:
+    fix = f"create it with `conveyor export --checkpoint RUN_DIR --out {out_dir}`"
+    path = out_dir / MODEL_FILE
+    try:
+        return safetensors.torch.load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{out_dir} has no {MODEL_FILE}; {fix}") from None
+    except (OSError, safetensors.SafetensorError) as err:
+        raise CheckpointError(f"{path} is corrupt ({err}); {fix}") from None
 
 
 def read_exported_config(out_dir: Path) -> ModelConfig:
@@ -101,6 +170,11 @@ def model_config_from(raw: Any, where: str) -> ModelConfig:
         raise CheckpointError(
             f"{where} holds no model config; export needs a checkpoint saved by `conveyor train`"
         )
+    if "model_type" in raw or "architectures" in raw:
+        raise CheckpointError(
+            f"{where} is a Hugging Face config; convert the directory first with "
+            "`conveyor import HF_DIR --out DIR` and use DIR"
+        )
     try:
         return ModelConfig(**raw)
     except (TypeError, ConfigError) as err:
@@ -110,16 +184,17 @@ def model_config_from(raw: Any, where: str) -> ModelConfig:
         ) from None
 
 
-def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of ``cfg``'s model, without allocating or initialising it."""
     with torch.device("meta"):
         model = Transformer(cfg, seed=0)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def _check_shapes(
+def check_shapes(
     tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], where: str
 ) -> None:
+    """CheckpointError listing missing, unexpected and misshapen tensors, if any."""
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))
     wrong = [
