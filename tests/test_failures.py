@@ -40,3 +40,23 @@ def test_stalled_peer_names_action_and_all_ranks_exit() -> None:
     assert "rank 1 failed at step 0, action 1RECV_F0 (stage 1, microbatch 0)" in msg
     assert "[1RECV_F0]" in msg  # the grid marks the failing action
     assert elapsed < 60, f"launch took {elapsed:.0f}s: the stalled rank was not stopped"
+
+
+def _rank1_is_killed() -> None:
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # rank 0 would wait here: it must be stopped, not waited for
+
+
+def test_a_killed_rank_is_one_line_and_stops_the_others() -> None:
+    from conveyor.runtime.launch import RankDied
+
+    t0 = time.monotonic()
+    with pytest.raises(RankDied, match=r"^rank 1 \(pid \d+\) died: signal SIGKILL; the other"):
+        launch(_rank1_is_killed, 2, timeout_s=30)
+    assert time.monotonic() - t0 < 30

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .commands import COMMANDS, UserError
+from .runtime.launch import RankDied
 
 __all__ = ["main", "build_parser"]
 
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"conveyor {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RankDied as err:  # torch's own report is ~20 lines for the same fact
+        print(f"conveyor {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"conveyor {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from ..log import get_logger, setup_logging
 
-__all__ = ["launch", "default_backend", "under_torchrun", "free_port"]
+__all__ = ["RankDied", "launch", "default_backend", "under_torchrun", "free_port"]
 
 log = get_logger(__name__)
 
@@ -137,7 +137,17 @@ def launch(
             out[rank] = value
 
     # Drain while joining: a large result would otherwise fill the pipe and block its rank.
-    while not context.join(timeout=0.05):
-        drain()
+    try:
+        while not context.join(timeout=0.05):
+            drain()
+    except mp.ProcessExitedException as err:  # killed, or exited without raising
+        how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
+        raise RankDied(
+            f"rank {err.error_index} (pid {err.error_pid}) died: {how}; the other ranks were stopped"
+        ) from err
     drain()
     return out
+
+
+class RankDied(RuntimeError):
+    """A rank process ended without reporting an error (killed by a signal, or exited)."""
