@@ -45,18 +45,31 @@ class Case:
     """Run point-to-point traffic under NCCL's rules (``NcclSemantics``) and check the
     step-0 forward-only evaluation too."""
     batch: int = BATCH
+    tp: int = 1
+    """Tensor-parallel width; the world is pp * dp * tp ranks."""
+    sp: bool = False
+    """Sequence parallelism (needs tp > 1)."""
+    vocab: int = BASE.vocab_size
+    """Vocabulary size; one tp does not divide makes the vocabulary-parallel layers pad."""
+
+    @property
+    def world(self) -> int:
+        """Ranks this case runs on."""
+        return self.pp * self.dp * self.tp
 
     @property
     def model(self) -> ModelConfig:
         """The model config of this case."""
         extra = {"n_kv_heads": 2} if self.flavour == "llama" else {}
-        return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied, **extra)
+        return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied,
+                       vocab_size=self.vocab, **extra)
 
     @property
     def parallel(self) -> ParallelConfig:
         """The parallel config of this case."""
         return ParallelConfig(  # a custom schedule replaces the config's (any valid name)
-            pp=self.pp, dp=self.dp, schedule="1f1b" if self.custom else self.schedule,
+            pp=self.pp, dp=self.dp, tp=self.tp, sequence_parallel=self.sp,
+            schedule="1f1b" if self.custom else self.schedule,
             microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
         )
@@ -75,16 +88,20 @@ class Case:
         flags += [f"v{self.virtual_stages}"] * (self.virtual_stages is not None) + [f"dp{self.dp}"] * (
             self.dp > 1
         )
+        flags += [f"tp{self.tp}"] * (self.tp > 1) + ["sp"] * self.sp
+        flags += [f"vocab{self.vocab}"] * (self.vocab != BASE.vocab_size)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
         return f"{self.schedule}-" + "-".join(flags)
 
 
-def batches(size: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    size: int = BATCH, vocab: int = BASE.vocab_size
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed sequence of (inputs, targets) global batches, one per step."""
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(STEPS):
-        t = torch.randint(0, BASE.vocab_size, (size, SEQ + 1), generator=g)
+        t = torch.randint(0, vocab, (size, SEQ + 1), generator=g)
         out.append((t[:, :-1], t[:, 1:]))
     return out
 
@@ -110,7 +127,7 @@ def reference(case: Case) -> Result:
     model = Transformer(case.model, seed=0)
     opt = make_optimizer(list(model.parameters()))
     losses = []
-    data = batches(case.batch)
+    data = batches(case.batch, case.vocab)
     with torch.no_grad():
         eval_loss = model.loss(*data[0]).item()
     for x, y in data:
@@ -129,22 +146,22 @@ def reference(case: Case) -> Result:
 
 def _run_cases(cases: list[Case]) -> dict[str, Result]:
     out: dict[str, Result] = {}
-    meshes: dict[tuple[int, int], Mesh] = {}
+    meshes: dict[tuple[int, int, int], Mesh] = {}
     for case in cases:
-        key = (case.pp, case.dp)
+        key = (case.pp, case.dp, case.tp)
         if key not in meshes:
-            meshes[key] = Mesh.build(case.pp, case.dp)
+            meshes[key] = Mesh.build(case.pp, case.dp, case.tp)
         pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60,
                         emulate_nccl=case.nccl, schedule=case.built_schedule())
         opt = make_optimizer(pipe.parameters())
-        data = batches(case.batch)
+        data = batches(case.batch, case.vocab)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
         losses = []
         for x, y in data:
             opt.zero_grad()
             losses.append(pipe.train_step(x, y))
             opt.step()
-        params = {k: v.detach().clone() for k, v in pipe.named_parameters()}
+        params = dict(pipe.full_named_parameters())  # logical tensors, gathered over tp
         peaks = (pipe.meter.peak_units, pipe.stats.peak_activations[pipe.mesh.pp_rank])
         out[str(case)] = (losses, params, eval_loss, peaks)
     return out

@@ -78,6 +78,23 @@ def test_train_with_cost_partition_logs_its_layout(tmp_path: Path, corpus: Path,
     assert config["parallel"]["partition"] == "cost"
 
 
+@pytest.mark.multiprocess
+def test_train_with_tensor_parallelism_then_eval_unsharded(
+        tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    argv = ["train", "--data", str(corpus), "--tp", "2", "--sequence-parallel", *TINY,
+            "--steps", "2", "--eval-batches", "2", "--run-dir", str(runs), "--name", "tp"]
+    assert main(argv) == 0
+    assert "layout: pp=1 x dp=1 x tp=2 (sequence parallel) = 2 ranks" in capsys.readouterr().err
+    config = json.loads((runs / "tp" / "config.json").read_text())
+    assert config["parallel"]["tp"] == 2 and config["parallel"]["sequence_parallel"]
+    last = eval_rows(read_metrics(runs / "tp" / "metrics.jsonl"))[-1]["val_loss"]
+    # the checkpoint holds logical tensors: one process evaluates it to the same loss
+    assert main(["eval", "--checkpoint", str(runs / "tp"), "--tp", "1", "--batches", "2"]) == 0
+    got = float(re.search(r"val_loss (\S+)", capsys.readouterr().out)[1])
+    assert got == pytest.approx(last, abs=1e-4)
+
+
 def test_toml_config_and_flags_override_it(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text(
@@ -100,6 +117,7 @@ def test_help_explains_every_option_and_the_default_corpus(
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--layers", "--kv-heads", "--tie-embeddings", "--virtual-stages", "--recompute",
                  "--partition", "--min-lr", "--grad-clip", "--checkpoint-every", "--keep",
-                 "--bf16", "--resume", "--val-fraction", "--config"):
+                 "--bf16", "--resume", "--val-fraction", "--config", "--tp",
+                 "--sequence-parallel"):
         assert flag in text
     assert "standard library" in text and "(default: 1f1b)" in text

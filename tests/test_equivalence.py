@@ -10,6 +10,11 @@ Under NCCL semantics: every schedule x pp in {2, 3, 4} x microbatches in
 {1, 2, 3, 4, 8} (DualPipeV from m = 2p), plus pp=2 x dp=2, each also checking the
 step-0 forward-only evaluation. Every case also checks that the runtime's peak of
 held activations equals the validator's.
+
+Tensor parallelism (parameters compared as the logical tensors gathered over tp):
+tp=2 and tp=4 at pp=1; pp=2 x tp=2 with every schedule; tied embeddings, Llama with
+GQA (2 kv heads over tp=2: one per rank), recomputation, sequence parallelism, NCCL
+semantics; pp=1 x dp=2 x tp=2; and pp=2 x dp=2 x tp=2 (8 ranks) with 1F1B and ZB-V.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from functools import cache
 
 import pytest
 
-from equivalence import Case, assert_equivalent, reference, run_pipeline_cases
+from equivalence import BATCH, Case, assert_equivalent, reference, run_pipeline_cases
 
 pytestmark = pytest.mark.multiprocess
 
@@ -78,7 +83,40 @@ def _cases(pp: int) -> list[Case]:
     return cases
 
 
-CASES = {pp: list({str(c): c for c in _cases(pp)}.values()) for pp in (1, 2, 3, 4)}  # by world size: one spawned group each
+def _tp_cases(world: int) -> list[Case]:
+    """Tensor-parallel cases of ``world`` ranks; options rotate over the schedules."""
+    if world == 2:  # tp=2 alone
+        return [Case("1f1b", 1, 1, tp=2), Case("1f1b", 1, 2, tp=2, flavour="llama", tied=True),
+                Case("gpipe", 1, 4, tp=2, recompute=True, tied=True),
+                Case("1f1b", 1, 2, tp=2, flavour="llama", nccl=True),
+                Case("1f1b", 1, 4, tp=2, sp=True, tied=True),
+                Case("1f1b", 1, 2, tp=2, sp=True, flavour="llama", recompute=True),
+                Case("1f1b", 1, 2, tp=2, tied=True, vocab=61)]  # padded to 62
+    if world == 8:  # dp x pp x tp, the full 3D grid, kept small: 8 ranks share 2 cores
+        return [Case("1f1b", 2, 2, dp=2, tp=2, tied=True),
+                Case("zb-v", 2, 4, dp=2, tp=2, flavour="llama", tied=True, nccl=True)]
+    if world != 4:
+        return []
+    cases = [Case("1f1b", 1, 2, tp=4), Case("1f1b", 1, 2, tp=4, sp=True, tied=True),
+             Case("zb-v", 2, 4, tp=2, tied=True, vocab=63, nccl=True),  # vocabulary padded
+             Case("gpipe", 1, 2, tp=4, tied=True, vocab=63),
+             Case("1f1b", 1, 2, dp=2, tp=2, flavour="llama", tied=True)]
+    for i, sched in enumerate(SCHEDULES + SPLIT_AND_VIRTUAL + V_SCHEDULES):
+        flavour = FLAVOURS[i % 2]
+        cases.append(Case(sched, 2, 4, tp=2, flavour=flavour, tied=i % 3 != 1,
+                          recompute=i % 3 == 2))
+        # a second microbatch count, under NCCL semantics, sequence-parallel every other one
+        m = 8 if sched == "dualpipev" else (1, 2, 3)[i % 3]
+        cases.append(Case(sched, 2, m, tp=2, flavour=FLAVOURS[1 - i % 2], tied=i % 2 == 0,
+                          nccl=True, sp=i % 2 == 1, batch=6 if m == 3 else BATCH))
+    cases.append(Case("mixed", 2, 4, custom=MIXED, tp=2, flavour="llama", tied=True))
+    return cases
+
+
+WORLDS = (1, 2, 3, 4, 8)
+# by world size: one spawned group each
+CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)}.values())
+         for w in WORLDS}
 
 
 @cache
@@ -91,16 +129,16 @@ def _results(world: int) -> dict | Exception:
 
 
 @cache
-def _reference(flavour: str, tied: bool, batch: int) -> tuple:
-    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch))
+def _reference(flavour: str, tied: bool, batch: int, vocab: int) -> tuple:
+    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab))
 
 
-@pytest.mark.parametrize("case", [c for world in (1, 2, 3, 4) for c in CASES[world]], ids=str)
+@pytest.mark.parametrize("case", [c for world in WORLDS for c in CASES[world]], ids=str)
 def test_matches_single_process(case: Case) -> None:
-    world = case.pp * case.dp
+    world = case.world
     results = _results(world)
     if isinstance(results, Exception):
         pytest.fail(f"group of {world} ranks failed: {results}")
     got = results[str(case)]
-    assert set(got) == set(range(case.pp * case.dp))
-    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch))
+    assert set(got) == set(range(world))
+    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab))

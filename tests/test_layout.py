@@ -102,6 +102,27 @@ def test_too_many_stages_names_the_fix() -> None:
         resolve_layout(tiny, par)
 
 
+def test_tensor_parallel_sizes_are_checked_before_anything_runs() -> None:
+    gqa = ModelConfig(flavour="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, max_seq_len=16)
+    layout = resolve_layout(gqa, ParallelConfig(pp=2, tp=2, microbatches=2), batch_size=4)
+    assert (layout.tp, layout.world_size, layout.to_dict()["tp"]) == (2, 4, 2)
+    assert "pp=2 x dp=1 x tp=2 = 4 ranks" in layout.describe()
+    with pytest.raises(ConfigError, match="n_kv_heads=2 is not divisible by tp=4"):
+        resolve_layout(gqa, ParallelConfig(tp=4))
+    with pytest.raises(ConfigError, match="n_heads=2 is not divisible by tp=4"):
+        resolve_layout(SMALL, ParallelConfig(tp=4))
+    odd_mlp = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=50)
+    with pytest.raises(ConfigError, match="d_ff=50 is not divisible by tp=4; set d_ff"):
+        resolve_layout(odd_mlp, ParallelConfig(tp=4))
+    sp = ParallelConfig(tp=2, sequence_parallel=True)
+    assert "(sequence parallel)" in resolve_layout(gqa, sp).describe()
+    with pytest.raises(ConfigError, match="sequence length 15 is not a multiple"):
+        resolve_layout(gqa, sp, seq_len=15)
+    with pytest.raises(ConfigError, match="sequence_parallel=True .* but tp=1; set tp > 1"):
+        ParallelConfig(sequence_parallel=True)
+
+
 def test_a_given_schedule_replaces_the_configured_one() -> None:
     custom = resolve_schedule(name="gpipe", pp=2, microbatches=4)
     layout = resolve_layout(SMALL, ParallelConfig(pp=2, microbatches=4), schedule=custom)

@@ -1,4 +1,4 @@
-"""Global grad-norm clipping across pipeline stages equals torch's clip_grad_norm_ in one process."""
+"""Global grad-norm clipping across stages and tp shards equals torch's clip_grad_norm_."""
 
 from __future__ import annotations
 
@@ -24,17 +24,21 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :-1], t[:, 1:]
 
 
-def _pipeline_clip(pp: int, dp: int) -> tuple[float, float, dict[str, torch.Tensor], bool]:
-    mesh = Mesh.build(pp, dp)
-    pipe = Pipeline(TIED, ParallelConfig(pp=pp, dp=dp, microbatches=2), mesh, seed=0,
+def _pipeline_clip(
+    pp: int, dp: int, tp: int
+) -> tuple[float, float, dict[str, torch.Tensor], bool]:
+    mesh = Mesh.build(pp, dp, tp)
+    pipe = Pipeline(TIED, ParallelConfig(pp=pp, dp=dp, tp=tp, microbatches=2), mesh, seed=0,
                     timeout_s=60)
     pipe.train_step(*_batch())
     dup = pipe.tied_duplicate()
     dups = [dup] if dup is not None else []
     params = pipe.parameters()
-    counted_twice = clip_global_grad_norm(params, 0.0, group=mesh.pp_group)  # measure only
-    norm = clip_global_grad_norm(params, MAX_NORM, group=mesh.pp_group, duplicates=dups)
-    grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
+    groups = {"group": mesh.pp_group, "tp_group": mesh.tp_group}
+    counted_twice = clip_global_grad_norm(params, 0.0, **groups)  # measure only
+    norm = clip_global_grad_norm(params, MAX_NORM, duplicates=dups, **groups)
+    # logical grads: tp shards gathered (a collective, in the same order on every tp rank)
+    grads = {n: pipe.to_full(n, p.grad) for n, p in pipe.named_parameters()}
     return norm, counted_twice, grads, dup is not None
 
 
@@ -46,13 +50,13 @@ def _reference() -> tuple[float, dict[str, torch.Tensor]]:
     return norm, {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-@pytest.mark.parametrize(("pp", "dp"), [(2, 1), (2, 2)])
-def test_global_norm_equals_single_process(pp: int, dp: int) -> None:
+@pytest.mark.parametrize(("pp", "dp", "tp"), [(2, 1, 1), (2, 2, 1), (2, 1, 2)])
+def test_global_norm_equals_single_process(pp: int, dp: int, tp: int) -> None:
     ref_norm, ref_grads = _reference()
-    results = launch(_pipeline_clip, pp * dp, pp, dp, timeout_s=120)
-    assert sorted(results) == list(range(pp * dp))
+    results = launch(_pipeline_clip, pp * dp * tp, pp, dp, tp, timeout_s=120)
+    assert sorted(results) == list(range(pp * dp * tp))
     head_ranks = [r for r, (_, _, _, has_dup) in results.items() if has_dup]
-    assert len(head_ranks) == dp  # the head's copy of the tied weight, once per replica
+    assert len(head_ranks) == dp * tp  # the head's copy of the tied weight, per replica and tp rank
     for rank, (norm, counted_twice, grads, _) in results.items():
         assert norm == pytest.approx(ref_norm, rel=1e-5), f"rank {rank}"
         assert counted_twice > norm * (1 + 1e-3), "the tied copy should matter to the norm"

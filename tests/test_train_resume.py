@@ -1,8 +1,9 @@
 """Invariant 2 through the trainer: a resumed run continues exactly as if it never stopped.
 
 Same layout: every loss bit-identical. Another layout (pp=2 -> pp=4 -> pp=2, tied
-embeddings split differently each time): losses within 1e-5 relative, because the
-checkpoint is loaded by parameter name, not by rank.
+embeddings split differently each time; pp=2 x tp=2 -> one process -> pp=2 x tp=2):
+losses within 1e-5 relative, because the checkpoint holds logical tensors by
+parameter name, not shards by rank.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def write_corpus(root: Path, files: int = 4, lines: int = 150) -> Path:
 
 
 def _run(tmp: Path, name: str, pp: int, resume: Path | None = None,
-         checkpoint_every: int = 3) -> dict[int, dict[str, Any]]:
+         checkpoint_every: int = 3, tp: int = 1, steps: int = 6) -> dict[int, dict[str, Any]]:
     run = RunConfig(
         model=MODEL,
-        parallel=ParallelConfig(pp=pp, microbatches=2),
-        train=TrainConfig(steps=6, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=0,
+        parallel=ParallelConfig(pp=pp, tp=tp, microbatches=2),
+        train=TrainConfig(steps=steps, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=0,
                           eval_batches=1, checkpoint_every=checkpoint_every, keep=0,
                           run_dir=str(tmp / "runs"), name=name,
                           resume=str(resume) if resume else None),
@@ -107,3 +108,19 @@ def test_resume_keeps_the_model(straight: tuple[Path, list[float]]) -> None:
     )
     with pytest.raises(ConfigError, match="model config differs in d_model"):
         run_training(run)
+
+
+def test_tensor_parallel_checkpoints_resume_under_any_tp(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "corpus")
+    single = _losses(_run(tmp_path, "single", pp=1, steps=4, checkpoint_every=2))
+    # pp=2 x tp=2 trains like one process (AdamW, clipping, tied embedding split 4 ways)
+    sharded = _losses(_run(tmp_path, "sharded", pp=2, tp=2, steps=4, checkpoint_every=2))
+    assert sharded == pytest.approx(single, rel=1e-5, abs=0)
+    # its step-2 checkpoint (logical tensors, gathered over tp) resumes in one process
+    ckpt = tmp_path / "runs" / "sharded" / "checkpoints" / "step-00000002"
+    resumed = _losses(_run(tmp_path, "unsharded", pp=1, resume=ckpt, steps=4))
+    assert resumed == pytest.approx(single[2:], rel=1e-5, abs=0)
+    # and one process's checkpoint is sliced again into pp=2 x tp=2 shards
+    ckpt = tmp_path / "runs" / "single" / "checkpoints" / "step-00000002"
+    resharded = _losses(_run(tmp_path, "resharded", pp=2, tp=2, resume=ckpt, steps=4))
+    assert resharded == pytest.approx(single[2:], rel=1e-5, abs=0)

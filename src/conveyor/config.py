@@ -133,7 +133,9 @@ class ParallelConfig:
     dp: int = 1
     """Data-parallel replicas."""
     tp: int = 1
-    """Tensor-parallel width."""
+    """Tensor-parallel width: ranks sharing every stage's layers (Megatron-style)."""
+    sequence_parallel: bool = False
+    """With tp > 1, split norms, residuals and stage boundaries along the sequence over tp."""
     schedule: str = "1f1b"
     """Pipeline schedule name."""
     microbatches: int = 4
@@ -152,6 +154,11 @@ class ParallelConfig:
     # checked, by parallel.layout.resolve_layout alone.
     def __post_init__(self) -> None:
         _positive(self, "pp", "dp", "tp", "microbatches")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("sequence_parallel=True splits the sequence over tensor-parallel "
+                              "ranks, but tp=1; set tp > 1 or drop sequence_parallel")
         if self.virtual_stages is not None:
             _positive(self, "virtual_stages")
         if self.schedule_file is not None:
@@ -346,11 +353,6 @@ class RunConfig:
     """The corpus."""
 
     def __post_init__(self) -> None:
-        if self.parallel.tp != 1:
-            raise ConfigError(
-                f"tp={self.parallel.tp}: the trainer does not shard layers over tensor-parallel "
-                "ranks yet; use tp=1"
-            )
         self.parallel.check_against(self.model, self.train.batch_size)
 
     @classmethod

@@ -11,7 +11,8 @@ from ..config import PARTITIONS, ParallelConfig, from_dict
 
 __all__ = ["register"]
 
-_LAYOUT = ("pp", "dp", "schedule", "microbatches", "virtual_stages", "partition")
+_LAYOUT = ("pp", "dp", "tp", "sequence_parallel", "schedule", "microbatches", "virtual_stages",
+           "partition")
 
 
 def register(sub: Any) -> None:
@@ -31,6 +32,10 @@ def register(sub: Any) -> None:
     sup = argparse.SUPPRESS
     p.add_argument("--pp", type=int, metavar="N", default=sup, help=f"pipeline stages {same}")
     p.add_argument("--dp", type=int, metavar="N", default=sup, help=f"data-parallel replicas {same}")
+    p.add_argument("--tp", type=int, metavar="N", default=sup, help=f"tensor-parallel ranks {same}")
+    p.add_argument("--sequence-parallel", dest="sequence_parallel",
+                   action=argparse.BooleanOptionalAction, default=sup,
+                   help=f"split the sequence over the tp ranks {same}")
     p.add_argument("--schedule", metavar="NAME", default=sup, help=f"schedule whose forwards run {same}")
     p.add_argument("--microbatches", type=int, metavar="N", default=sup, help=f"microbatches per batch {same}")
     p.add_argument("--virtual-stages", dest="virtual_stages", type=int, metavar="N", default=sup,
@@ -55,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     layout = {k: v for k, v in saved.items() if k in _LAYOUT}
     if "schedule" in vars(args) and args.schedule != layout.get("schedule"):
         layout["virtual_stages"] = None  # the saved one belonged to the saved schedule
+    if getattr(args, "tp", None) == 1 and "sequence_parallel" not in vars(args):
+        layout["sequence_parallel"] = False  # the saved one needed the saved tp
     layout.update({k: v for k, v in vars(args).items() if k in _LAYOUT})
     par = from_dict(ParallelConfig, layout, f"checkpoint {ckpt} parallel config")
     result = run_evaluation(ckpt, par, batch_size=getattr(args, "batch_size", None),
@@ -63,5 +70,5 @@ def _run(args: argparse.Namespace) -> int:
         print(f"step {result['step']} of {result['checkpoint']}: val_loss "
               f"{result['val_loss']:.4f}  perplexity {result['val_ppl']:.2f}  "
               f"({result['batches']} batches of {result['batch_size']} sequences, "
-              f"pp={par.pp} dp={par.dp} {par.schedule})")
+              f"pp={par.pp} dp={par.dp} tp={par.tp} {par.schedule})")
     return 0

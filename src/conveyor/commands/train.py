@@ -62,7 +62,13 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("model", "init_std", "--init-std", {"type": float}, "std of the initial weights"),
     ("parallel", "pp", "--pp", {"type": int}, "pipeline stages, one process each"),
     ("parallel", "dp", "--dp", {"type": int},
-     "data-parallel pipeline replicas (pp*dp processes in all)"),
+     "data-parallel pipeline replicas (pp*dp*tp processes in all)"),
+    ("parallel", "tp", "--tp", {"type": int},
+     "tensor-parallel ranks per stage: attention heads, MLP width and vocabulary split "
+     "Megatron-style (must divide --heads, --kv-heads and the MLP width)"),
+    ("parallel", "sequence_parallel", "--sequence-parallel", {"action": _BOOL},
+     "with --tp > 1, also split norms, residuals and stage boundaries along the sequence "
+     "(--seq-len must be a multiple of --tp)"),
     ("parallel", "schedule", "--schedule", {"metavar": "NAME"}, f"pipeline schedule: {_TRAINABLE}"),
     ("parallel", "schedule_file", "--schedule-file", {"metavar": "FILE.csv"},
      "a hand-written schedule table, validated before training; replaces --schedule "
@@ -117,8 +123,8 @@ def register(sub: Any) -> None:
     """Add ``train`` to the CLI."""
     p = sub.add_parser(
         "train",
-        help="train a GPT with pipeline parallelism (spawns pp*dp processes)",
-        description="Train a decoder-only transformer over pp*dp processes (gloo on CPU, NCCL "
+        help="train a GPT with pipeline parallelism (spawns pp*dp*tp processes)",
+        description="Train a decoder-only transformer over pp*dp*tp processes (gloo on CPU, NCCL "
         "on GPU; under torchrun, joins its group). Writes RUN_DIR/NAME/ with config.json, "
         "metrics.jsonl, tokenizer.json and checkpoints/. Priority: defaults < --config < flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

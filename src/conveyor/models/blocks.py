@@ -14,7 +14,7 @@ the full model. That is what lets a pipeline reproduce single-process training.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
@@ -86,7 +86,7 @@ class TransformerBlock(nn.Module):
 
 
 class HeadBlock(nn.Module):
-    """Final norm and the linear LM head (no bias)."""
+    """Final norm and the linear LM head (no bias), and the loss of its logits."""
 
     tied_param_name: ClassVar[str] = "proj.weight"
     """Name of the parameter shared with the embedding when embeddings are tied."""
@@ -95,10 +95,17 @@ class HeadBlock(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
         self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # what turns this head's logits into the loss: replaced when the logits are
+        # split over ranks (parallel.tp_blocks: vocabulary-parallel cross-entropy)
+        self.criterion: Callable[[Tensor, Tensor], Tensor] = lm_loss
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden states (B, T, D) -> logits (B, T, V)."""
         return self.proj(self.norm(x))
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy of ``forward``'s logits against targets (B, T)."""
+        return self.criterion(logits, targets)
 
 
 def tie_weights(embedding: EmbeddingBlock, head: HeadBlock) -> None:
@@ -168,11 +175,20 @@ def build_block(cfg: ModelConfig, index: int, seed: int) -> nn.Module:
 
 
 def build_blocks(
-    cfg: ModelConfig, seed: int, indices: Iterable[int] | None = None
+    cfg: ModelConfig,
+    seed: int,
+    indices: Iterable[int] | None = None,
+    transform: Callable[[nn.Module], nn.Module] | None = None,
 ) -> list[nn.Module]:
-    """Build the given blocks (all by default), tying embedding and head when both are here."""
+    """Build the given blocks (all by default), tying embedding and head when both are here.
+
+    ``transform`` rebuilds each block right after its full-size initialisation (e.g.
+    into its tensor-parallel shard), before the tie.
+    """
     order = list(range(cfg.num_blocks)) if indices is None else list(indices)
     blocks = [build_block(cfg, i, seed) for i in order]
+    if transform is not None:
+        blocks = [transform(b) for b in blocks]
     head = cfg.num_blocks - 1
     if cfg.tie_embeddings and 0 in order and head in order:
         embedding_block, head_block = blocks[order.index(0)], blocks[order.index(head)]

@@ -48,11 +48,22 @@ Signature = dict[str, TensorSpec]
 """Boundary tensors by name, in the order they are sent."""
 
 
-def boundary_signature(model: ModelConfig, batch: int, seq: int, after_block: int) -> Signature:
+def boundary_signature(
+    model: ModelConfig, batch: int, seq: int, after_block: int, *, tp: int = 1,
+    sequence_parallel: bool = False,
+) -> Signature:
     """The tensors crossing the cut after block ``after_block`` for a (batch, seq) microbatch.
 
     A decoder carries one residual stream, ``hidden``, in the parameters' dtype:
     under autocast the residual additions promote back to fp32, so the stream stays fp32.
+    Under tensor parallelism each tp rank sends to its own peer of the next stage: the
+    whole stream (replicated over tp), or with ``sequence_parallel`` its ``seq/tp``
+    positions.
     """
     del after_block  # every cut of a decoder carries the same stream
+    if sequence_parallel:
+        if seq % tp:
+            raise ValueError(f"sequence length {seq} does not split over tp={tp} under "
+                             f"sequence parallelism; use a multiple of {tp}")
+        seq //= tp
     return {"hidden": TensorSpec((batch, seq, model.d_model), torch.float32)}

@@ -6,6 +6,8 @@ pipelines or initialisation; :mod:`conveyor.models.blocks` sets the weights.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,6 +103,9 @@ class KVCache:
 class Attention(nn.Module):
     """Causal multi-head self-attention with optional grouped-query heads and rotary."""
 
+    tp_plan: ClassVar[dict[str, str]] = {"qkv": "column", "out": "row"}
+    """How tensor parallelism splits the linears (``parallel.tp_blocks``): heads by rank."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         bias = cfg.flavour == "gpt2"
@@ -121,7 +126,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
         """Attend over x (B, T, D) and, if given, the cached earlier positions."""
-        B, T, D = x.shape
+        B, T, _ = x.shape
         q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
@@ -146,12 +151,16 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, self._repeat_kv(k), self._repeat_kv(v), attn_mask=mask
             )
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        # this module's heads only: under tensor parallelism fewer than d_model / head_dim
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.out(y)
 
 
 class GeluMLP(nn.Module):
     """GPT-2 MLP: up-projection, tanh-approximate GELU, down-projection, with biases."""
+
+    tp_plan: ClassVar[dict[str, str]] = {"up": "column", "down": "row"}
+    """How tensor parallelism splits the linears: the hidden width by rank."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -165,6 +174,9 @@ class GeluMLP(nn.Module):
 
 class SwiGLU(nn.Module):
     """Llama MLP: w2(silu(w1 x) * w3 x), no biases."""
+
+    tp_plan: ClassVar[dict[str, str]] = {"w1": "column", "w3": "column", "w2": "row"}
+    """How tensor parallelism splits the linears: the hidden width by rank."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

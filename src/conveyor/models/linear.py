@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "WeightGradStore", "attach_weight_grad_store"]
+__all__ = ["Linear", "WeightGradStore", "attach_weight_grad_store", "linear"]
 
 
 class WeightGradStore:
@@ -114,6 +114,15 @@ class _DeferredWeightGradLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, store: WeightGradStore | None
+) -> Tensor:
+    """``F.linear`` whose weight (and bias) grads go to ``store`` when one is given."""
+    if store is None or not torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    return _DeferredWeightGradLinear.apply(x, weight, bias, store)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that defers its weight-grad to a store when one is attached."""
 
@@ -121,10 +130,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """Same result as ``nn.Linear``; only where the weight-grad is computed differs."""
-        store = self.weight_grad_store
-        if store is None or not torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        return _DeferredWeightGradLinear.apply(x, self.weight, self.bias, store)
+        return linear(x, self.weight, self.bias, self.weight_grad_store)
 
 
 def attach_weight_grad_store(module: nn.Module, store: WeightGradStore | None) -> None:

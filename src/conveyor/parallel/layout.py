@@ -6,6 +6,8 @@
         -> schedule   by name, with virtual_stages chunks per rank (or the fewest the
                       schedule runs), or read from a hand-written CSV table
         -> partition  uniform | params | cost, over pp * chunks stages
+        -> tp         checked against the model (heads, kv heads, MLP width; the
+                      sequence length under sequence parallelism)
         -> Layout     pure data: what the runtime builds, the simulator and `trace`
                       predict, and `conveyor train` prints at start-up
 
@@ -28,6 +30,7 @@ from ..models import block_forward_flops, block_param_counts
 from ..schedules import SCHEDULE_CHUNKS, Placement, Schedule, ScheduleError, build_schedule
 from ..schedules.table_file import read_schedule_csv
 from .partition import Partition, by_cost, by_params, stage_costs, uniform
+from .tp_blocks import check_tensor_parallel
 
 __all__ = [
     "Layout",
@@ -57,6 +60,8 @@ class Layout:
     """Data-parallel replicas of the pipeline."""
     tp: int = 1
     """Tensor-parallel width of every stage."""
+    sequence_parallel: bool = False
+    """Under tp, norms, residuals and boundaries hold a sequence shard (T/tp positions)."""
     microbatch_size: int | None = None
     """Sequences per microbatch, when the batch size is known."""
 
@@ -77,6 +82,8 @@ class Layout:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("sequence_parallel=True needs tp > 1; set tp or drop it")
         if self.microbatch_size is not None and self.microbatch_size < 1:
             raise ConfigError(f"microbatch_size={self.microbatch_size} must be >= 1 or None")
 
@@ -137,7 +144,8 @@ class Layout:
     def to_dict(self) -> dict[str, Any]:
         """The decisions as plain values (for logs and run metadata); actions left out."""
         return {
-            "pp": self.pp, "dp": self.dp, "tp": self.tp, "virtual_stages": self.virtual_stages,
+            "pp": self.pp, "dp": self.dp, "tp": self.tp,
+            "sequence_parallel": self.sequence_parallel, "virtual_stages": self.virtual_stages,
             "schedule": self.schedule_name, "placement": list(self.placement.stage_to_rank),
             "partition": self.partition_method,
             "stage_blocks": [list(b) for b in self.partition.bounds],
@@ -149,8 +157,9 @@ class Layout:
         """Everything this layout decides, as the lines `conveyor train` logs at start-up."""
         v, mbs = self.virtual_stages, self.microbatch_size
         size = f" of {mbs} sequence{'s' * (mbs != 1)}" if mbs is not None else ""
+        sp = " (sequence parallel)" if self.sequence_parallel else ""
         lines = [
-            f"layout: pp={self.pp} x dp={self.dp} x tp={self.tp} = {self.world_size} ranks, "
+            f"layout: pp={self.pp} x dp={self.dp} x tp={self.tp}{sp} = {self.world_size} ranks, "
             f"schedule {self.schedule_name} ({self.placement.shape} placement, {v} stage"
             f"{'s' * (v != 1)} per rank), {self.microbatches} microbatches{size}",
             f"partition {self.partition_method} {self.partition}; predicted share of the "
@@ -260,6 +269,7 @@ def resolve_layout(
         costs, source = analytic_block_costs(model, seq), f"analytic forward FLOPs at seq_len {seq}"
     else:
         costs, source = _checked_costs(model, block_costs), "given block costs"
+    check_tensor_parallel(model, par.tp, sequence_parallel=par.sequence_parallel, seq_len=seq)
     microbatch_size = None
     if batch_size is not None:
         par.check_against(model, batch_size)
@@ -272,6 +282,7 @@ def resolve_layout(
         cost_source=source,
         dp=par.dp,
         tp=par.tp,
+        sequence_parallel=par.sequence_parallel,
         microbatch_size=microbatch_size,
     )
 

@@ -1,11 +1,13 @@
 """A rank's whole share of a pipeline-parallel model: stages, schedule, communication.
 
 ``Pipeline`` builds only this rank's blocks (every block is initialised from its
-own seed, so the pieces equal the single-process model), runs one step of any
-schedule through the executor, and makes the distributed pieces add up: tied
-embedding grads summed across the two stages holding them, grads averaged over
+own seed, so the pieces equal the single-process model; under tensor parallelism
+each is then sliced into this tp rank's shard), runs one step of any schedule
+through the executor, and makes the distributed pieces add up: sequence-parallel
+grads summed over tp, tied embedding grads summed across the two stages holding
+them (per tp rank: both copies hold the same vocabulary rows), grads averaged over
 data-parallel replicas, the loss reduced onto every rank. The optimizer stays
-outside: it sees this rank's parameters like any other module's.
+outside: it sees this rank's parameters (shards, under tp) like any other module's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from ..models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
 from ..models.boundary import Signature, boundary_signature
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
+from ..parallel.sharded import TensorParallel, reduce_sequence_parallel_grads
+from ..parallel.tp_blocks import build_tp_blocks, tp_owners
 from ..schedules import Kind, Schedule, lower, validate
 from .comm import P2P, link_of
 from .executor import Executor, StepInputs
@@ -76,10 +80,11 @@ class Pipeline:
             layout = resolve_layout(model, par, schedule=schedule)
         elif schedule is not None:
             raise ValueError("pass schedule= or layout=, not both: a Layout holds its schedule")
-        if (layout.pp, layout.dp) != (mesh.pp, mesh.dp):
+        if (layout.pp, layout.dp, layout.tp) != (mesh.pp, mesh.dp, mesh.tp):
             raise ValueError(
-                f"layout pp={layout.pp} dp={layout.dp} does not match mesh pp={mesh.pp} "
-                f"dp={mesh.dp}; build the mesh with Mesh.build({layout.pp}, {layout.dp})"
+                f"layout pp={layout.pp} dp={layout.dp} tp={layout.tp} does not match mesh "
+                f"pp={mesh.pp} dp={mesh.dp} tp={mesh.tp}; build the mesh with "
+                f"Mesh.build({layout.pp}, {layout.dp}, {layout.tp})"
             )
         if layout.partition.num_blocks != model.num_blocks:
             raise ValueError(
@@ -97,9 +102,18 @@ class Pipeline:
         split = {p.stage for p in self.schedule.parts() if p.kind is Kind.I}
         self.stages: dict[int, StageRunner] = {}
         self.meter = ActivationMeter()
+        self.tp_group = mesh.tp_group if mesh.tp > 1 else None
+        self.sequence_parallel = layout.sequence_parallel
+        # logical parameter name -> (tensor-parallel layer, name in it), for gathers
+        self._owners: dict[str, tuple[TensorParallel, str]] = {}
         for s in my_stages:
             idx = list(self.partition.blocks_of(s))
-            blocks = [b.to(self.device) for b in build_blocks(model, seed, idx)]
+            built = (build_blocks(model, seed, idx) if self.tp_group is None else
+                     build_tp_blocks(model, seed, idx, self.tp_group,
+                                     sequence_parallel=self.sequence_parallel))
+            blocks = [b.to(self.device) for b in built]
+            for i, b in zip(idx, blocks, strict=True):
+                self._owners.update(tp_owners(b, f"blocks.{i}."))
             self.stages[s] = StageRunner(
                 s, dict(zip(idx, blocks, strict=True)),
                 num_microbatches=self.num_microbatches, recompute=par.recompute,
@@ -170,8 +184,10 @@ class Pipeline:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under their single-process names, each once.
 
-        A tied weight whose embedding and head stages share this rank (ZB-V) is one
-        Parameter in two stages; the optimizer must see it once.
+        Under tensor parallelism these are this tp rank's *shards* (what the optimizer
+        steps); ``full_named_parameters`` gives the logical tensors. A tied weight whose
+        embedding and head stages share this rank (ZB-V) is one Parameter in two
+        stages; the optimizer must see it once.
         """
         seen: set[int] = set()
         for stage in self.stages.values():
@@ -183,6 +199,36 @@ class Pipeline:
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters (for the optimizer)."""
         return [p for _, p in self.named_parameters()]
+
+    def to_full(self, name: str, local: Tensor) -> Tensor:
+        """The logical tensor of ``local``, shaped like this rank's parameter ``name``.
+
+        Works for the parameter itself, its grad or optimizer state. A collective call
+        over the tp group for sharded names: every tp rank must ask for the same names
+        in the same order. Replicated names come back as a detached copy.
+        """
+        owner = self._owners.get(name)
+        if owner is None:
+            return local.detach().clone()
+        layer, local_name = owner
+        return layer.full_of(local_name, local)
+
+    def to_shard(self, name: str, full: Tensor) -> Tensor:
+        """This tp rank's part of ``full``, a logical tensor of parameter ``name`` (local)."""
+        owner = self._owners.get(name)
+        if owner is None:
+            return full
+        layer, local_name = owner
+        return layer.shard_of(local_name, full)
+
+    def full_named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """The logical (unsharded) parameters of this rank's stages, detached, by name.
+
+        Collective over the tp group (every tp rank iterates in step); at tp=1 these
+        are detached copies of ``named_parameters``.
+        """
+        for name, p in self.named_parameters():
+            yield name, self.to_full(name, p)
 
     def tied_duplicate(self) -> nn.Parameter | None:
         """The head's copy of a tied embedding split across ranks, on the head's rank; else None.
@@ -218,7 +264,10 @@ class Pipeline:
         def signature(boundary: int) -> Signature:
             if boundary not in signatures:
                 last_block = bounds[boundary][1] - 1
-                signatures[boundary] = boundary_signature(self.model_cfg, batch, seq, last_block)
+                signatures[boundary] = boundary_signature(
+                    self.model_cfg, batch, seq, last_block, tp=self.mesh.tp,
+                    sequence_parallel=self.sequence_parallel,
+                )
             return signatures[boundary]
 
         self.p2p.signature = signature
@@ -243,6 +292,9 @@ class Pipeline:
         if seq > self.model_cfg.max_seq_len:
             raise BatchError(f"sequence length {seq} exceeds max_seq_len="
                              f"{self.model_cfg.max_seq_len}; use shorter sequences")
+        if self.sequence_parallel and seq % self.mesh.tp:
+            raise BatchError(f"sequence length {seq} does not split over tp={self.mesh.tp} "
+                             f"(sequence parallelism); use a multiple of {self.mesh.tp}")
 
     def train_step(self, tokens: Tensor, targets: Tensor) -> float:
         """Forward and backward of the global batch; grads accumulate; returns the batch loss.
@@ -276,6 +328,10 @@ class Pipeline:
         return self._reduce_loss()
 
     def _reduce_grads(self) -> None:
+        if self.sequence_parallel:  # norms (and row biases) saw only this rank's positions
+            for stage in self.stages.values():
+                for block in stage.blocks.values():
+                    reduce_sequence_parallel_grads(block, self.tp_group)
         if self.tied_group is not None and self._tied_param is not None:
             grad = self._tied_param.grad
             if grad is None:  # a stage whose copy got no grad still joins the sum

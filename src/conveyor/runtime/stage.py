@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import ActivationMeter, count_saved_bytes, weight_storages
-from ..models import EmbeddingBlock, HeadBlock, lm_loss
+from ..models import EmbeddingBlock, HeadBlock
 from ..models.linear import WeightGradStore, attach_weight_grad_store
 
 __all__ = ["StageRunner"]
@@ -100,7 +100,10 @@ class StageRunner:
             out = self._run_blocks(x)
             if self.is_last:
                 assert targets is not None, "last stage needs targets"
-                out = lm_loss(out, targets) / self.num_microbatches
+                head = next(reversed(self.blocks.values()))
+                assert isinstance(head, HeadBlock)
+                # the head's own loss: plain or vocabulary-parallel cross-entropy
+                out = head.loss(out, targets) / self.num_microbatches
         if self.is_last:
             self.losses.append(out.detach())
         if train:

@@ -5,6 +5,9 @@ sums of squares, all-reduced over the pipeline group. Two kinds of copies must
 not count twice: the head's duplicate of a tied embedding (its grad equals the
 embedding's after the pipeline sums them) and data-parallel replicas (their grads
 are already averaged, so each replica's pipeline alone holds the whole norm).
+Under tensor parallelism a sharded parameter (``tp_shard_dim`` set) holds part of
+a logical tensor, so its squares are summed over the tp group; a replicated one
+(norms, row biases: equal on every tp rank) is counted on tp rank 0 only.
 The clip coefficient is torch.nn.utils.clip_grad_norm_'s, so a pipeline run clips
 exactly as the single-process model would.
 """
@@ -25,24 +28,31 @@ def clip_global_grad_norm(
     max_norm: float,
     *,
     group: dist.ProcessGroup | None = None,
+    tp_group: dist.ProcessGroup | None = None,
     duplicates: Iterable[nn.Parameter] = (),
 ) -> float:
     """Scale grads so their global L2 norm is at most ``max_norm``; return the norm before.
 
-    ``group`` is the pipeline group to sum over (None: this process holds every stage).
-    ``duplicates`` are scaled like the rest but left out of the norm. ``max_norm <= 0``
-    only measures.
+    ``group`` is the pipeline group to sum over (None: this process holds every stage),
+    ``tp_group`` the tensor-parallel group (None: no tp). ``duplicates`` are scaled like
+    the rest but left out of the norm. ``max_norm <= 0`` only measures.
     """
     params = [p for p in params if p.grad is not None]
     skip = {id(p) for p in duplicates}
+    tp = tp_group is not None and dist.get_world_size(tp_group) > 1
+    # replicated params are the same on every tp rank: one rank counts them
+    count_replicated = not tp or dist.get_rank(tp_group) == 0
     device = params[0].grad.device if params else torch.device("cpu")
     squares = [
         torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square()
         for p in params
         if id(p) not in skip
+        and (count_replicated or getattr(p, "tp_shard_dim", None) is not None)
     ]
     total_sq = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
     total_sq = total_sq.to(device)
+    if tp:  # first over tp: every rank of a tp group then holds the same partial sum
+        dist.all_reduce(total_sq, group=tp_group)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(total_sq, group=group)
     total: Tensor = total_sq.sqrt().float()

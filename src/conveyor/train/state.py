@@ -5,6 +5,11 @@ state as ``optim.<name>.<key>``, so a checkpoint loads into any pipeline layout:
 each rank asks for the names of the blocks it holds. The head's copy of a tied
 embedding split across ranks is not saved (it equals the embedding's); on load,
 the checkpoint module hands it the embedding's tensors under its own name.
+
+Under tensor parallelism the saved tensors are the logical (unsharded) ones: the
+shards of parameters and of their AdamW moments are gathered over tp (vocabulary
+padding dropped) and written once, by tp rank 0; a load slices every rank's part
+again. So a checkpoint of any (pp, dp, tp) layout resumes under any other.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..runtime.pipeline import Pipeline
-from .checkpoint import load_tensors
+from .checkpoint import CheckpointError, load_tensors
 from .optim import load_optimizer_state, optimizer_state, optimizer_state_names
 
 __all__ = ["unique_params", "state_tensors", "load_params", "load_training_state",
@@ -30,19 +35,49 @@ def unique_params(pipe: Pipeline) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in pipe.named_parameters() if p is not dup]
 
 
+# AdamW's per-element state, sharded like its parameter ("step" is one scalar)
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
 def state_tensors(pipe: Pipeline, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """Parameters and AdamW state of this rank, as the tensors of a checkpoint."""
+    """Parameters and AdamW state of this rank, logical (unsharded), as checkpoint tensors.
+
+    Collective over the tp group; under tp only tp rank 0 returns them (the other
+    tp ranks hold the same logical tensors and return none).
+    """
     named = unique_params(pipe)
-    tensors: dict[str, Tensor] = {name: p.detach() for name, p in named}
-    tensors.update(optimizer_state(optimizer, named))
+    tensors: dict[str, Tensor] = {name: pipe.to_full(name, p) for name, p in named}
+    state = optimizer_state(optimizer, named)
+    for name, _ in named:  # the same names, in the same order, on every tp rank
+        for key in _MOMENTS:
+            full_key = f"optim.{name}.{key}"
+            if full_key in state:
+                state[full_key] = pipe.to_full(name, state[full_key])
+    tensors.update(state)
+    return tensors if pipe.mesh.tp_rank == 0 else {}
+
+
+def _load_shards(pipe: Pipeline, ckpt: Path, names: list[str]) -> dict[str, Tensor]:
+    """The named tensors of ``ckpt``, each sliced to this tp rank's part of its parameter."""
+    tensors = load_tensors(ckpt, names)
+    for name, p in pipe.named_parameters():
+        for key in (name, *(f"optim.{name}.{m}" for m in _MOMENTS)):
+            if key in tensors:
+                tensors[key] = pipe.to_shard(name, tensors[key])
+                if tensors[key].shape != p.shape:
+                    raise CheckpointError(
+                        f"checkpoint {ckpt}: {key} has shape {tuple(tensors[key].shape)} for a "
+                        f"parameter of shape {tuple(p.shape)} here; resume with the model "
+                        "config the checkpoint was saved with"
+                    )
     return tensors
 
 
 @torch.no_grad()
 def load_params(pipe: Pipeline, ckpt: Path) -> None:
-    """Copy every parameter this rank holds from checkpoint ``ckpt``."""
+    """Copy every parameter this rank holds (its tp shard) from checkpoint ``ckpt``."""
     named = list(pipe.named_parameters())
-    tensors = load_tensors(ckpt, [n for n, _ in named])
+    tensors = _load_shards(pipe, ckpt, [n for n, _ in named])
     for name, p in named:
         p.copy_(tensors[name])
 
@@ -52,7 +87,7 @@ def load_training_state(pipe: Pipeline, optimizer: torch.optim.Optimizer, ckpt: 
     """Parameters and AdamW state of this rank from ``ckpt``, saved with any layout."""
     named = list(pipe.named_parameters())
     names = [n for n, _ in named] + optimizer_state_names(named)
-    tensors = load_tensors(ckpt, names)
+    tensors = _load_shards(pipe, ckpt, names)
     for name, p in named:
         p.copy_(tensors[name])
     load_optimizer_state(optimizer, named, tensors)

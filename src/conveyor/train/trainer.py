@@ -82,7 +82,7 @@ def prepare(model: ModelConfig, data: DataConfig, *, seed: int, batch_size: int,
 
 
 def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
-    """Check, prepare, create the run directory, and train on ``pp*dp`` ranks.
+    """Check, prepare, create the run directory, and train on ``pp*dp*tp`` ranks.
 
     Returns each rank's summary (under torchrun: this process's rank only).
     """
@@ -195,7 +195,7 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed)
         device = _device()
         par = run.parallel
-        self.mesh = Mesh.build(par.pp, par.dp, device_type=device.type)
+        self.mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
         self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
                              device=device,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
@@ -250,7 +250,7 @@ class _Trainer:
         dup = self.pipe.tied_duplicate()
         norm = clip_global_grad_norm(
             self.pipe.parameters(), cfg.grad_clip, group=self.mesh.pp_group,
-            duplicates=[dup] if dup is not None else [],
+            tp_group=self.mesh.tp_group, duplicates=[dup] if dup is not None else [],
         )
         self.opt.step()
         speed = self.tokens_per_step / (time.perf_counter() - t0)
@@ -263,13 +263,15 @@ class _Trainer:
 
     def _save_trace(self) -> None:
         """Gather the recorded step of every rank; rank 0 writes it (first dp replica's pipeline)."""
-        mine = (self.mesh.dp_rank, self.mesh.pp_rank, self.pipe.executor.timeline)
+        # tp ranks of a stage run the same actions: the first one's stand for them
+        first = self.mesh.dp_rank == 0 and self.mesh.tp_rank == 0
+        mine = (first, self.mesh.pp_rank, self.pipe.executor.timeline)
         gathered: list[Any] | None = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         self.pipe.executor.record = False
         if gathered is None:
             return
-        timeline = {pp: acts for dp, pp, acts in gathered if dp == 0}
+        timeline = {pp: acts for first, pp, acts in gathered if first}
         meta = {"step": self.step + 1, "schedule": self.pipe.schedule.name}
         save_timeline(timeline, self.run_dir / TIMELINE_FILE, meta)
         write_chrome_trace({f"measured step {self.step + 1}": timeline},
@@ -383,7 +385,7 @@ def eval_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: P
                 val: np.ndarray, batch_size: int, n: int) -> float:
     """Mean validation loss of ``ckpt`` on this rank's share of the pipeline."""
     device = _device()
-    mesh = Mesh.build(par.pp, par.dp, device_type=device.type)
+    mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
     pipe = Pipeline(model, par, mesh, layout=layout, device=device)
     load_params(pipe, ckpt)
     return _evaluate(pipe, val_batches(val, batch_size, n))
