@@ -14,6 +14,7 @@ import torch
 from conveyor.config import ModelConfig, ParallelConfig
 from conveyor.models import Transformer
 from conveyor.parallel.mesh import Mesh
+from conveyor.parallel.zero import ZeroShards
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
 from conveyor.schedules import Action, Placement, Schedule
@@ -51,6 +52,10 @@ class Case:
     """Sequence parallelism (needs tp > 1)."""
     vocab: int = BASE.vocab_size
     """Vocabulary size; one tp does not divide makes the vocabulary-parallel layers pad."""
+    bucket_mb: float = ParallelConfig.dp_bucket_mb
+    """MiB per data-parallel grad bucket (0: the per-parameter all-reduce after the step)."""
+    zero: int = 0
+    """1: ZeRO-1, the optimizer steps each dp rank's chunks and parameters are all-gathered."""
 
     @property
     def world(self) -> int:
@@ -72,6 +77,7 @@ class Case:
             schedule="1f1b" if self.custom else self.schedule,
             microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
+            dp_bucket_mb=self.bucket_mb, zero=self.zero,
         )
 
     def built_schedule(self) -> Schedule | None:
@@ -90,6 +96,8 @@ class Case:
         )
         flags += [f"tp{self.tp}"] * (self.tp > 1) + ["sp"] * self.sp
         flags += [f"vocab{self.vocab}"] * (self.vocab != BASE.vocab_size)
+        flags += [f"bucket{self.bucket_mb:g}"] * (self.bucket_mb != ParallelConfig.dp_bucket_mb)
+        flags += [f"zero{self.zero}"] * (self.zero > 0)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
         return f"{self.schedule}-" + "-".join(flags)
 
@@ -153,14 +161,22 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
             meshes[key] = Mesh.build(case.pp, case.dp, case.tp)
         pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60,
                         emulate_nccl=case.nccl, schedule=case.built_schedule())
-        opt = make_optimizer(pipe.parameters())
+        mesh = meshes[key]
+        zero = (ZeroShards(pipe.named_parameters(), mesh.dp_group, mesh.dp, mesh.dp_rank)
+                if case.zero else None)
+        opt = make_optimizer(pipe.parameters() if zero is None
+                             else [p for _, p in zero.named_shards()])
         data = batches(case.batch, case.vocab)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
         losses = []
         for x, y in data:
             opt.zero_grad()
+            pipe.zero_grad()  # under ZeRO-1 the optimizer's leaves are the chunks, not these
             losses.append(pipe.train_step(x, y))
-            opt.step()
+            if zero is None:
+                opt.step()
+            else:
+                zero.step(opt)
         params = dict(pipe.full_named_parameters())  # logical tensors, gathered over tp
         peaks = (pipe.meter.peak_units, pipe.stats.peak_activations[pipe.mesh.pp_rank])
         out[str(case)] = (losses, params, eval_loss, peaks)

@@ -5,7 +5,8 @@ Loss of every step within 1e-5 relative, parameters after 3 optimizer steps with
 1e-4 relative: GPipe and 1F1B x pp in {1, 2, 4} x microbatches in {1, 2, 4, 8};
 interleaved 1F1B (v = 2, 3), ZB-H1, ZB-H2, ZB-V, DualPipeV, V-Half and V-Min at pp
 in {2, 4}; a hand-written schedule mixing B with I/W and an overlapped pair; recomputation
-on/off, tied embeddings on/off, GPT-2 and Llama flavours; and pp=2 x dp=2.
+on/off, tied embeddings on/off, GPT-2 and Llama flavours; and pp=2 x dp=2 (grads
+averaged in buckets of the default size, of 0.01 MiB, and per parameter; and ZeRO-1).
 Under NCCL semantics: every schedule x pp in {2, 3, 4} x microbatches in
 {1, 2, 3, 4, 8} (DualPipeV from m = 2p), plus pp=2 x dp=2, each also checking the
 step-0 forward-only evaluation. Every case also checks that the runtime's peak of
@@ -74,6 +75,14 @@ def _cases(pp: int) -> list[Case]:
         cases += [Case("mixed", 2, 4, custom=MIXED, dp=2, nccl=True),
                   Case("1f1b", 2, 4, dp=2, nccl=True),
                   Case("zb-v", 2, 2, dp=2, tied=True, flavour="llama", nccl=True)]
+        # many small buckets (some issued mid-step), and the per-parameter path
+        cases += [Case("1f1b", 2, 4, dp=2, tied=True, bucket_mb=0.01),
+                  Case("zb-v", 2, 4, dp=2, flavour="llama", bucket_mb=0.01, nccl=True),
+                  Case("1f1b", 2, 2, dp=2, tied=True, bucket_mb=0)]
+        # ZeRO-1: each replica steps its half of every parameter, then all-gathers
+        cases += [Case("1f1b", 2, 4, dp=2, tied=True, zero=1),
+                  Case("zb-v", 2, 4, dp=2, tied=True, flavour="llama", zero=1, bucket_mb=0.01,
+                       nccl=True)]
     for sched, m, flavour in itertools.product(SCHEDULES, (1, 2, 4, 8), FLAVOURS):
         # recompute and tying vary together with the microbatch count so that every
         # combination of them meets every schedule and flavour without a full product
@@ -100,7 +109,8 @@ def _tp_cases(world: int) -> list[Case]:
     cases = [Case("1f1b", 1, 2, tp=4), Case("1f1b", 1, 2, tp=4, sp=True, tied=True),
              Case("zb-v", 2, 4, tp=2, tied=True, vocab=63, nccl=True),  # vocabulary padded
              Case("gpipe", 1, 2, tp=4, tied=True, vocab=63),
-             Case("1f1b", 1, 2, dp=2, tp=2, flavour="llama", tied=True)]
+             Case("1f1b", 1, 2, dp=2, tp=2, flavour="llama", tied=True),
+             Case("1f1b", 1, 2, dp=2, tp=2, sp=True, bucket_mb=0.01)]  # SP sums per bucket
     for i, sched in enumerate(SCHEDULES + SPLIT_AND_VIRTUAL + V_SCHEDULES):
         flavour = FLAVOURS[i % 2]
         cases.append(Case(sched, 2, 4, tp=2, flavour=flavour, tied=i % 3 != 1,

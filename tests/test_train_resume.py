@@ -3,7 +3,8 @@
 Same layout: every loss bit-identical. Another layout (pp=2 -> pp=4 -> pp=2, tied
 embeddings split differently each time; pp=2 x tp=2 -> one process -> pp=2 x tp=2):
 losses within 1e-5 relative, because the checkpoint holds logical tensors by
-parameter name, not shards by rank.
+parameter name, not shards by rank. ZeRO-1 (dp=2) trains like one process and its
+checkpoints (AdamW state gathered over dp) resume with or without it.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def write_corpus(root: Path, files: int = 4, lines: int = 150) -> Path:
 
 
 def _run(tmp: Path, name: str, pp: int, resume: Path | None = None,
-         checkpoint_every: int = 3, tp: int = 1, steps: int = 6) -> dict[int, dict[str, Any]]:
+         checkpoint_every: int = 3, tp: int = 1, steps: int = 6, dp: int = 1,
+         zero: int = 0) -> dict[int, dict[str, Any]]:
     run = RunConfig(
         model=MODEL,
-        parallel=ParallelConfig(pp=pp, tp=tp, microbatches=2),
+        parallel=ParallelConfig(pp=pp, tp=tp, dp=dp, zero=zero, microbatches=2),
         train=TrainConfig(steps=steps, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=0,
                           eval_batches=1, checkpoint_every=checkpoint_every, keep=0,
                           run_dir=str(tmp / "runs"), name=name,
@@ -124,3 +126,19 @@ def test_tensor_parallel_checkpoints_resume_under_any_tp(tmp_path: Path) -> None
     ckpt = tmp_path / "runs" / "single" / "checkpoints" / "step-00000002"
     resharded = _losses(_run(tmp_path, "resharded", pp=2, tp=2, resume=ckpt, steps=4))
     assert resharded == pytest.approx(single[2:], rel=1e-5, abs=0)
+
+
+def test_zero1_trains_like_one_process_and_resumes_under_any_dp(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "corpus")
+    single = _losses(_run(tmp_path, "single", pp=1, steps=4, checkpoint_every=2))
+    # dp=2 with ZeRO-1: each replica keeps AdamW state for half of every parameter
+    zero = _losses(_run(tmp_path, "zero", pp=1, dp=2, zero=1, steps=4, checkpoint_every=2))
+    assert zero == pytest.approx(single, rel=1e-5, abs=0)
+    # its checkpoint holds the logical AdamW state (gathered over dp): one process resumes it
+    ckpt = tmp_path / "runs" / "zero" / "checkpoints" / "step-00000002"
+    resumed = _losses(_run(tmp_path, "unzeroed", pp=1, resume=ckpt, steps=4))
+    assert resumed == pytest.approx(single[2:], rel=1e-5, abs=0)
+    # and one process's checkpoint is cut into ZeRO-1 chunks again
+    ckpt = tmp_path / "runs" / "single" / "checkpoints" / "step-00000002"
+    rezeroed = _losses(_run(tmp_path, "rezeroed", pp=1, dp=2, zero=1, resume=ckpt, steps=4))
+    assert rezeroed == pytest.approx(single[2:], rel=1e-5, abs=0)

@@ -148,12 +148,22 @@ class ParallelConfig:
     """How blocks are assigned to stages: one of PARTITIONS."""
     schedule_file: str | None = None
     """A hand-written CSV schedule (see `conveyor schedule show --csv`); replaces ``schedule``."""
+    dp_bucket_mb: float = 25.0
+    """MiB per data-parallel grad all-reduce bucket, issued as backward finishes (0: one per parameter)."""
+    zero: int = 0
+    """ZeRO stage: 1 shards optimizer state over the dp replicas (0: every replica keeps all)."""
 
     # Only what each field says on its own is checked here. What the fields decide
     # together (chunks, stages, the schedule object, the partition) is decided, and
     # checked, by parallel.layout.resolve_layout alone.
     def __post_init__(self) -> None:
         _positive(self, "pp", "dp", "tp", "microbatches")
+        if not isinstance(self.dp_bucket_mb, (int, float)) or not self.dp_bucket_mb >= 0:
+            raise ConfigError(f"dp_bucket_mb={self.dp_bucket_mb!r} must be a number >= 0 "
+                              "(0: reduce each parameter's grad on its own)")
+        if self.zero not in (0, 1):
+            raise ConfigError(f"zero={self.zero!r} is not supported; use 0 (off) or 1 "
+                              "(optimizer state sharded over dp)")
         if not isinstance(self.sequence_parallel, bool):
             raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
         if self.sequence_parallel and self.tp == 1:

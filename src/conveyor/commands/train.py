@@ -82,6 +82,12 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("parallel", "partition", "--partition", {"metavar": "HOW"},
      "blocks to stages: uniform (equal layer counts), params (balanced parameter counts) or "
      "cost (balanced predicted compute, embedding and head included)"),
+    ("parallel", "dp_bucket_mb", "--dp-bucket-mb", {"type": float},
+     "MiB per data-parallel gradient all-reduce, started as soon as backward finishes "
+     "its parameters (0: one all-reduce per parameter after the step)"),
+    ("parallel", "zero", "--zero", {"type": int},
+     "1: ZeRO-1, each data-parallel replica keeps AdamW state for 1/dp of the parameters "
+     "and the updated parameters are all-gathered (0: off)"),
     ("train", "steps", "--steps", {"type": int}, "optimizer steps in total"),
     ("train", "batch_size", "--batch-size", {"type": int}, "sequences per step (global batch)"),
     ("train", "lr", "--lr", {"type": float}, "peak learning rate of AdamW"),

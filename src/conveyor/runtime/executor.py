@@ -92,12 +92,32 @@ class Executor:
         # how an OVERLAP_F_B pair runs: (forward, run_forward, backward, run_backward);
         # one after the other unless a custom overlap (e.g. two CUDA streams) is set
         self.overlap: OverlapHook = run_in_order
+        # called with a stage once its grads are final for the step (e.g. to start the
+        # data-parallel reduction of that stage while the rest of the pipeline runs)
+        self.after_stage_done: Callable[[int], None] | None = None
         self.timeline: list[TimedAction] = []
         self._t0 = 0.0
         self._index = {a: i for i, a in enumerate(self.actions)}
         comm = [i for i, a in enumerate(self.actions) if not a.kind.is_compute]
         self._last_comm = comm[-1] if comm else -1
         self._prefetch = self._plan_prefetch()
+        self.stage_done_at = self._plan_stage_done()
+        self._done_after: dict[int, list[int]] = {}
+        for s, j in sorted(self.stage_done_at.items()):
+            self._done_after.setdefault(j, []).append(s)
+
+    def _plan_stage_done(self) -> dict[int, int]:
+        """For each stage, the index of this rank's last action that writes its weight-grads.
+
+        That is its last B, I or W (an I writes the grads of non-linear parameters,
+        its W those of the linear ones), counting the backward half of an overlapped pair.
+        """
+        done: dict[int, int] = {}
+        for i, a in enumerate(self.actions):
+            for part in a.sub if a.kind is Kind.OVERLAP_F_B else (a,):
+                if part.kind in (Kind.B, Kind.I, Kind.W):
+                    done[part.stage] = i
+        return done
 
     def _plan_prefetch(self) -> dict[int, list[int]]:
         """For each compute step, the receives (by index) to post before running it.
@@ -133,6 +153,9 @@ class Executor:
                         self._post_recv(state, self.actions[j])
                     self._compute(a, state, data)
                     self._release_sends(state, wait=False)
+                    if self.after_stage_done is not None:
+                        for s in self._done_after.get(i, ()):
+                            self.after_stage_done(s)
                 elif a.kind in _SENDS:
                     assert self.p2p is not None
                     posted = self.p2p.post(a, state.outgoing.pop(a))

@@ -6,7 +6,8 @@ each is then sliced into this tp rank's shard), runs one step of any schedule
 through the executor, and makes the distributed pieces add up: sequence-parallel
 grads summed over tp, tied embedding grads summed across the two stages holding
 them (per tp rank: both copies hold the same vocabulary rows), grads averaged over
-data-parallel replicas, the loss reduced onto every rank. The optimizer stays
+data-parallel replicas (in buckets started as each stage's backward ends, see
+``parallel.data``), the loss reduced onto every rank. The optimizer stays
 outside: it sees this rank's parameters (shards, under tp) like any other module's.
 """
 
@@ -23,6 +24,7 @@ from ..config import ModelConfig, ParallelConfig
 from ..memory import ActivationMeter
 from ..models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
 from ..models.boundary import Signature, boundary_signature
+from ..parallel.data import GradBuckets
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..parallel.sharded import TensorParallel, reduce_sequence_parallel_grads
@@ -128,6 +130,13 @@ class Pipeline:
         self.executor = Executor(
             lowered, mesh.pp_rank, self.stages, self.p2p, meter=self.meter
         )
+        # stages in the order their grads become final on this rank (the buckets' order)
+        done_at = self.executor.stage_done_at
+        self._done_order = sorted(self.stages, key=lambda s: (done_at.get(s, 1 << 30), s))
+        self.grad_buckets: GradBuckets | None = None
+        if mesh.dp > 1 and par.dp_bucket_mb > 0:
+            self.grad_buckets = self._make_buckets(par.dp_bucket_mb)
+            self.executor.after_stage_done = self.grad_buckets.stage_done
         # Evaluation runs the training schedule's forwards alone, in the same order:
         # valid by construction (forwards depend only on forwards) on any placement.
         fwd = Schedule.build(
@@ -137,6 +146,31 @@ class Pipeline:
         self.eval_executor = Executor(
             lower(fwd), mesh.pp_rank, self.stages, self.p2p, train=False, meter=self.meter
         )
+
+    def _make_buckets(self, bucket_mb: float) -> GradBuckets:
+        """Data-parallel buckets of this rank's parameters, each under the stage that finishes it."""
+        # A parameter in two stages of this rank (a tied weight under ZB-V) is final only
+        # after the later of the two; a tied copy on another rank is summed with it first,
+        # after the step, so it stays out of the buckets and is averaged on its own.
+        owner: dict[int, int] = {}
+        params: dict[int, nn.Parameter] = {}
+        for s in self._done_order:
+            for _, p in self.stages[s].named_parameters():
+                owner[id(p)] = s
+                params[id(p)] = p
+        if self.tied_group is not None and self._tied_param is not None:
+            owner.pop(id(self._tied_param), None)
+        by_stage: dict[int, list[nn.Parameter]] = {s: [] for s in self._done_order}
+        for pid, s in owner.items():
+            by_stage[s].append(params[pid])
+        return GradBuckets(by_stage, self.mesh.dp_group, self.mesh.dp, bucket_mb,
+                           before_issue=self._reduce_sequence_parallel)
+
+    def _reduce_sequence_parallel(self, stage: int) -> None:
+        """Sum over tp the grads of ``stage``'s params that saw only a sequence shard."""
+        if self.sequence_parallel:
+            for block in self.stages[stage].blocks.values():
+                reduce_sequence_parallel_grads(block, self.tp_group)
 
     def _make_p2p(self, lowered: Schedule, timeout_s: float, emulate: bool) -> P2P:
         """Point-to-point groups for every link the schedule uses, warmed up collectively."""
@@ -311,6 +345,8 @@ class Pipeline:
         try:
             self.executor.run(StepInputs(mbs_in, mbs_tgt))
         except BaseException:
+            if self.grad_buckets is not None:
+                self.grad_buckets.reset()
             for p, g in zip(params, earlier, strict=True):
                 p.grad = g
             raise
@@ -328,17 +364,22 @@ class Pipeline:
         return self._reduce_loss()
 
     def _reduce_grads(self) -> None:
-        if self.sequence_parallel:  # norms (and row biases) saw only this rank's positions
-            for stage in self.stages.values():
-                for block in stage.blocks.values():
-                    reduce_sequence_parallel_grads(block, self.tp_group)
+        if self.grad_buckets is not None:
+            # most buckets went out during the step (with their stage's SP sums); wait
+            self.grad_buckets.finish(self._done_order)
+        else:  # norms (and row biases) saw only this rank's positions
+            for s in self.stages:
+                self._reduce_sequence_parallel(s)
         if self.tied_group is not None and self._tied_param is not None:
             grad = self._tied_param.grad
             if grad is None:  # a stage whose copy got no grad still joins the sum
                 grad = self._tied_param.grad = torch.zeros_like(self._tied_param)
             dist.all_reduce(grad, group=self.tied_group)
         if self.mesh.dp > 1:
-            for p in self.parameters():
+            rest = self.parameters() if self.grad_buckets is None else (
+                [self._tied_param] if self.tied_group is not None and self._tied_param is not None
+                else [])
+            for p in rest:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, group=self.mesh.dp_group)

@@ -14,7 +14,7 @@ state: step ``s`` gets ``lr_at(s, ...)`` whether or not the run stopped before i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -52,13 +52,18 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 
 def build_optimizer(
-    named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float
+    named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
+    ndims: Mapping[str, int] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over two groups: matrices decay, norms and biases (ndim < 2) do not."""
+    """AdamW over two groups: matrices decay, norms and biases (ndim < 2) do not.
+
+    ``ndims`` gives a parameter's own ndim by name where the leaf is flat (ZeRO-1 chunks).
+    """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for _, p in named_params:
-        (decay if p.ndim >= 2 else no_decay).append(p)
+    for name, p in named_params:
+        ndim = p.ndim if ndims is None else ndims[name]
+        (decay if ndim >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

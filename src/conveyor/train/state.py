@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..parallel.zero import ZeroShards
 from ..runtime.pipeline import Pipeline
 from .checkpoint import CheckpointError, load_tensors
-from .optim import load_optimizer_state, optimizer_state, optimizer_state_names
+from .optim import STATE_KEYS, load_optimizer_state, optimizer_state, optimizer_state_names
 
 __all__ = ["unique_params", "state_tensors", "load_params", "load_training_state",
            "rank_meta", "restore_rank_meta"]
@@ -39,15 +40,26 @@ def unique_params(pipe: Pipeline) -> list[tuple[str, nn.Parameter]]:
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def state_tensors(pipe: Pipeline, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+def _zero_state(zero: ZeroShards, optimizer: torch.optim.Optimizer,
+                named: list[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
+    """ZeRO-1 chunks' state gathered over dp into per-parameter checkpoint tensors."""
+    keep = {name for name, _ in named}
+    return {f"optim.{name}.{key}": t
+            for name, state in zero.full_state(optimizer, STATE_KEYS).items() if name in keep
+            for key, t in state.items()}
+
+
+def state_tensors(pipe: Pipeline, optimizer: torch.optim.Optimizer,
+                  zero: ZeroShards | None = None) -> dict[str, Tensor]:
     """Parameters and AdamW state of this rank, logical (unsharded), as checkpoint tensors.
 
-    Collective over the tp group; under tp only tp rank 0 returns them (the other
-    tp ranks hold the same logical tensors and return none).
+    Collective over the tp group (and, with ZeRO-1 ``zero``, over dp); under tp only
+    tp rank 0 returns them (the other tp ranks hold the same logical tensors).
     """
     named = unique_params(pipe)
     tensors: dict[str, Tensor] = {name: pipe.to_full(name, p) for name, p in named}
-    state = optimizer_state(optimizer, named)
+    state = (optimizer_state(optimizer, named) if zero is None
+             else _zero_state(zero, optimizer, named))
     for name, _ in named:  # the same names, in the same order, on every tp rank
         for key in _MOMENTS:
             full_key = f"optim.{name}.{key}"
@@ -83,14 +95,20 @@ def load_params(pipe: Pipeline, ckpt: Path) -> None:
 
 
 @torch.no_grad()
-def load_training_state(pipe: Pipeline, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+def load_training_state(pipe: Pipeline, optimizer: torch.optim.Optimizer, ckpt: Path,
+                        zero: ZeroShards | None = None) -> None:
     """Parameters and AdamW state of this rank from ``ckpt``, saved with any layout."""
     named = list(pipe.named_parameters())
     names = [n for n, _ in named] + optimizer_state_names(named)
     tensors = _load_shards(pipe, ckpt, names)
     for name, p in named:
         p.copy_(tensors[name])
-    load_optimizer_state(optimizer, named, tensors)
+    if zero is None:
+        load_optimizer_state(optimizer, named, tensors)
+        return
+    zero.sync_from_params()  # the chunks the optimizer steps start from the loaded values
+    zero.load_state(optimizer, {name: {k: tensors[f"optim.{name}.{k}"] for k in STATE_KEYS}
+                                for name, _ in named})
 
 
 def rank_meta(elapsed_s: float) -> dict[str, Any]:

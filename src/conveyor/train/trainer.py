@@ -34,6 +34,7 @@ from ..log import get_logger
 from ..models import block_param_counts
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
+from ..parallel.zero import ZeroShards
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
 from ..sim.render import write_chrome_trace
@@ -199,8 +200,15 @@ class _Trainer:
         self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
                              device=device,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
-        self.opt = build_optimizer(self.pipe.named_parameters(), lr=self.cfg.lr,
-                                   weight_decay=self.cfg.weight_decay)
+        # ZeRO-1: the optimizer steps this dp rank's chunks; the rest are all-gathered
+        self.zero = (ZeroShards(self.pipe.named_parameters(), self.mesh.dp_group, par.dp,
+                                self.mesh.dp_rank) if par.zero == 1 and par.dp > 1 else None)
+        if self.zero is None:
+            self.opt = build_optimizer(self.pipe.named_parameters(), lr=self.cfg.lr,
+                                       weight_decay=self.cfg.weight_decay)
+        else:
+            self.opt = build_optimizer(self.zero.named_shards(), lr=self.cfg.lr,
+                                       weight_decay=self.cfg.weight_decay, ndims=self.zero.ndims())
         self.sampler = Sampler(len(train), self.cfg.batch_size, self.cfg.seed)
         self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches) \
             if run.data.val_fraction > 0 else []
@@ -216,7 +224,7 @@ class _Trainer:
 
     def restore(self, ckpt: Path) -> None:
         meta = read_meta(ckpt)
-        load_training_state(self.pipe, self.opt, ckpt)
+        load_training_state(self.pipe, self.opt, ckpt, self.zero)
         self.sampler.load_state_dict(meta["sampler"])
         self.elapsed0 = restore_rank_meta(meta)
         self.step = int(meta["step"])
@@ -252,7 +260,10 @@ class _Trainer:
             self.pipe.parameters(), cfg.grad_clip, group=self.mesh.pp_group,
             tp_group=self.mesh.tp_group, duplicates=[dup] if dup is not None else [],
         )
-        self.opt.step()
+        if self.zero is None:
+            self.opt.step()
+        else:
+            self.zero.step(self.opt)
         speed = self.tokens_per_step / (time.perf_counter() - t0)
         self.step += 1
         self.losses.append(loss)
@@ -299,7 +310,8 @@ class _Trainer:
         if self.bar is not None:  # the checkpoint module logs a line: keep it off the bar
             self.bar.clear()
         self.last_ckpt = save_checkpoint(
-            self.run_dir, self.step, tensors=state_tensors(self.pipe, self.opt), meta=meta,
+            self.run_dir, self.step, tensors=state_tensors(self.pipe, self.opt, self.zero),
+            meta=meta,
             keep=self.cfg.keep,
         )
         if self.bar is not None:

@@ -1,0 +1,117 @@
+"""Data-parallel gradient reduction in flat buckets, overlapped with the rest of backward.
+
+A rank's parameters are grouped, stage by stage and in reverse order of use (the
+order backward finishes them), into buckets of about ``bucket_mb`` MiB. When the
+executor reports that a stage has run its last backward-ish action of the step (its
+last B, or its last W under split backward), every bucket of that stage is flattened
+into one buffer and all-reduced asynchronously over the data-parallel group, while
+the pipeline goes on with other stages. :meth:`GradBuckets.finish` waits for them all,
+divides by dp and copies the averages back into ``.grad``. Every dp replica runs the
+same action list, so buckets are issued in the same order on every replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["GradBuckets", "plan_buckets"]
+
+MIB = 1 << 20
+
+
+def plan_buckets(params: Sequence[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Split ``params`` (in issue order) into consecutive runs of one dtype, each <= ``cap_bytes``.
+
+    A parameter larger than the cap gets a bucket of its own.
+    """
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if buckets and buckets[-1][0].dtype == p.dtype and size + nbytes <= cap_bytes:
+            buckets[-1].append(p)
+            size += nbytes
+        else:
+            buckets.append([p])
+            size = nbytes
+    return buckets
+
+
+class _Bucket:
+    """One flat all-reduce: its parameters and, once issued, its buffer and work handle."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.flat: Tensor | None = None
+        self.work: dist.Work | None = None
+
+
+class GradBuckets:
+    """Averages grads over the dp group in buckets, issued per stage as its backward ends."""
+
+    def __init__(
+        self,
+        stage_params: dict[int, list[nn.Parameter]],
+        group: dist.ProcessGroup | None,
+        dp: int,
+        bucket_mb: float,
+        *,
+        before_issue: Callable[[int], None] | None = None,
+    ) -> None:
+        """``stage_params``: each stage's parameters in forward order, each parameter once."""
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb={bucket_mb} must be > 0 (0 selects the per-parameter path)")
+        self.group = group
+        self.dp = dp
+        # runs on a stage just before its buckets go out (sequence-parallel sums over tp)
+        self.before_issue = before_issue
+        cap = max(1, int(bucket_mb * MIB))
+        self.buckets: dict[int, list[_Bucket]] = {
+            s: [_Bucket(b) for b in plan_buckets(list(reversed(ps)), cap)]
+            for s, ps in stage_params.items() if ps
+        }
+        self._issued: set[int] = set()
+
+    @property
+    def num_buckets(self) -> int:
+        """Buckets in all (all-reduce calls per step)."""
+        return sum(len(bs) for bs in self.buckets.values())
+
+    def stage_done(self, stage: int) -> None:
+        """Start the all-reduces of ``stage``'s buckets: its grads are final for this step."""
+        if stage in self._issued:
+            return
+        self._issued.add(stage)
+        if self.before_issue is not None:
+            self.before_issue(stage)
+        for bucket in self.buckets.get(stage, ()):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+            bucket.flat = torch.cat([g.reshape(-1) for g in grads])
+            bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+
+    def finish(self, stages: Sequence[int]) -> None:
+        """Issue what is left (in ``stages`` order), wait for all, write the averages to ``.grad``."""
+        for s in stages:
+            self.stage_done(s)
+        try:
+            for bs in self.buckets.values():
+                for bucket in bs:
+                    assert bucket.flat is not None and bucket.work is not None
+                    bucket.work.wait()
+                    bucket.flat.div_(self.dp)
+                    views = bucket.flat.split([p.numel() for p in bucket.params])
+                    for p, v in zip(bucket.params, views, strict=True):
+                        p.grad = v.view_as(p).clone()
+        finally:
+            self.reset()
+
+    def reset(self) -> None:
+        """Forget this step's buffers (after :meth:`finish`, or when a step fails)."""
+        self._issued.clear()
+        for bs in self.buckets.values():
+            for bucket in bs:
+                bucket.flat = bucket.work = None
