@@ -48,7 +48,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -57,7 +56,10 @@ from typing import Any
 
 import torch
 
-from conveyor.config import ConfigError, ModelConfig, ParallelConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _step_workers import peak_rss_bytes, reset_peak_rss  # noqa: E402
+from conveyor.config import ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 
 MIB = 2**20
 MODES = {"gloo": False, "nccl-semantics": True}
@@ -91,22 +93,6 @@ def current_rss_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (since start or the last reset) in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _mib(nbytes: int | None) -> float | None:
