@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conveyor.config import ModelConfig
-from conveyor.models import block_param_counts
+from conveyor.models import block_param_counts, build_blocks
 from conveyor.parallel.partition import uniform
 from conveyor.schedules import (
     SCHEDULE_CHUNKS,
@@ -337,3 +338,86 @@ def test_placement_with_two_chunks_per_rank() -> None:
     sim = simulate(Schedule.build("v", 1, place, acts), CostModel.uniform(4))
     assert sim.step_time == pytest.approx(8.0)
     assert sim.peak_activation_bytes == {0: 2, 1: 2}
+
+
+def _with(cost: CostModel, **fields: float) -> CostModel:
+    return CostModel.from_dict({**cost.to_dict(), **fields})
+
+
+def test_executor_work_is_idle_and_messages_leave_when_posted() -> None:
+    # lowered gpipe(2, 1): rank 0 [0F0, SEND_F0, RECV_B0, 0B0], rank 1 [RECV_F0, 1F0, 1B0,
+    # SEND_B0]; rank 0 posts RECV_B0 before 0F0 (a head: nothing to wait for first)
+    cost = _with(CostModel.uniform(2, f=1.0, b=2.0), send_overhead_s=0.1,
+                 recv_overhead_s=0.05, action_overhead_s=0.01, latency_s=0.2)
+    sim = simulate(gpipe(2, 1), cost)
+    spans = {str(t.action): (t.start, t.end) for row in sim.timeline.values() for t in row}
+    assert spans["0F0"] == pytest.approx((0.06, 1.06))
+    # the send is posted (0.1), then 0B0's bookkeeping (0.01) follows; the message left
+    # at 1.16 and arrives 0.2 later
+    assert spans["0SEND_F0"] == pytest.approx((1.06, 1.16))
+    assert spans["1F0"] == pytest.approx((1.36, 2.36))
+    assert spans["1B0"] == pytest.approx((2.37, 4.37))
+    assert spans["0B0"] == pytest.approx((4.67, 6.67))
+    assert sim.step_time == pytest.approx(6.67)
+    # executor work is idle time: busy is the compute alone
+    assert sim.execution.busy(0) == pytest.approx(3.0)
+    assert sim.execution.busy(1) == pytest.approx(3.0)
+
+
+def test_pair_waits_for_its_backward_input_after_its_forward() -> None:
+    # the executor runs 0F1, then waits for 1B0's grad, then 0B0 (run_in_order)
+    acts = {
+        0: [F(0, 0), overlap(F(0, 1), B(0, 0)), B(0, 1)],
+        1: [F(1, 0), B(1, 0), F(1, 1), B(1, 1)],
+    }
+    sched = Schedule.build("pair-wait", 2, Placement.looped(2), acts)
+    validate(sched)
+    sim = simulate(sched, CostModel.uniform(2))
+    pair = next(t for t in sim.timeline[0] if t.action.kind is Kind.OVERLAP_F_B)
+    # 0F1 ran in 1..2 while 1B0 ran; 0B0 in 3..4: the pair is busy 2, ends at 4
+    assert (pair.start, pair.end) == pytest.approx((2.0, 4.0))
+    assert sim.step_time == pytest.approx(7.0)  # waiting for both first would give 8
+    assert sim.execution.busy(0) == pytest.approx(4.0)
+
+
+def test_message_and_step_start_costs_are_busy() -> None:
+    cost = _with(CostModel.uniform(2), message_compute_s=0.1, step_start_s=0.5)
+    sim = simulate(gpipe(2, 1), cost)
+    d = _durations(sim, 0) | _durations(sim, 1)
+    # first actions +0.5; 1F0 consumes a message; 0B0 sent one (F0) and consumes one
+    assert d == pytest.approx({"0F0": 1.5, "0B0": 1.2, "1F0": 1.6, "1B0": 1.0})
+    assert sim.step_time == pytest.approx(5.3)
+
+
+def test_profile_replays_the_runtime_stage_runner() -> None:
+    from conveyor.config import ParallelConfig
+    from conveyor.parallel.layout import resolve_layout
+    from conveyor.runtime.stage import StageRunner
+
+    built: list[tuple[int, bool]] = []
+
+    def runner(stage: int, blocks: dict, **kw: object) -> StageRunner:
+        built.append((stage, bool(kw["split_backward"])))
+        return StageRunner(stage, blocks, **kw)  # type: ignore[arg-type]
+
+    layout = resolve_layout(TINY, ParallelConfig(pp=2, schedule="zb-h1", microbatches=2),
+                            batch_size=8)
+    cost = profile_costs(TINY, layout, microbatch_size=4, seq_len=16, warmup=1, repeats=1,
+                         runner=runner)
+    # the runtime's runners, split where the schedule has I actions, for both stages;
+    # B (never run by zb-h1) timed alone on split runners
+    assert {(0, True), (1, True)} <= set(built) and all(split for _, split in built)
+    assert all(x > 0 for x in cost.f + cost.b + cost.w + (cost.full_b or ()))
+    assert cost.message_compute_s > 0 and cost.send_overhead_s > cost.recv_overhead_s > 0
+    # activation bytes are what the runtime's own meter counts for a stashed microbatch
+    tokens = torch.randint(TINY.vocab_size, (4, 16))
+    meter_bytes = []
+    for s, inputs, targets in ((0, tokens, None),
+                               (1, {"hidden": torch.randn(4, 16, TINY.d_model)}, tokens)):
+        idx = list(layout.partition.blocks_of(s))
+        r = StageRunner(s, dict(zip(idx, build_blocks(TINY, 0, idx), strict=True)),
+                        num_microbatches=2, split_backward=True)
+        r.forward(0, inputs, targets)
+        meter_bytes.append(r.meter.live_by["stash"])
+    assert list(cost.activation_bytes) == meter_bytes
+    assert simulate(layout.schedule, cost).step_time > 0

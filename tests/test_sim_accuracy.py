@@ -1,5 +1,11 @@
-"""The simulator fed by profiled costs predicts a real pp=2 run: tight on memory, which
-does not depend on machine noise; time is left to the benchmark."""
+"""The simulator fed by profiled costs predicts a real pp=2 run.
+
+Loose on time (a shared CI machine is noisy; only a model that is badly wrong
+fails), exact on memory: the peak is counted by one definition on both sides
+(``validate.peak_activations`` walking the schedule, the runtime's meter counting
+held stage-microbatches), and the bytes per stage-microbatch are what the runtime's
+own StageRunner counts.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +29,19 @@ def test_simulation_tracks_measurement(capsys: pytest.CaptureFixture[str]) -> No
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [r["schedule"] for r in rows] == ["1f1b", "zb-h1", "zb-v"]
     for r in rows:
+        # one peak definition: the runtime held exactly what the validator's walk holds
+        assert r["measured_peak_units"] == {str(k): v for k, v in
+                                            r["simulated_peak_units"].items()}, r
         for rank, err in r["memory_error"].items():
-            assert abs(err) <= 0.10, f"{r['schedule']} rank {rank}: memory off by {err:.1%}"
-        # No bound on step time here: a timed assertion fails on a loaded machine (it did,
-        # at -0.82, with a benchmark running beside the suite). Time accuracy is measured
-        # by benchmarks/sim_accuracy.py, side by side, and reported.
-        assert r["step_error"] > -1.0, r
+            # bytes per stage-microbatch come from the same StageRunner; what is left is
+            # the meter counting a microbatch's token ids by their whole batch's storage
+            assert abs(err) <= 0.02, f"{r['schedule']} rank {rank}: memory off by {err:.1%}"
         assert 0.0 <= r["measured_bubble"] < 1.0
+        assert 0.0 <= r["others_cpu"] <= 1.0
+        # Timing on a shared CI machine is noisy (compute must dominate the step, hence a
+        # model of this size): only catch a model that is badly wrong, and only while
+        # other processes left the cores to the ranks (with the cores taken, a rank's
+        # actions stretch by whatever the scheduler gives it, which nothing predicts).
+        if r["others_cpu"] < 0.1:
+            assert abs(r["step_error"]) <= 0.6, r
+            assert abs(r["bubble_error_pp"]) <= 30, r

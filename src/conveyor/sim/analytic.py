@@ -10,6 +10,7 @@ come from :mod:`conveyor.models` (parameters, stashed activations).
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ __all__ = [
     "DEVICES",
     "GLOO_LOCALHOST_LATENCY_S",
     "GLOO_LOCALHOST_BANDWIDTH_BPS",
+    "GLOO_ARRIVAL_S",
+    "EXECUTOR_ACTION_S",
+    "MESSAGE_COMPUTE_BPS",
+    "P2P_POST_S",
+    "RECV_BUFFER_BPS",
+    "SEND_POST_BPS",
     "analytic_costs",
+    "gloo_runtime_costs",
     "get_device",
     "measure_cpu_flops",
 ]
@@ -38,6 +46,55 @@ tensor, median of 25, measured once (torch 2.13, 2-core AMD EPYC VM): 93-100 us.
 
 GLOO_LOCALHOST_BANDWIDTH_BPS = 2.5e9
 """Gloo on 127.0.0.1, same measurement with 1-16 MiB tensors: 2.1-3.0 GB/s."""
+
+# What the CPU runtime spends on communication over gloo on localhost, read off
+# ``Executor.record`` timelines of pp=2 steps of every schedule on an idle machine
+# (2-core Xeon VM, torch 2.13; GPT-2 with 256 KiB and with 64 KiB messages;
+# ``benchmarks/sim_accuracy.py --dump``): the gap between one compute action's end and
+# the next one's start (or its wait), by the sends and receives the executor posts in
+# it; the time from a producing compute's end to the end of the consumer's wait; and
+# each compute action's time over the same action replayed without communication
+# (``sim.profile.RankReplay``) in the same processes. Costs that grow with the message
+# are given as bytes per second.
+
+P2P_POST_S = 110e-6
+"""The fixed part of posting one send or receive through ``runtime.comm.P2P`` (boundary
+check, ``batch_isend_irecv``): receives took 0.15 ms (64 KiB) and 0.26 ms (256 KiB)."""
+
+RECV_BUFFER_BPS = 1.7e9
+"""A receive's fresh buffer, per byte (allocating it is most of what grows with size)."""
+
+SEND_POST_BPS = 1.2e9
+"""A send's post, per byte: gloo writes the message into the socket while it is posted
+(sends took 0.19 ms for 64 KiB, 0.35 ms for 256 KiB)."""
+
+GLOO_ARRIVAL_S = 30e-6
+"""From a send's post returning to its receiver's wait ending: the message is written
+by then, so little is left (the producing compute's end to the wait's end was the
+post plus this: medians 0.18 ms for 64 KiB, 0.35-0.38 ms for 256 KiB)."""
+
+EXECUTOR_ACTION_S = 25e-6
+"""The executor's bookkeeping between two compute actions with nothing to post
+(median 0.016-0.04 ms)."""
+
+MESSAGE_COMPUTE_BPS = 0.5e9
+"""Each message also slows the compute of both its ranks, per byte and end: the
+communication threads (gloo's socket I/O, the send waiter) share the rank's core and
+receive buffers are faulted in as they fill. Compute actions in the runtime took
+0.1 ms (64 KiB) and 0.4-0.7 ms (256 KiB) longer than replayed without messages."""
+
+
+def gloo_runtime_costs(message_bytes: int) -> dict[str, float]:
+    """CostModel link and executor fields for the CPU runtime on gloo over localhost."""
+    return {
+        "latency_s": GLOO_ARRIVAL_S,
+        "bandwidth_Bps": math.inf,  # the bytes are written by the sender, while posting
+        "message_bytes": message_bytes,
+        "send_overhead_s": P2P_POST_S + message_bytes / SEND_POST_BPS,
+        "recv_overhead_s": P2P_POST_S + message_bytes / RECV_BUFFER_BPS,
+        "action_overhead_s": EXECUTOR_ACTION_S,
+        "message_compute_s": message_bytes / MESSAGE_COMPUTE_BPS,
+    }
 
 
 @dataclass(frozen=True, kw_only=True)

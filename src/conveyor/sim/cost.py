@@ -49,6 +49,22 @@ class CostModel:
     full_b: tuple[float, ...] | None = None
     """Seconds of a full backward of each stage: what a B costs; None: ``b + w``.
     Measured separately because splitting a backward costs some extra."""
+    send_overhead_s: float = 0.0
+    """Seconds posting one send occupies its rank, right after the producing compute
+    (executor work, idle in the timeline; the message leaves when it is posted)."""
+    recv_overhead_s: float = 0.0
+    """Seconds posting one receive occupies its rank (executor work, idle); the runtime
+    posts receives ahead, before the compute action that precedes their consumer."""
+    action_overhead_s: float = 0.0
+    """Seconds the executor spends between two compute actions besides posting messages
+    (bookkeeping, letting delivered sends go)."""
+    message_compute_s: float = 0.0
+    """Seconds one message takes from the compute of each of its two ranks besides the
+    posts (the communication threads copying it, its buffers faulted in): added to the
+    receiver's consuming action and to the sender's next compute action, as busy."""
+    step_start_s: float = 0.0
+    """Extra seconds of each rank's first compute action in a step (cold caches after
+    whatever ran between steps)."""
     source: str = field(default="", compare=False)
     """Where the numbers came from, e.g. 'analytic h100' or 'profiled on cpu'."""
 
@@ -72,8 +88,11 @@ class CostModel:
                 raise CostError(
                     f"full_b={self.full_b!r} needs one finite value >= 0 per stage ({n}), or None"
                 )
-        if self.latency_s < 0 or not math.isfinite(self.latency_s):
-            raise CostError(f"latency_s={self.latency_s!r} must be finite and >= 0")
+        for name in ("latency_s", "send_overhead_s", "recv_overhead_s", "action_overhead_s",
+                     "message_compute_s", "step_start_s"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise CostError(f"{name}={v!r} must be finite and >= 0")
         if not self.bandwidth_Bps > 0:
             raise CostError(f"bandwidth_Bps={self.bandwidth_Bps!r} must be > 0 (inf for free)")
         if self.message_bytes < 0:

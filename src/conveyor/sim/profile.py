@@ -1,196 +1,477 @@
-"""Profiled costs: time the real blocks of each stage on this machine, in one process.
+"""Profiled costs: time the runtime's own stage runner on this machine.
 
-Each stage's blocks are built as the runtime builds them and run on one random
-microbatch with one thread, as each pipeline rank uses one thread. Per stage:
+Each stage is built the way ``runtime.pipeline.Pipeline`` builds it: the same blocks
+(the partition's, ``build_blocks`` with the same seed) in the runtime's
+``StageRunner``, with the same recompute, autocast dtype and split backward (only
+stages whose schedule has an I defer weight-grads), one thread per rank. The
+runner's own methods are timed:
 
-- **F**: the stage's forward (the last stage includes the loss).
-- **I** and **W** (``b`` and ``w``): timed the way the runtime runs them: the stage's
-  linear layers defer their weight-grads to a
-  :class:`~conveyor.models.linear.WeightGradStore` during I, and W runs that store.
-  Splitting costs a little more than one backward (the deferred work reads its
-  inputs again), and the simulator should see that.
-- **B** (``full_b``): one whole ``backward`` without a store, what a full-backward
-  action costs. Each backward is timed on its own fresh forward graph.
-- **activation bytes**: storages saved for backward during one forward, seen through
-  ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameters
-  and buffers excluded; the stage's received input is included (the runtime stashes it).
-- **link**: gloo between processes on localhost cannot be timed in one process, so the
-  constants measured once in :mod:`conveyor.sim.analytic` are used.
+- **F**: ``forward`` (on the last stage including the loss, as the runtime runs it);
+- **B** (``full_b``): ``backward(defer_weights=False)``, a full backward;
+- **I** (``b``): ``backward(defer_weights=True)``: the linears file their weight-grads;
+- **W** (``w``): ``weight``, which runs what the I filed.
 
-Times are medians of ``repeats`` runs after ``warmup`` runs.
+Given a :class:`~conveyor.parallel.layout.Layout`, every rank's compute actions are
+*replayed*: run in the schedule's order with its microbatches in flight, a fresh
+random tensor standing in for each received one (allocated outside the timing, as
+the runtime receives into fresh buffers) and stages of one rank handing over
+locally, as the executor does. What a stage costs depends on what ran before it
+(caches, the allocator, the grads of the first microbatch), so this times what the
+runtime runs. Each cost is the median over all its actions in ``repeats`` replayed
+steps after ``warmup`` ones. Kinds a schedule never runs on a stage (I and W of an
+unsplit stage, B of a split one) are timed in isolation so the model prices any
+schedule. :func:`replay_rank` is one rank's part: run it in every rank's process at
+once (``benchmarks/sim_accuracy.py`` does) and the costs include the ranks sharing
+the machine; :func:`profile_costs` replays the ranks one after another here.
+
+Without a schedule (a bare partition), each stage is timed in isolation: F and B on
+a runner built without split backward, I and W on one built with it.
+
+- **activation bytes**: what the runner's meter counts for one stashed microbatch
+  (the bytes autograd saves, as ``conveyor.memory`` counts them), so predicted and
+  measured peaks use one definition.
+- **link and executor**: gloo between processes cannot be timed in one process; the
+  constants measured from runtime timelines in :mod:`conveyor.sim.analytic` are used
+  (:func:`~conveyor.sim.analytic.gloo_runtime_costs`).
+- **step start**: how much longer each rank's first action of a replayed step takes
+  than the median of its kind (``CostModel.step_start_s``).
+
+``sim`` does not import the runtime (``tests/test_layering.py``): the runner class
+can be passed in (``runner=``); without it the runtime's ``StageRunner`` is looked
+up by name when a profile is taken.
 """
 
 from __future__ import annotations
 
+import importlib
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
-from conveyor.memory import count_saved_bytes
-from conveyor.models import build_blocks, lm_loss
-from conveyor.models.linear import WeightGradStore, attach_weight_grad_store
+from conveyor.memory import ActivationMeter
+from conveyor.models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
+from conveyor.models.boundary import boundary_signature
+from conveyor.parallel.layout import Layout
 from conveyor.parallel.partition import Partition
+from conveyor.schedules import Kind
 
-from .analytic import GLOO_LOCALHOST_BANDWIDTH_BPS, GLOO_LOCALHOST_LATENCY_S
+from .analytic import gloo_runtime_costs
 from .cost import CostError, CostModel
 
-__all__ = ["StageProfile", "profile_stage", "profile_costs"]
+__all__ = [
+    "RankProfile",
+    "RankReplay",
+    "StageLike",
+    "costs_from_profiles",
+    "profile_costs",
+    "profile_stage",
+    "replay_rank",
+]
+
+
+class StageLike(Protocol):
+    """What the profiler calls on a stage runner: the runtime's ``StageRunner`` API."""
+
+    meter: ActivationMeter
+
+    def forward(self, mb: int, inputs: Any, targets: Tensor | None, *,
+                train: bool = True) -> dict[str, Tensor]: ...
+
+    def backward(self, mb: int, grads: dict[str, Tensor] | None, *,
+                 defer_weights: bool = False) -> dict[str, Tensor] | None: ...
+
+    def weight(self, mb: int) -> None: ...
+
+    def take_losses(self) -> list[Tensor]: ...
+
+
+StageFactory = Callable[..., StageLike]
+"""Builds a runner: ``(stage, {block index: module}, *, num_microbatches, recompute,
+split_backward, autocast_dtype, meter)``, the runtime's ``StageRunner`` signature."""
+
+
+def _runtime_stage_runner() -> StageFactory:
+    # Looked up by name so that importing sim never imports the runtime.
+    return importlib.import_module("conveyor.runtime.stage").StageRunner  # type: ignore[no-any-return]
+
+
+@dataclass
+class RankProfile:
+    """What profiling one rank found: seconds per (stage, kind letter), bytes per stage."""
+
+    times: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+    """Every timed action's seconds, by stage and kind ('F', 'B', 'I', 'W')."""
+    activation_bytes: dict[int, int] = field(default_factory=dict)
+    """Bytes the meter counts for one stashed microbatch of each stage."""
+    param_bytes: dict[int, int] = field(default_factory=dict)
+    """Bytes of each stage's parameters."""
+    first: list[tuple[int, str, float]] = field(default_factory=list)
+    """The first action of each replayed step: (stage, kind, seconds)."""
+
+    def add(self, stage: int, kind: str, seconds: float) -> None:
+        """Record one timed action."""
+        self.times.setdefault((stage, kind), []).append(seconds)
+
+
+def _params(blocks: Iterable[nn.Module]) -> list[nn.Parameter]:
+    return list({id(p): p for b in blocks for p in b.parameters()}.values())
 
 
 @dataclass(frozen=True)
-class StageProfile:
-    """Measured costs of one stage on one microbatch."""
+class _Data:
+    """Random stand-ins for what a stage gets: tokens, targets, boundary tensors."""
 
-    f: float
-    b: float
-    w: float
-    full_b: float
-    activation_bytes: int
-    param_bytes: int
-    output_bytes: int
+    cfg: ModelConfig
+    microbatch_size: int
+    seq_len: int
+    seed: int
+
+    def tokens(self, mb: int) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + mb)
+        return torch.randint(self.cfg.vocab_size, (self.microbatch_size, self.seq_len),
+                             generator=gen)
+
+    def boundary(self) -> dict[str, Tensor]:
+        # a fresh buffer per message, as the runtime receives into
+        sig = boundary_signature(self.cfg, self.microbatch_size, self.seq_len, 0)
+        return {name: torch.randn(spec.shape).to(spec.dtype) for name, spec in sig.items()}
+
+
+def _factory(cfg: ModelConfig, partition: Partition, runner: StageFactory | None, seed: int,
+             num_microbatches: int, recompute: bool,
+             autocast_dtype: torch.dtype | None) -> Callable[..., StageLike]:
+    make_runner = runner or _runtime_stage_runner()
+
+    def make(stage: int, split_backward: bool, meter: ActivationMeter | None = None,
+             blocks: list[nn.Module] | None = None) -> StageLike:
+        idx = list(partition.blocks_of(stage))
+        # blocks of its own: a runner attaches its weight-grad store to its blocks
+        blocks = blocks if blocks is not None else build_blocks(cfg, seed, idx)
+        return make_runner(stage, dict(zip(idx, blocks, strict=True)),
+                           num_microbatches=num_microbatches, recompute=recompute,
+                           split_backward=split_backward, autocast_dtype=autocast_dtype,
+                           meter=meter or ActivationMeter())
+
+    return make
 
 
 def profile_stage(
-    blocks: list[nn.Module],
+    make_runner: Callable[[bool], StageLike],
     *,
+    split: bool,
     first: bool,
     last: bool,
-    cfg: ModelConfig,
-    microbatch_size: int,
-    seq_len: int,
+    data: _Data,
+    kinds: str = "FBIW",
     warmup: int = 2,
     repeats: int = 5,
-    seed: int = 0,
-) -> StageProfile:
-    """Time F, B, I and W of ``blocks`` (one stage) and count what its forward stashes."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (microbatch_size, seq_len)
-    tokens = torch.randint(cfg.vocab_size, shape, generator=gen)
-    targets = torch.randint(cfg.vocab_size, shape, generator=gen)
-    hidden = torch.randn(*shape, cfg.d_model, generator=gen)
-    params = list({id(p): p for b in blocks for p in b.parameters()}.values())
-    grad_out: Tensor | None = None
+    stage: int = 0,
+    into: RankProfile | None = None,
+) -> RankProfile:
+    """Time ``kinds`` of one stage in isolation, each on its own fresh forward.
 
-    def forward() -> tuple[Tensor, Tensor]:
-        """Return (the tensor a backward differentiates w.r.t., the stage's output or loss)."""
-        if first:
-            h = blocks[0](tokens)
-            wrt, rest = h, blocks[1:]
-        else:
-            h = wrt = hidden.detach().requires_grad_(True)
-            rest = blocks
-        for block in rest:
-            h = block(h)
-        return wrt, (lm_loss(h, targets) if last else h)
-
-    wrt, out = forward()
-    if not last:
-        grad_out = torch.randn(out.shape, generator=gen)
-    output_bytes = 0 if last else out.numel() * out.element_size()
-
-    f_times, b_times, w_times, full_times = [], [], [], []
+    ``make_runner(split_backward)`` builds a runner of the stage's blocks; ``split`` says
+    how the runtime builds it: F and B are timed on that one, I and W on a split one.
+    """
+    out = into if into is not None else RankProfile()
+    targets = data.tokens(10**6) if last else None
+    grads = None if last else data.boundary()
+    plain = make_runner(split) if set(kinds) & {"F", "B"} else None
+    split_runner = (plain if split and plain is not None else make_runner(True)) \
+        if set(kinds) & {"I", "W"} else None
     clock = time.perf_counter
-    store = WeightGradStore()
-    for i in range(warmup + repeats):
-        # each backward consumes its own fresh forward graph, as in a real step
-        t0 = clock()
-        wrt, out = forward()
-        t1 = clock()
-        torch.autograd.backward(out, grad_out)
-        t2 = clock()
-        for block in blocks:
-            attach_weight_grad_store(block, store)
-        wrt, out = forward()
-        t3 = clock()
-        with store.collect(0):
-            torch.autograd.backward(out, grad_out)
-        t4 = clock()
-        store.flush(0)
-        t5 = clock()
-        for block in blocks:
-            attach_weight_grad_store(block, None)
-        for p in params:
+    mb = 0
+    for rep in range(warmup + repeats):
+        for r, mine in ((plain, "FB"), (split_runner, "FIW")):
+            if r is None:
+                continue
+            inputs: Any = data.tokens(mb) if first else data.boundary()
+            live = r.meter.live_by.get("stash", 0)
+            t0 = clock()
+            r.forward(mb, inputs, targets)
+            t1 = clock()
+            stashed = r.meter.live_by.get("stash", 0) - live
+            if mine == "FB":
+                r.backward(mb, grads, defer_weights=False)
+                times = {"F": t1 - t0, "B": clock() - t1}
+            else:
+                r.backward(mb, grads, defer_weights=True)
+                t2 = clock()
+                r.weight(mb)
+                times = {"I": t2 - t1, "W": clock() - t2}
+                if split:
+                    times["F"] = t1 - t0
+            r.take_losses()
+            mb += 1
+            if rep >= warmup:
+                for kind, seconds in times.items():
+                    if kind in kinds:
+                        out.add(stage, kind, seconds)
+            out.activation_bytes.setdefault(stage, stashed)
+    return out
+
+
+class RankReplay:
+    """One rank's compute actions, replayed in the schedule's order on its own runners.
+
+    :meth:`step` runs the rank's list once (timing each action when asked to);
+    :meth:`finish` times what the schedule never runs and returns the profile.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layout: Layout,
+        rank: int,
+        *,
+        microbatch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        recompute: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        runner: StageFactory | None = None,
+    ) -> None:
+        sched = layout.schedule
+        self.rank = rank
+        self.actions = sched.actions[rank]
+        self.last = sched.num_stages - 1
+        self.split = {p.stage for p in sched.parts() if p.kind is Kind.I}
+        self.make = _factory(cfg, layout.partition, runner, seed, sched.num_microbatches,
+                             recompute, autocast_dtype)
+        self.data = _Data(cfg, microbatch_size, seq_len, seed)
+        self.meter = ActivationMeter()  # stages of one rank share a meter, as in the runtime
+        self.stages = sched.placement.stages_of(rank)
+        blocks = {s: build_blocks(cfg, seed, list(layout.partition.blocks_of(s)))
+                  for s in self.stages}
+        if cfg.tie_embeddings and 0 in blocks and self.last in blocks and self.last != 0:
+            emb, head = blocks[0][0], blocks[self.last][-1]
+            assert isinstance(emb, EmbeddingBlock) and isinstance(head, HeadBlock)
+            tie_weights(emb, head)  # one table on this rank, as Pipeline ties it
+        self.runners = {s: self.make(s, s in self.split, self.meter, blocks[s])
+                        for s in self.stages}
+        self.params = [p for s in self.stages for p in _params(blocks[s])]
+        self.targets = {m: self.data.tokens(10**6 + m) for m in range(sched.num_microbatches)}
+        self.profile = RankProfile(param_bytes={
+            s: sum(p.numel() * p.element_size() for p in _params(blocks[s])) for s in self.stages})
+
+    def step(self, record: bool = True) -> None:
+        """Run every compute action of the rank once, in order, on one thread."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # each pipeline rank runs on one thread
+        try:
+            self._step(record)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step(self, record: bool) -> None:
+        data, last, runners, out = self.data, self.last, self.runners, self.profile
+        clock = time.perf_counter
+        for p in self.params:  # a step starts without grads (Pipeline.train_step)
             p.grad = None
-        if i >= warmup:
-            f_times += [t1 - t0, t3 - t2]
-            full_times.append(t2 - t1)
-            b_times.append(t4 - t3)
-            w_times.append(t5 - t4)
+        local: dict[tuple[str, int, int], dict[str, Tensor]] = {}
+        first = True
+        for action in self.actions:
+            for a in action.parts:
+                s, m = a.stage, a.microbatch
+                r = runners[s]
+                if a.kind is Kind.F:
+                    inputs: Any = (data.tokens(m) if s == 0
+                                   else local.pop(("F", s, m), None) or data.boundary())
+                    live = self.meter.live_by.get("stash", 0)
+                    t0 = clock()
+                    out_f = r.forward(m, inputs, self.targets[m] if s == last else None)
+                    seconds = clock() - t0
+                    out.activation_bytes[s] = self.meter.live_by.get("stash", 0) - live
+                    if s < last and s + 1 in runners:  # handed over locally
+                        local[("F", s + 1, m)] = {k: t.detach() for k, t in out_f.items()}
+                elif a.kind.is_backward:
+                    grads = (None if s == last
+                             else local.pop(("B", s, m), None) or data.boundary())
+                    t0 = clock()
+                    grad_in = r.backward(m, grads, defer_weights=a.kind is Kind.I)
+                    seconds = clock() - t0
+                    if s > 0 and s - 1 in runners and grad_in is not None:
+                        local[("B", s - 1, m)] = {k: t.detach() for k, t in grad_in.items()}
+                else:
+                    t0 = clock()
+                    r.weight(m)
+                    seconds = clock() - t0
+                if record:
+                    if first:
+                        out.first.append((s, a.kind.value, seconds))
+                    first = False
+                    out.add(s, a.kind.value, seconds)
+        for r in runners.values():
+            r.take_losses()
 
-    return StageProfile(
-        f=statistics.median(f_times),
-        b=statistics.median(b_times),
-        w=statistics.median(w_times),
-        full_b=statistics.median(full_times),
-        activation_bytes=_saved_bytes(forward, blocks),
-        param_bytes=sum(p.numel() * p.element_size() for p in params),
-        output_bytes=output_bytes,
+    def finish(self, isolated_repeats: int = 3) -> RankProfile:
+        """Time, alone, the kinds the schedule never runs on a stage; the rank's profile."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for s in self.stages:
+                missing = "".join(k for k in "FBIW" if (s, k) not in self.profile.times)
+                if missing:
+                    profile_stage(lambda split_backward, s=s: self.make(s, split_backward),
+                                  split=s in self.split, first=s == 0, last=s == self.last,
+                                  data=self.data, kinds=missing, warmup=1,
+                                  repeats=isolated_repeats, stage=s, into=self.profile)
+        finally:
+            torch.set_num_threads(threads)
+        return self.profile
+
+
+def replay_rank(
+    cfg: ModelConfig,
+    layout: Layout,
+    rank: int,
+    *,
+    microbatch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    warmup: int = 1,
+    repeats: int = 3,
+    recompute: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    runner: StageFactory | None = None,
+    sync: Callable[[], None] | None = None,
+    isolated_repeats: int = 3,
+) -> RankProfile:
+    """Time every compute action of ``rank``'s list over ``warmup + repeats`` replayed steps.
+
+    ``sync`` (e.g. a barrier) is called before each step, so that ranks replaying at
+    once in their own processes start their steps together.
+    """
+    replay = RankReplay(cfg, layout, rank, microbatch_size=microbatch_size, seq_len=seq_len,
+                        seed=seed, recompute=recompute, autocast_dtype=autocast_dtype,
+                        runner=runner)
+    for step in range(warmup + repeats):
+        if sync is not None:
+            sync()
+        replay.step(record=step >= warmup)
+    return replay.finish(isolated_repeats)
+
+
+def costs_from_profiles(
+    cfg: ModelConfig,
+    partition: Partition,
+    profiles: Sequence[RankProfile] | Mapping[Any, RankProfile],
+    *,
+    microbatch_size: int,
+    seq_len: int,
+    optimizer_states: int = 2,
+    source: str = "profiled StageRunner on cpu",
+) -> CostModel:
+    """A CostModel from profiles covering every stage: the median of each cost."""
+    merged = RankProfile()
+    for prof in profiles.values() if isinstance(profiles, Mapping) else profiles:
+        for key, values in prof.times.items():
+            merged.times.setdefault(key, []).extend(values)
+        merged.activation_bytes.update(prof.activation_bytes)
+        merged.param_bytes.update(prof.param_bytes)
+        merged.first.extend(prof.first)
+    n = partition.num_stages
+
+    def med(kind: str) -> tuple[float, ...]:
+        missing = [s for s in range(n) if not merged.times.get((s, kind))]
+        if missing:
+            raise CostError(f"no {kind} timings for stages {missing}; profile every stage")
+        return tuple(statistics.median(merged.times[(s, kind)]) for s in range(n))
+
+    sizes = [sum(t.nbytes for t in boundary_signature(
+        cfg, microbatch_size, seq_len, partition.bounds[s][1] - 1).values())
+        for s in range(n - 1)]
+    message = max(sizes, default=0)
+    if message == 0:  # a single stage sends nothing; size the message as a hidden state
+        message = microbatch_size * seq_len * cfg.d_model * 4
+    params = tuple(merged.param_bytes[s] for s in range(n))
+    medians = {key: statistics.median(v) for key, v in merged.times.items()}
+    step_start = statistics.fmean(
+        [max(0.0, seconds - medians[(s, k)]) for s, k, seconds in merged.first] or [0.0])
+    return CostModel(
+        f=med("F"),
+        b=med("I"),
+        w=med("W"),
+        full_b=med("B"),
+        activation_bytes=tuple(merged.activation_bytes[s] for s in range(n)),
+        param_bytes=params,
+        # gradients and optimizer moments in fp32, one each per parameter element
+        optimizer_bytes=tuple(p * (1 + optimizer_states) for p in params),
+        **gloo_runtime_costs(message),  # type: ignore[arg-type]
+        step_start_s=step_start,
+        source=source,
     )
-
-
-def _saved_bytes(forward: Callable[[], object], blocks: list[nn.Module]) -> int:
-    """Bytes of the storages autograd saves in one forward, weights and buffers excluded."""
-    with count_saved_bytes(blocks) as saved:
-        forward()
-    return saved.total
 
 
 def profile_costs(
     cfg: ModelConfig,
-    partition: Partition,
+    partition: Partition | Layout,
     *,
     microbatch_size: int,
     seq_len: int,
     seed: int = 0,
-    warmup: int = 2,
-    repeats: int = 5,
+    warmup: int | None = None,
+    repeats: int | None = None,
     optimizer_states: int = 2,
+    recompute: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    runner: StageFactory | None = None,
 ) -> CostModel:
-    """Measure every stage of ``cfg`` split by ``partition``; return a CostModel in seconds."""
-    if partition.num_blocks != cfg.num_blocks:
+    """Time every stage of ``cfg`` as the runtime runs it; return a CostModel in seconds.
+
+    With a :class:`~conveyor.parallel.layout.Layout`, every rank's actions are replayed
+    in its schedule's order (:func:`replay_rank`, one rank after another in this
+    process; ``repeats`` replayed steps after ``warmup``, default 2 after 1: each step
+    times every stage m times); with a bare partition each stage is timed in isolation
+    (``repeats`` times after ``warmup``, default 5 after 2). ``recompute`` and ``autocast_dtype`` are the
+    runtime's (``ParallelConfig.recompute``, bf16); ``runner`` builds a stage runner
+    (default: the runtime's ``StageRunner``).
+    """
+    layout = partition if isinstance(partition, Layout) else None
+    part = layout.partition if layout is not None else partition
+    assert isinstance(part, Partition)
+    if part.num_blocks != cfg.num_blocks:
         raise CostError(
-            f"partition {partition} covers {partition.num_blocks} blocks but the model has "
+            f"partition {part} covers {part.num_blocks} blocks but the model has "
             f"{cfg.num_blocks} (n_layers={cfg.n_layers} + embedding + head); "
             f"build the partition with num_blocks={cfg.num_blocks}"
         )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each pipeline rank runs on one thread
-    try:
-        stages = [
-            profile_stage(
-                build_blocks(cfg, seed, partition.blocks_of(s)),
-                first=s == 0,
-                last=s == partition.num_stages - 1,
-                cfg=cfg,
-                microbatch_size=microbatch_size,
-                seq_len=seq_len,
-                warmup=warmup,
-                repeats=repeats,
-                seed=seed + s,
-            )
-            for s in range(partition.num_stages)
-        ]
-    finally:
-        torch.set_num_threads(threads)
-    message = max((s.output_bytes for s in stages), default=0)
-    if message == 0:  # a single stage sends nothing; size the message as a hidden state
-        message = microbatch_size * seq_len * cfg.d_model * 4
-    return CostModel(
-        f=tuple(s.f for s in stages),
-        b=tuple(s.b for s in stages),
-        w=tuple(s.w for s in stages),
-        full_b=tuple(s.full_b for s in stages),
-        activation_bytes=tuple(s.activation_bytes for s in stages),
-        param_bytes=tuple(s.param_bytes for s in stages),
-        # gradients and optimizer moments in fp32, one each per parameter element
-        optimizer_bytes=tuple(s.param_bytes * (1 + optimizer_states) for s in stages),
-        latency_s=GLOO_LOCALHOST_LATENCY_S,
-        bandwidth_Bps=GLOO_LOCALHOST_BANDWIDTH_BPS,
-        message_bytes=message,
-        source=f"profiled on cpu, 1 thread, median of {repeats}",
-    )
+    if layout is not None:
+        warmup, repeats = 1 if warmup is None else warmup, 2 if repeats is None else repeats
+    else:
+        warmup, repeats = 2 if warmup is None else warmup, 5 if repeats is None else repeats
+    how = ["recompute"] * recompute + [f"autocast {autocast_dtype}"] * (autocast_dtype is not None)
+    profiles: list[RankProfile] = []
+    if layout is not None:
+        for rank in range(layout.pp):
+            profiles.append(replay_rank(
+                cfg, layout, rank, microbatch_size=microbatch_size, seq_len=seq_len, seed=seed,
+                warmup=warmup, repeats=repeats, recompute=recompute,
+                autocast_dtype=autocast_dtype, runner=runner))
+        how.insert(0, f"{layout.schedule_name} replayed per rank, median over {repeats} steps")
+    else:
+        make = _factory(cfg, part, runner, seed, 1, recompute, autocast_dtype)
+        data = _Data(cfg, microbatch_size, seq_len, seed)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # each pipeline rank runs on one thread
+        try:
+            for s in range(part.num_stages):
+                prof = profile_stage(lambda split_backward, s=s: make(s, split_backward),
+                                     split=False, first=s == 0,
+                                     last=s == part.num_stages - 1, data=data,
+                                     warmup=warmup, repeats=repeats, stage=s)
+                blocks = build_blocks(cfg, seed, list(part.blocks_of(s)))
+                prof.param_bytes[s] = sum(p.numel() * p.element_size() for p in _params(blocks))
+                profiles.append(prof)
+        finally:
+            torch.set_num_threads(threads)
+        how.insert(0, f"each stage alone, median of {repeats}")
+    return costs_from_profiles(cfg, part, profiles, microbatch_size=microbatch_size,
+                               seq_len=seq_len, optimizer_states=optimizer_states,
+                               source=f"profiled StageRunner on cpu, 1 thread ({', '.join(how)})")

@@ -2,14 +2,28 @@
 
 The clock is the validator's own engine, :func:`conveyor.schedules.validate.execute`,
 run on the lowered schedule, so the simulator and the validator cannot disagree
-about dependencies. Costs enter as:
+about dependencies. The step is modelled the way the runtime's executor runs it:
 
 - F, I and W occupy their rank for ``cost.f/b/w[stage]`` seconds; a B (a full
-  backward) for ``cost.full_b[stage]``, or ``b + w`` when that was not measured; an
-  overlapped F/B pair for the sum of its two parts;
-- a SEND occupies no compute time (the runtime posts it asynchronously); the
-  message reaches its RECV ``cost.transfer_time()`` after the SEND, and the wait
-  shows as idle time before the RECV. Messages do not contend for the link.
+  backward) for ``cost.full_b[stage]``, or ``b + w`` when that was not measured;
+- an overlapped F/B pair runs as the default executor runs it: its forward as soon
+  as the forward's input is there, then its backward, waiting for the backward's
+  input only then; it is busy for the sum of its parts (no overlap speed-up) and
+  shows as one action;
+- busy time the runtime adds to compute: each message costs its receiver's
+  consuming action and its sender's next compute action ``cost.message_compute_s``
+  (communication threads sharing the core), and each rank's first compute action of
+  the step costs ``cost.step_start_s`` more;
+- the executor's work between compute actions counts as idle, as the runtime's
+  timeline shows it: a SEND keeps its rank ``cost.send_overhead_s`` (posted right
+  after the producing compute) and its message reaches the RECV
+  ``cost.transfer_time()`` after the post; before each compute action the rank
+  spends ``cost.action_overhead_s`` plus ``cost.recv_overhead_s`` for each receive
+  the runtime posts there (those up to the next compute action, posted ahead),
+  before it waits for the action's input;
+- a RECV spans the wait, from the moment the rank asks for the data until it is
+  there, and the compute starts when it ends (the runtime waits only in the
+  consumer). Messages do not contend for the link.
 
 Memory per rank = parameters + gradients + optimizer state of its stages (all
 step long) + the peak of held activations while walking its actions in order, by
@@ -22,10 +36,10 @@ action are not counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from conveyor.schedules import Schedule, execute, lower
-from conveyor.schedules.ir import Action
+from conveyor.schedules.ir import Action, Kind
 from conveyor.schedules.validate import Execution, TimedAction, peak_activations
 
 from .cost import CostError, CostModel
@@ -107,10 +121,157 @@ def simulate(schedule: Schedule, cost: CostModel) -> SimResult:
         )
     lowered = schedule if schedule.lowered else lower(schedule)
     transfer = cost.transfer_time()
+    tails, heads = _executor_work(lowered, cost)
+    opened, pair_of = _open_pairs(lowered)
+    # a pair's work after it follows its second half, its work before it precedes its first
+    tails = {(r, a.sub[1] if a.kind is Kind.OVERLAP_F_B else a): t for (r, a), t in tails.items()}
+    heads = {(r, a.sub[0] if a.kind is Kind.OVERLAP_F_B else a): t for (r, a), t in heads.items()}
+    extra = _busy_extras(opened, cost)
 
     def duration(rank: int, a: Action) -> float:
-        return cost.action_duration(a) if a.kind.is_compute else 0.0
+        key = (rank, a)
+        if a.kind.is_compute:
+            own = cost.action_duration(a) + extra.get(key, 0.0) + heads.get(key, 0.0)
+        elif a.kind in _SENDS:
+            own = cost.send_overhead_s
+        else:
+            own = 0.0
+        return own + tails.get(key, 0.0)
 
-    run = execute(lowered, duration, lambda a: transfer)
+    def latency(a: Action) -> float:
+        # ``a`` waits for its SEND, whose end includes any work the sender did after
+        # posting it: the message left when it was posted
+        send = _matching_send(a)
+        if send is None:
+            return transfer
+        return transfer - tails.get((lowered.placement.rank_of(send.stage), send), 0.0)
+
+    run = execute(opened, duration, latency)
+    timeline: dict[int, list[TimedAction]] = {}
+    for rank, row in run.timeline.items():
+        out: list[TimedAction] = []
+        first_half: dict[Action, TimedAction] = {}
+        for t in row:
+            key = (rank, t.action)
+            t = replace(t, start=t.start + heads.get(key, 0.0), end=t.end - tails.get(key, 0.0))
+            pair = pair_of.get(key)
+            if pair is None:
+                out.append(t)
+            elif t.action == pair.sub[0]:
+                first_half[pair] = t
+            else:  # the pair as one action, busy for its two halves (a wait between is idle)
+                f = first_half.pop(pair)
+                busy = (f.end - f.start) + (t.end - t.start)
+                out.append(TimedAction(rank, pair, t.end - busy, t.end, f.ready))
+        timeline[rank] = out
     peak_act, peak_total = peak_memory(lowered, cost)
-    return SimResult(lowered, cost, run, peak_act, peak_total)
+    return SimResult(lowered, cost, Execution(timeline), peak_act, peak_total)
+
+
+_SENDS = (Kind.SEND_F, Kind.SEND_B)
+_RECVS = (Kind.RECV_F, Kind.RECV_B)
+
+
+def _matching_send(a: Action) -> Action | None:
+    if a.kind is Kind.RECV_F:
+        return Action(a.stage - 1, Kind.SEND_F, a.microbatch)
+    if a.kind is Kind.RECV_B:
+        return Action(a.stage + 1, Kind.SEND_B, a.microbatch)
+    return None
+
+
+def _executor_work(
+    lowered: Schedule, cost: CostModel
+) -> tuple[dict[tuple[int, Action], float], dict[tuple[int, Action], float]]:
+    """Seconds of executor work before each compute action: (tails, heads).
+
+    Before compute action ``c`` the runtime posts the receives that come after ``c`` up
+    to the next compute action, and does its bookkeeping; this happens after the
+    previous compute and its sends, and before ``c`` waits for its input. It is charged
+    as a tail of the action just before (the last SEND after the previous compute, or
+    that compute itself), keyed by that action. Before a rank's first compute there is
+    no such action: the work is a head of the compute itself, unless the rank first
+    waits for a receive (the work then overlaps the wait). Both are cut off again after
+    the run, so they show as idle time.
+    """
+    tails: dict[tuple[int, Action], float] = {}
+    heads: dict[tuple[int, Action], float] = {}
+    if not (cost.recv_overhead_s or cost.action_overhead_s):
+        return tails, heads
+    for rank, acts in lowered.actions.items():
+        carrier: Action | None = None  # the last compute or SEND seen
+        waited = False  # a receive came before the first compute
+        for i, a in enumerate(acts):
+            if not a.kind.is_compute:
+                if a.kind in _SENDS:
+                    carrier = a
+                waited = waited or a.kind in _RECVS
+                continue
+            posts = 0
+            for nxt in acts[i + 1:]:
+                if nxt.kind.is_compute:
+                    break
+                posts += nxt.kind in _RECVS
+            work = cost.action_overhead_s + posts * cost.recv_overhead_s
+            if carrier is not None:
+                tails[(rank, carrier)] = tails.get((rank, carrier), 0.0) + work
+            elif not waited:
+                heads[(rank, a)] = work
+            carrier = a
+    return tails, heads
+
+
+def _busy_extras(opened: Schedule, cost: CostModel) -> dict[tuple[int, Action], float]:
+    """Busy seconds the runtime adds to single compute actions (pairs opened).
+
+    Each rank's first compute action gets ``step_start_s``; each message
+    ``message_compute_s`` on the action consuming it and on the sender's next one.
+    """
+    extra: dict[tuple[int, Action], float] = {}
+
+    def add(key: tuple[int, Action], seconds: float) -> None:
+        if seconds:
+            extra[key] = extra.get(key, 0.0) + seconds
+
+    for rank, acts in opened.actions.items():
+        computes = [i for i, a in enumerate(acts) if a.kind.is_compute]
+        if computes:
+            add((rank, acts[computes[0]]), cost.step_start_s)
+        for i, a in enumerate(acts):
+            if a.kind in _RECVS or a.kind in _SENDS:
+                nxt = next((b for b in acts[i + 1:] if b.kind.is_compute), None)
+                if nxt is not None:
+                    add((rank, nxt), cost.message_compute_s)
+    return extra
+
+
+def _open_pairs(lowered: Schedule) -> tuple[Schedule, dict[tuple[int, Action], Action]]:
+    """The schedule as the executor runs it: an overlapped pair's forward, then its backward.
+
+    The default executor (``run_in_order``) computes the pair's forward as soon as its
+    input is there and waits for the backward's input only after it; so the receive of
+    the backward moves between the halves. Returns that schedule and, per (rank, half),
+    the pair it came from.
+    """
+    if not any(a.kind is Kind.OVERLAP_F_B for acts in lowered.actions.values() for a in acts):
+        return lowered, {}
+    rows: dict[int, list[Action]] = {}
+    pair_of: dict[tuple[int, Action], Action] = {}
+    for rank, acts in lowered.actions.items():
+        row: list[Action] = []
+        for a in acts:
+            if a.kind is not Kind.OVERLAP_F_B:
+                row.append(a)
+                continue
+            f, b = a.sub
+            recvs: list[Action] = []  # the receives lowering put right before the pair
+            while row and row[-1].kind in _RECVS:
+                recvs.insert(0, row.pop())
+            mine = [r for r in recvs if r.kind is Kind.RECV_F and r.stage == f.stage
+                    and r.microbatch == f.microbatch]
+            row += mine + [f] + [r for r in recvs if r not in mine] + [b]
+            pair_of[(rank, f)] = pair_of[(rank, b)] = a
+        rows[rank] = row
+    opened = Schedule.build(lowered.name, lowered.num_microbatches, lowered.placement, rows,
+                            lowered=True)
+    return opened, pair_of
