@@ -211,12 +211,20 @@ def assert_equivalent(case: Case, got: dict[int, Result], ref: Result) -> None:
             assert abs(a - b) <= LOSS_RTOL * abs(b), (
                 f"{case}: rank {rank} step {step} loss {a!r} != reference {b!r}"
             )
+    assert_params(case, {rank: r[1] for rank, r in got.items()}, ref_params, PARAM_RTOL)
+
+
+def assert_params(
+    case: Case, got: dict[int, dict[str, torch.Tensor]], ref_params: dict[str, torch.Tensor],
+    rtol: float,
+) -> None:
+    """Every rank's parameters are within ``rtol`` of the reference; together they hold all."""
     seen: set[str] = set()
-    for rank, (_, params, *_) in got.items():
+    for rank, params in got.items():
         for name, value in params.items():
             assert name in ref_params, f"{case}: rank {rank} has unknown parameter {name}"
             d = rel_diff(value, ref_params[name])
-            assert d <= PARAM_RTOL, f"{case}: rank {rank} {name} differs by {d:.2e} (relative)"
+            assert d <= rtol, f"{case}: rank {rank} {name} differs by {d:.2e} (relative)"
             seen.add(name)
     # a tied weight is one tensor under two names; holding either name covers it
     by_storage: dict[int, set[str]] = {}

@@ -31,7 +31,7 @@ from conveyor.models import Transformer
 from conveyor.parallel.mesh import Mesh
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
-from equivalence import PARAM_RTOL, Case, batches, make_optimizer, rel_diff
+from equivalence import PARAM_RTOL, Case, assert_params, batches, make_optimizer, rel_diff
 
 # A local shape rather than equivalence.Result: only the training losses and the final
 # parameters matter here.
@@ -167,19 +167,8 @@ def test_matches_bf16_single_process(case: Case) -> None:
             assert abs(a - b) <= BF16_LOSS_RTOL * abs(b), (
                 f"{case}: rank {rank} step {step} loss {a!r} != bf16 reference {b!r}"
             )
-    seen: set[str] = set()
-    for rank, (_, params) in got.items():
-        for name, value in params.items():
-            assert name in ref_params, f"{case}: rank {rank} has unknown parameter {name}"
-            d = rel_diff(value, ref_params[name])
-            assert d <= BF16_PARAM_RTOL, f"{case}: rank {rank} {name} differs by {d:.2e}"
-            seen.add(name)
-    # a tied weight is one tensor under two names; holding either name covers it
-    by_storage: dict[int, set[str]] = {}
-    for name, t in ref_params.items():
-        by_storage.setdefault(t.untyped_storage().data_ptr(), set()).add(name)
-    missing = [sorted(names) for names in by_storage.values() if not names & seen]
-    assert not missing, f"{case}: no rank holds {missing}"
+    assert_params(case, {rank: params for rank, (_, params) in got.items()}, ref_params,
+                  BF16_PARAM_RTOL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
