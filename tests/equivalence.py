@@ -56,6 +56,8 @@ class Case:
     """MiB per data-parallel grad bucket (0: the per-parameter all-reduce after the step)."""
     zero: int = 0
     """1: ZeRO-1, the optimizer steps each dp rank's chunks and parameters are all-gathered."""
+    compile: bool = False
+    """``torch.compile`` every block of every stage."""
 
     @property
     def world(self) -> int:
@@ -77,7 +79,7 @@ class Case:
             schedule="1f1b" if self.custom else self.schedule,
             microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
-            dp_bucket_mb=self.bucket_mb, zero=self.zero,
+            dp_bucket_mb=self.bucket_mb, zero=self.zero, compile=self.compile,
         )
 
     def built_schedule(self) -> Schedule | None:
@@ -99,6 +101,7 @@ class Case:
         flags += [f"bucket{self.bucket_mb:g}"] * (self.bucket_mb != ParallelConfig.dp_bucket_mb)
         flags += [f"zero{self.zero}"] * (self.zero > 0)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
+        flags += ["compiled"] * self.compile
         return f"{self.schedule}-" + "-".join(flags)
 
 

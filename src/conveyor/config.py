@@ -144,6 +144,8 @@ class ParallelConfig:
     """Model chunks per pipeline rank; None: what the schedule needs (2 for interleaved and zb-v)."""
     recompute: bool = False
     """Recompute block activations in backward instead of stashing them."""
+    compile: bool = False
+    """``torch.compile`` every block (split backward included); the first step pays for compiling."""
     partition: Literal["uniform", "params", "cost"] = "uniform"
     """How blocks are assigned to stages: one of PARTITIONS."""
     schedule_file: str | None = None
@@ -164,6 +166,8 @@ class ParallelConfig:
         if self.zero not in (0, 1):
             raise ConfigError(f"zero={self.zero!r} is not supported; use 0 (off) or 1 "
                               "(optimizer state sharded over dp)")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile={self.compile!r} must be true or false")
         if not isinstance(self.sequence_parallel, bool):
             raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
         if self.sequence_parallel and self.tp == 1:

@@ -79,6 +79,9 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
      "model chunks per rank (None: what the schedule needs, 2 for interleaved and zb-v)"),
     ("parallel", "recompute", "--recompute", {"action": _BOOL},
      "recompute activations in backward instead of keeping them (less memory, ~1/3 slower)"),
+    ("parallel", "compile", "--compile", {"action": _BOOL},
+     "torch.compile every block, split backward included (the first step compiles; on CPU "
+     "it needs a C++ compiler)"),
     ("parallel", "partition", "--partition", {"metavar": "HOW"},
      "blocks to stages: uniform (equal layer counts), params (balanced parameter counts) or "
      "cost (balanced predicted compute, embedding and head included)"),

@@ -118,7 +118,7 @@ class Pipeline:
                 self._owners.update(tp_owners(b, f"blocks.{i}."))
             self.stages[s] = StageRunner(
                 s, dict(zip(idx, blocks, strict=True)),
-                num_microbatches=self.num_microbatches, recompute=par.recompute,
+                num_microbatches=self.num_microbatches, recompute=par.recompute, compile=par.compile,
                 split_backward=s in split, autocast_dtype=autocast_dtype, meter=self.meter,
             )
         self.tied_group: dist.ProcessGroup | None = None

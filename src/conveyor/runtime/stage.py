@@ -33,6 +33,7 @@ class StageRunner:
         *,
         num_microbatches: int,
         recompute: bool = False,
+        compile: bool = False,
         split_backward: bool = False,
         autocast_dtype: torch.dtype | None = None,
         meter: ActivationMeter | None = None,
@@ -50,6 +51,11 @@ class StageRunner:
         self.weight_store = WeightGradStore() if split_backward else None
         for block in blocks.values():
             attach_weight_grad_store(block, self.weight_store)
+            if compile:
+                # in place, so parameter names stay those of the single-process model; the
+                # deferring linears' autograd Function traces with its weight-grad closure
+                # intact, so split backward (I then W) keeps working compiled
+                block.compile()
         self._stash: dict[int, tuple[Tensor | None, Tensor]] = {}
         self._saved: dict[int, int] = {}  # bytes autograd saved in each stashed forward
         # What a forward saves depends only on the input's shape: count it through
