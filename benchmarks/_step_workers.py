@@ -86,12 +86,17 @@ class Case:
     pp: int
     threads: int = 1
     torch_class: str | None = None
+    partition: str = "uniform"  # how blocks are split: Conveyor's default is "cost"
 
     @property
     def name(self) -> str:
         if self.impl == "single":
             return f"single-{self.threads}t"
-        return f"pp{self.pp}-{self.schedule}-{self.impl}"
+        # conveyor-default: what `conveyor train` runs (balanced); torch: the uniform
+        # split a user writes by hand; torch-balanced: torch given Conveyor's split
+        suffix = {("conveyor", "cost"): "-default", ("conveyor", "uniform"): "-uniform",
+                  ("torch", "cost"): "-balanced"}.get((self.impl, self.partition), "")
+        return f"pp{self.pp}-{self.schedule}-{self.impl}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,8 @@ class ConveyorRunner(_Runner):
     """Conveyor's ``Pipeline`` running one schedule."""
 
     def __init__(self, spec: Spec, case: Case, mesh: Mesh, data: tuple[Tensor, Tensor]) -> None:
-        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches)
+        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches,
+                             partition=case.partition)
         self.pipe = Pipeline(spec.model, par, mesh, seed=spec.seed, timeout_s=spec.timeout_s)
         self.pipe.executor.record = True
         self.params = self.pipe.parameters()
@@ -261,7 +267,8 @@ class TorchRunner(_Runner):
         self.group = dist.new_group(
             list(range(world)), timeout=datetime.timedelta(seconds=min(spec.timeout_s, 120.0))
         )
-        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches)
+        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches,
+                             partition=case.partition)
         layout = resolve_layout(spec.model, par)  # the split and placement Conveyor runs
         placement = layout.placement
         num_stages = placement.num_stages

@@ -6,9 +6,13 @@ One JSON line per configuration on stdout, progress and a summary table on stder
 
   (a) single process, 1 thread, and (b) single process, 2 threads: the plain
       ``Transformer``, forward + backward of the whole global batch;
-  (c) Conveyor, pp=2 (2 ranks, 1 thread each), every schedule asked for;
-  (d) torch.distributed.pipelining's counterpart of each, on the same blocks split by
-      the same ``uniform`` partition, same microbatches, same data, same init;
+  (c) Conveyor, pp=2 (2 ranks, 1 thread each), every schedule asked for, twice:
+      ``conveyor-default`` (what ``conveyor train`` runs: the cost-balanced partition)
+      and ``conveyor-uniform`` (equal layer counts);
+  (d) torch.distributed.pipelining's counterpart of each, on the same blocks, same
+      microbatches, same data, same init, split the way a user writes by hand
+      (``torch``: the uniform split) and, for a like-for-like comparison, on
+      Conveyor's balanced split (``torch-balanced``; ``--no-torch-balanced`` skips it);
   (e) with ``--pp4``: pp=4 on 4 ranks (oversubscribed on a 2-core machine).
 
 All of (a)-(d) run in one launched group of 2 ranks (single-process cases on rank 0
@@ -22,7 +26,9 @@ Fields: median_step_s, tokens_per_s (global_batch*seq/median), bubble (mean over
 ranks and steps of 1 - compute/step time; null for single process), peak_stash_bytes
 (max over ranks of the activation bytes held for backward at once), max_rss_bytes (max
 over ranks of the process's peak RSS during this case's steps), vs_torch (our median /
-torch counterpart's median; lower is better), speedup_vs_1thread (tokens/s / single-1t
+torch's on the uniform split; lower is better), vs_torch_same_split (over torch on the
+same split as ours), vs_uniform (default over our uniform line), vs_single_2t (over the
+2-thread single process), partition and stage_blocks (the split each line ran), speedup_vs_1thread (tokens/s / single-1t
 tokens/s), oversubscribed (ranks*threads > cores). Extras: loss (the step's loss, equal
 across implementations up to float rounding: same model, data and init), step_s_all
 (step time of every repetition), vs_torch_paired (median over repetitions of our time /
@@ -56,6 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _step_workers import TORCH_COUNTERPART, Case, Spec, run_group  # noqa: E402
 from conveyor.config import ConfigError, ModelConfig, ParallelConfig  # noqa: E402
+from conveyor.parallel.layout import resolve_layout  # noqa: E402
 from conveyor.runtime.launch import launch  # noqa: E402
 
 ALL_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipev",
@@ -64,7 +71,7 @@ PP4_SCHEDULES = ["1f1b", "interleaved-1f1b", "zb-h1"]
 FIELDS = [
     "config", "schedule", "impl", "pp", "microbatches", "threads_per_rank", "median_step_s",
     "tokens_per_s", "bubble", "peak_stash_bytes", "max_rss_bytes", "vs_torch",
-    "speedup_vs_1thread", "oversubscribed",
+    "speedup_vs_1thread", "oversubscribed", "partition", "stage_blocks",
 ]
 
 
@@ -89,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--pp4", action="store_true",
                    help=f"also pp=4 on 4 ranks for {', '.join(PP4_SCHEDULES)} (oversubscribed)")
     r.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
+    r.add_argument("--no-torch-balanced", action="store_true",
+                   help="skip torch on Conveyor's balanced split (keep torch on the uniform one)")
     r.add_argument("--no-single", action="store_true", help="skip the single-process cases")
     r.add_argument("--isolate", action="store_true",
                    help="every case in its own processes (clean per-case RSS, no interleaving)")
@@ -102,11 +111,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _cases(args: argparse.Namespace, pp: int, schedules: list[str]) -> list[Case]:
     cases = []
     for s in schedules:
-        cases.append(Case("conveyor", s, pp))
+        cases += [Case("conveyor", s, pp, partition="cost"), Case("conveyor", s, pp)]
         cls = TORCH_COUNTERPART[s]
         if cls is not None and not args.no_torch:
             cases.append(Case("torch", s, pp, torch_class=cls))
+            if not args.no_torch_balanced:
+                cases.append(Case("torch", s, pp, torch_class=cls, partition="cost"))
     return cases
+
+
+def _peers(name: str) -> dict[str, str]:
+    """Ratio field -> the config a Conveyor line is compared with (lower is better)."""
+    if name.endswith("-conveyor-default"):
+        base = name.removesuffix("-conveyor-default")
+        return {"vs_torch": f"{base}-torch", "vs_torch_same_split": f"{base}-torch-balanced",
+                "vs_uniform": f"{base}-conveyor-uniform", "vs_single_2t": "single-2t"}
+    if name.endswith("-conveyor-uniform"):
+        base = name.removesuffix("-conveyor-uniform")
+        return {"vs_torch": f"{base}-torch", "vs_torch_same_split": f"{base}-torch",
+                "vs_single_2t": "single-2t"}
+    return {}
 
 
 def build_groups(args: argparse.Namespace, model: ModelConfig) -> list[tuple[int, list[Case]]]:
@@ -140,6 +164,11 @@ def summarise(case: Case, results: dict[int, Any], index: int, spec: Spec) -> di
         "microbatches": spec.microbatches if case.impl != "single" else 1,
         "threads_per_rank": case.threads,
     }
+    if case.impl != "single":
+        line["partition"] = case.partition
+        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches,
+                             partition=case.partition)
+        line["stage_blocks"] = [list(b) for b in resolve_layout(spec.model, par).partition.bounds]
     if case.impl == "torch":
         line["torch_schedule"] = case.torch_class
         same = [res["same_order"][index] for res in results.values()]
@@ -187,9 +216,11 @@ def summarise(case: Case, results: dict[int, Any], index: int, spec: Spec) -> di
 
 def _table(lines: list[dict[str, Any]]) -> str:
     cols = [("config", 40, "s"), ("median_step_s", 9, ".4f"), ("tokens_per_s", 9, ".0f"),
-            ("bubble", 7, ".3f"), ("vs_torch", 8, ".3f"), ("speedup_vs_1thread", 8, ".2f"),
+            ("bubble", 7, ".3f"), ("vs_torch", 8, ".3f"), ("vs_single_2t", 8, ".3f"),
+            ("speedup_vs_1thread", 8, ".2f"),
             ("peak_stash_bytes", 11, ".0f"), ("max_rss_bytes", 11, ".0f")]
-    head = ["config", "step_s", "tok/s", "bubble", "vs_torch", "x1thr", "stash_MB", "rss_MB"]
+    head = ["config", "step_s", "tok/s", "bubble", "vs_torch", "vs_2thr", "x1thr", "stash_MB",
+            "rss_MB"]
     out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, (_, w, _)) in enumerate(zip(head, cols, strict=True)))]
     for line in lines:
         cells = []
@@ -237,14 +268,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     base = by_name.get("single-1t", {}).get("tokens_per_s")
     for line in lines:
         line.setdefault("vs_torch", None)
-        if line["impl"] == "conveyor" and "median_step_s" in line:
-            peer = by_name.get(line["config"].replace("-conveyor", "-torch"), {})
-            if "median_step_s" in peer:
-                line["vs_torch"] = round(line["median_step_s"] / peer["median_step_s"], 3)
+        for field, name in _peers(line["config"]).items():
+            peer = by_name.get(name, {})
+            if "median_step_s" in line and "median_step_s" in peer:
+                line[field] = round(line["median_step_s"] / peer["median_step_s"], 3)
                 # the two ran back to back in each repetition: the median of the per-
                 # repetition ratios cancels load that drifts between repetitions
                 pairs = zip(line["step_s_all"], peer["step_s_all"], strict=False)
-                line["vs_torch_paired"] = round(statistics.median(a / b for a, b in pairs), 3)
+                line[field + "_paired"] = round(statistics.median(a / b for a, b in pairs), 3)
         tps = line.get("tokens_per_s")
         line["speedup_vs_1thread"] = round(tps / base, 3) if tps and base else None
         for f in FIELDS:

@@ -37,7 +37,8 @@ def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureF
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [(d["config"], d["impl"]) for d in lines] == [
         ("single-1t", "single"), ("single-2t", "single"),
-        ("pp2-1f1b-conveyor", "conveyor"), ("pp2-1f1b-torch", "torch"),
+        ("pp2-1f1b-conveyor-default", "conveyor"), ("pp2-1f1b-conveyor-uniform", "conveyor"),
+        ("pp2-1f1b-torch", "torch"), ("pp2-1f1b-torch-balanced", "torch"),
     ]
     for d in lines:
         missing = [f for f in REQUIRED if f not in d]
@@ -45,8 +46,14 @@ def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureF
         assert "error" not in d, d
         assert d["median_step_s"] > 0 and d["tokens_per_s"] > 0
         assert d["max_rss_bytes"] > 0
-    ours, theirs = lines[2], lines[3]
+    ours, uniform, theirs, balanced = lines[2:6]
     assert ours["vs_torch"] is not None and theirs["torch_schedule"] == "Schedule1F1B"
+    for field in ("vs_torch_same_split", "vs_uniform", "vs_single_2t"):
+        assert ours[field] is not None, field
+    # each line says which split it ran; torch-balanced ran Conveyor's default one
+    assert ours["partition"] == balanced["partition"] == "cost"
+    assert uniform["partition"] == theirs["partition"] == "uniform"
+    assert ours["stage_blocks"] == balanced["stage_blocks"]
     assert ours["peak_stash_bytes"] > 0 and theirs["peak_stash_bytes"] > 0
     assert 0 <= ours["bubble"] < 1
     # same model, same data, same init: the same loss, whatever the implementation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,16 @@ def test_one_place_decides_chunks_partitions_and_schedules() -> None:
         if pattern.search(line) and not line.lstrip().startswith("def uniform(")
     ]
     assert not stray, "\n".join(stray)
+
+
+def test_default_partition_balances_the_ranks_of_every_schedule() -> None:
+    # balanced by default: the busiest rank's predicted share beats the uniform split's
+    model = ModelConfig()
+    for schedule in ("1f1b", "interleaved-1f1b", "zb-v", "dualpipev"):
+        par = ParallelConfig(pp=2, microbatches=8, schedule=schedule)
+        assert par.partition == "cost"
+        default = resolve_layout(model, par)
+        uniform = resolve_layout(model, replace(par, partition="uniform"))
+        busiest = max(default.rank_shares())
+        assert busiest < max(uniform.rank_shares()), schedule
+        assert busiest <= 0.56, (schedule, default.rank_shares())

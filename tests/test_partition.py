@@ -14,6 +14,7 @@ from conveyor.parallel import partition as partition_module
 from conveyor.parallel.partition import (
     Partition,
     PartitionError,
+    balance_ranks,
     by_cost,
     by_params,
     stage_costs,
@@ -234,3 +235,55 @@ def test_no_torch_import() -> None:
         if isinstance(node, ast.ImportFrom)
     }
     assert "torch" not in imported
+
+
+def _rank_max(costs: list[float], part: Partition, ranks: list[int]) -> float:
+    sums: dict[int, float] = {}
+    for r, c in zip(ranks, stage_costs(part, costs), strict=True):
+        sums[r] = sums.get(r, 0.0) + c
+    return max(sums.values())
+
+
+def _placements(pp: int) -> dict[str, list[int]]:
+    return {"v": [*range(pp), *reversed(range(pp))], "looped": [s % pp for s in range(2 * pp)]}
+
+
+@pytest.mark.parametrize("layers,vocab,d_model", [(6, 8192, 256), (8, 8192, 256), (12, 50257, 768),
+                                                 (12, 2048, 512), (10, 128256, 2048)])
+def test_rank_balance_is_the_exhaustive_optimum_on_transformer_costs(
+    layers: int, vocab: int, d_model: int
+) -> None:
+    from conveyor.config import ModelConfig
+    from conveyor.models import block_forward_flops
+
+    cfg = ModelConfig(n_layers=layers, vocab_size=vocab, d_model=d_model, n_heads=4)
+    costs = block_forward_flops(cfg, 128)
+    for pp in (2, 3, 4):
+        for name, ranks in _placements(pp).items():
+            if len(ranks) > len(costs):
+                continue
+            got = balance_ranks(costs, by_cost(costs, len(ranks)), ranks)
+            best = min(_rank_max(costs, p, ranks) for p in all_partitions(len(costs), len(ranks)))
+            assert _rank_max(costs, got, ranks) <= best * (1 + 1e-12), (name, pp, got)
+
+
+def test_rank_balance_unloads_the_rank_holding_embedding_and_head() -> None:
+    # V placement: rank 0 runs the first and the last stage; balancing stages alone
+    # leaves it the embedding, the head and their layers
+    costs = [0.0] + [1.0] * 8 + [2.5]
+    ranks = [0, 1, 1, 0]
+    stage_split = by_cost(costs, 4)
+    got = balance_ranks(costs, stage_split, ranks)
+    assert _rank_max(costs, got, ranks) == 5.5  # 11.0 over 2 ranks, as even as blocks allow
+    assert _rank_max(costs, stage_split, ranks) > 5.5
+
+
+def test_one_stage_per_rank_keeps_the_stage_balanced_split() -> None:
+    costs = [0.0, 1.0, 1.0, 1.0, 3.0]
+    split = by_cost(costs, 2)
+    assert balance_ranks(costs, split, [0, 1]) == split
+
+
+def test_rank_balance_needs_a_rank_per_stage() -> None:
+    with pytest.raises(PartitionError, match="got 3 stage ranks for 4 stages"):
+        balance_ranks([1.0] * 6, uniform(6, 4), [0, 1, 0])

@@ -146,8 +146,8 @@ class ParallelConfig:
     """Recompute block activations in backward instead of stashing them."""
     compile: bool = False
     """``torch.compile`` every block (split backward included); the first step pays for compiling."""
-    partition: Literal["uniform", "params", "cost"] = "uniform"
-    """How blocks are assigned to stages: one of PARTITIONS."""
+    partition: Literal["uniform", "params", "cost"] = "cost"
+    """How blocks are assigned to stages: one of PARTITIONS (default: balanced predicted compute)."""
     schedule_file: str | None = None
     """A hand-written CSV schedule (see `conveyor schedule show --csv`); replaces ``schedule``."""
     dp_bucket_mb: float = 25.0

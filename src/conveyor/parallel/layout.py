@@ -29,7 +29,7 @@ from ..config import PARTITIONS, ConfigError, ModelConfig, ParallelConfig
 from ..models import block_forward_flops, block_param_counts
 from ..schedules import SCHEDULE_CHUNKS, Placement, Schedule, ScheduleError, build_schedule
 from ..schedules.table_file import read_schedule_csv
-from .partition import Partition, by_cost, by_params, stage_costs, uniform
+from .partition import Partition, balance_ranks, by_cost, by_params, stage_costs, uniform
 from .tp_blocks import check_tensor_parallel
 
 __all__ = [
@@ -207,19 +207,25 @@ def analytic_block_costs(model: ModelConfig, seq_len: int | None = None) -> tupl
     return tuple(block_forward_flops(model, seq_len or model.max_seq_len))
 
 
-def _uniform(model: ModelConfig, num_stages: int, _costs: Sequence[float]) -> Partition:
+def _uniform(model: ModelConfig, num_stages: int, _costs: Sequence[float],
+             _ranks: Sequence[int] | None) -> Partition:
     return uniform(model.num_blocks, num_stages)
 
 
-def _by_params(model: ModelConfig, num_stages: int, _costs: Sequence[float]) -> Partition:
+def _by_params(model: ModelConfig, num_stages: int, _costs: Sequence[float],
+               _ranks: Sequence[int] | None) -> Partition:
     return by_params(block_param_counts(model), num_stages)
 
 
-def _by_cost(_model: ModelConfig, num_stages: int, costs: Sequence[float]) -> Partition:
-    return by_cost(costs, num_stages)
+def _by_cost(_model: ModelConfig, num_stages: int, costs: Sequence[float],
+             ranks: Sequence[int] | None) -> Partition:
+    split = by_cost(costs, num_stages)
+    return split if ranks is None else balance_ranks(costs, split, ranks)
 
 
-PARTITIONERS: dict[str, Callable[[ModelConfig, int, Sequence[float]], Partition]] = {
+PARTITIONERS: dict[
+    str, Callable[[ModelConfig, int, Sequence[float], Sequence[int] | None], Partition]
+] = {
     "uniform": _uniform,
     "params": _by_params,
     "cost": _by_cost,
@@ -228,14 +234,19 @@ PARTITIONERS: dict[str, Callable[[ModelConfig, int, Sequence[float]], Partition]
 ``config.PARTITIONS``, which validates the name before this is reached)."""
 
 
-def resolve_partition(model: ModelConfig, num_stages: int, how: str = "uniform",
-                      block_costs: Sequence[float] | None = None) -> Partition:
-    """Blocks of ``model`` into ``num_stages`` stages by ``how`` ('cost' uses ``block_costs``)."""
+def resolve_partition(model: ModelConfig, num_stages: int, how: str = "cost",
+                      block_costs: Sequence[float] | None = None,
+                      ranks: Sequence[int] | None = None) -> Partition:
+    """Blocks of ``model`` into ``num_stages`` stages by ``how`` ('cost' uses ``block_costs``).
+
+    ``ranks[s]``, the rank running stage ``s``, lets 'cost' balance ranks holding
+    several stages (their sums bound the step), not only the stages.
+    """
     if how not in PARTITIONERS:
         raise ConfigError(f"partition={how!r} is unknown; use one of {', '.join(PARTITIONS)}")
     _check_stages(model, num_stages, num_stages)
     costs = analytic_block_costs(model) if block_costs is None else block_costs
-    return PARTITIONERS[how](model, num_stages, costs)
+    return PARTITIONERS[how](model, num_stages, costs, ranks)
 
 
 def resolve_layout(
@@ -276,7 +287,10 @@ def resolve_layout(
         microbatch_size = batch_size // (par.dp * par.microbatches)
     return Layout(
         schedule=schedule,
-        partition=resolve_partition(model, schedule.num_stages, par.partition, costs),
+        partition=resolve_partition(
+            model, schedule.num_stages, par.partition, costs,
+            ranks=[schedule.placement.rank_of(s) for s in range(schedule.num_stages)],
+        ),
         partition_method=par.partition,
         block_costs=costs,
         cost_source=source,

@@ -13,8 +13,9 @@ the runtime measures or counts costs and hands plain numbers in.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "uniform",
     "by_cost",
     "by_params",
+    "balance_ranks",
     "stage_costs",
 ]
 
@@ -238,6 +240,73 @@ def by_cost(costs: Sequence[float], num_stages: int) -> Partition:
         bounds.append((start, end))
         start = end
     return Partition(tuple(bounds))
+
+
+def _neighbours(cuts: list[int], n: int) -> Iterator[list[int]]:
+    """Every cut moved alone to each other place, then every two cuts moved one each."""
+    def valid(c: list[int]) -> bool:
+        return all(a < b for a, b in zip([0, *c], [*c, n], strict=True))
+
+    for i in range(len(cuts)):
+        for pos in range(1, n):
+            trial = cuts[:i] + [pos] + cuts[i + 1:]
+            if pos != cuts[i] and valid(trial):
+                yield trial
+    for i, j in itertools.combinations(range(len(cuts)), 2):
+        for di, dj in itertools.product((-1, 1), repeat=2):
+            trial = list(cuts)
+            trial[i] += di
+            trial[j] += dj
+            if valid(trial):
+                yield trial
+
+
+def balance_ranks(costs: Sequence[float], partition: Partition,
+                  ranks: Sequence[int]) -> Partition:
+    """Move ``partition``'s cuts until the busiest rank's sum is as small as they can make it.
+
+    ``ranks[s]`` is the rank that runs stage ``s``. With one stage per rank this is
+    :func:`by_cost`'s problem and its split is kept. With several (interleaved, V
+    placements) the ranks' sums, not the stages', bound the step, and a split that
+    balances stages can load one rank with both the embedding and the head. A local
+    search scored by (busiest rank, sum of squared rank sums, costliest stage), so among
+    rank-balanced splits the stages stay balanced too: moves of one cut anywhere and of
+    two cuts by one block each, taken while they improve, from the stage-balanced
+    ``partition`` and from the uniform split; the better end wins. On analytic costs of
+    GPT-2/Llama shapes it finds the exhaustive optimum (``tests/test_partition.py``).
+    """
+    values = _check_costs(costs, "costs")
+    if len(ranks) != partition.num_stages:
+        raise PartitionError(f"got {len(ranks)} stage ranks for {partition.num_stages} stages; "
+                             "pass the rank of every stage")
+    if len(set(ranks)) == len(ranks):
+        return partition
+    n = len(values)
+
+    def score(cuts: list[int]) -> tuple[float, float, float]:
+        edges = [0, *cuts, n]
+        stage = [math.fsum(values[a:b]) for a, b in zip(edges, edges[1:], strict=False)]
+        by_rank: dict[int, list[float]] = {}
+        for r, c in zip(ranks, stage, strict=True):
+            by_rank.setdefault(r, []).append(c)
+        sums = [math.fsum(v) for v in by_rank.values()]
+        return max(sums), math.fsum(x * x for x in sums), max(stage)
+
+    def descend(cuts: list[int]) -> tuple[tuple[float, float, float], list[int]]:
+        best = score(cuts)
+        moved = True
+        while moved:
+            moved = False
+            for trial in _neighbours(cuts, n):
+                value = score(trial)
+                if value < best:
+                    best, cuts, moved = value, trial, True
+                    break  # search around the new split
+        return best, cuts
+
+    starts = [partition, uniform(n, partition.num_stages)]
+    cuts = min((descend([e for _, e in p.bounds[:-1]]) for p in starts), key=lambda r: r[0])[1]
+    return Partition.from_sizes([b - a for a, b in zip([0, *cuts], [*cuts, n], strict=True)])
 
 
 def by_params(param_counts: Sequence[int], num_stages: int) -> Partition:
