@@ -28,7 +28,9 @@ ranks and steps of 1 - compute/step time; null for single process), peak_stash_b
 over ranks of the process's peak RSS during this case's steps), vs_torch (our median /
 torch's on the uniform split; lower is better), vs_torch_same_split (over torch on the
 same split as ours), vs_uniform (default over our uniform line), vs_single_2t (over the
-2-thread single process), partition and stage_blocks (the split each line ran), speedup_vs_1thread (tokens/s / single-1t
+2-thread single process), partition and stage_blocks (the split each line ran),
+us_per_action (step time over the busiest rank's actions, communication included: with
+a tiny model, ``--layers 1 --d-model 16 --seq 4``, it is the runtime's own overhead), speedup_vs_1thread (tokens/s / single-1t
 tokens/s), oversubscribed (ranks*threads > cores). Extras: loss (the step's loss, equal
 across implementations up to float rounding: same model, data and init), step_s_all
 (step time of every repetition), vs_torch_paired (median over repetitions of our time /
@@ -64,6 +66,7 @@ from _step_workers import TORCH_COUNTERPART, Case, Spec, run_group  # noqa: E402
 from conveyor.config import ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from conveyor.parallel.layout import resolve_layout  # noqa: E402
 from conveyor.runtime.launch import launch  # noqa: E402
+from conveyor.schedules.lower import lower  # noqa: E402
 
 ALL_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipev",
                  "v-half", "v-min"]
@@ -168,7 +171,12 @@ def summarise(case: Case, results: dict[int, Any], index: int, spec: Spec) -> di
         line["partition"] = case.partition
         par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches,
                              partition=case.partition)
-        line["stage_blocks"] = [list(b) for b in resolve_layout(spec.model, par).partition.bounds]
+        layout = resolve_layout(spec.model, par)
+        line["stage_blocks"] = [list(b) for b in layout.partition.bounds]
+        # with a tiny model the step is nearly all runtime overhead: per action it
+        # compares the two runtimes' cost of stepping through the same list
+        lowered = lower(layout.schedule)
+        line["actions_per_rank"] = max(len(a) for a in lowered.actions.values())
     if case.impl == "torch":
         line["torch_schedule"] = case.torch_class
         same = [res["same_order"][index] for res in results.values()]
@@ -185,6 +193,8 @@ def summarise(case: Case, results: dict[int, Any], index: int, spec: Spec) -> di
     median = statistics.median(step.values())
     line["median_step_s"] = round(median, 5)
     line["tokens_per_s"] = round(spec.batch * spec.seq / median, 1)
+    if "actions_per_rank" in line:
+        line["us_per_action"] = round(median / line["actions_per_rank"] * 1e6, 1)
     line["step_s_min_max"] = [round(min(step.values()), 5), round(max(step.values()), 5)]
     line["step_s_all"] = [round(step[rep], 5) for rep in reps]  # by repetition, for pairing
     if case.impl == "single":

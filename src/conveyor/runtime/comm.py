@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..models.boundary import Signature
 from ..schedules.ir import Action, Kind
+from .buffers import RecvBuffers
 from .transport import Transport, works_per_op
 
 __all__ = ["CommTimeout", "P2P", "Posted", "link_of", "wait_work"]
@@ -93,6 +94,7 @@ class P2P:
         self.signature: Callable[[int], Signature] | None = None
         # shared by every P2P over the same groups: stale messages outlive a pipeline
         self._health = {} if health is None else health
+        self.buffers = RecvBuffers()
 
     @property
     def broken(self) -> str | None:
@@ -102,6 +104,7 @@ class P2P:
     def mark_broken(self, reason: str) -> None:
         """Refuse every later step over these groups: messages may be out of step."""
         self._health.setdefault("broken", reason)
+        self.buffers.clear()  # receives still in flight may write into them
 
     def _tag(self, a: Action, boundary: int, index: int, channel: str) -> int:
         # unique within a step; gloo matches by it, NCCL ignores it
@@ -116,7 +119,7 @@ class P2P:
         return boundary, sig
 
     def post(self, a: Action, tensors: dict[str, Tensor] | None = None) -> Posted:
-        """Post a send of ``tensors`` or, without them, a receive into fresh buffers."""
+        """Post a send of ``tensors`` or, without them, a receive into a free pooled buffer."""
         src, dst, channel = link_of(a, self.stage_ranks)
         group = self.groups[(src, dst, channel)]
         boundary, sig = self._specs(a)
@@ -131,7 +134,7 @@ class P2P:
                 spec.check(name, tensors[name], f"{a}")
                 t = tensors[name].contiguous()
             else:
-                t = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+                t = self.buffers.take(spec.shape, spec.dtype, self.device)
             out[name] = t
             ops.append(dist.P2POp(dist.isend if sending else dist.irecv, t,
                                   dst if sending else src, group,
