@@ -59,3 +59,20 @@ def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureF
     # same model, same data, same init: the same loss, whatever the implementation
     assert ours["loss"] == pytest.approx(lines[0]["loss"], rel=1e-5)
     assert theirs["loss"] == pytest.approx(lines[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_scaling_sweeps_print_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import scaling
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    lines = scaling.main(["--quick", "--no-train", "--steps", "1"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert printed == lines
+    assert [d["sweep"] for d in lines] == ["model", "microbatches"]
+    for d in lines:
+        assert d["conveyor_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
+        assert d["vs_torch"] > 0 and d["conveyor_us_per_action"] > 0
