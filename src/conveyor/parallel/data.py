@@ -8,6 +8,11 @@ into one buffer and all-reduced asynchronously over the data-parallel group, whi
 the pipeline goes on with other stages. :meth:`GradBuckets.finish` waits for them all,
 divides by dp and copies the averages back into ``.grad``. Every dp replica runs the
 same action list, so buckets are issued in the same order on every replica.
+
+Under ZeRO-1 (``zero=``) a bucket is reduce-scattered instead, at the same moments:
+each rank receives only the averaged chunks of the bucket's parameters it owns
+(``parallel.zero``), which become its optimizer leaves' grads. gloo implements
+``reduce_scatter_single`` on CPU since torch 2.x, so both backends run the same call.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .zero import ZeroShards
 
 __all__ = ["GradBuckets", "plan_buckets"]
 
@@ -42,11 +49,12 @@ def plan_buckets(params: Sequence[nn.Parameter], cap_bytes: int) -> list[list[nn
 
 
 class _Bucket:
-    """One flat all-reduce: its parameters and, once issued, its buffer and work handle."""
+    """One flat collective: its parameters and, once issued, its result buffer and work."""
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
-        self.flat: Tensor | None = None
+        self.result: Tensor | None = None  # all-reduced in place, or this rank's scattered part
+        self.sent: Tensor | None = None  # a reduce-scatter's input, held until it completes
         self.work: dist.Work | None = None
 
 
@@ -61,14 +69,17 @@ class GradBuckets:
         bucket_mb: float,
         *,
         before_issue: Callable[[int], None] | None = None,
+        zero: ZeroShards | None = None,
     ) -> None:
-        """``stage_params``: each stage's parameters in forward order, each parameter once."""
+        """``stage_params``: each stage's parameters in forward order, each parameter once;
+        ``zero``: reduce-scatter into these ZeRO-1 chunks instead of all-reducing."""
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb={bucket_mb} must be > 0 (0 selects the per-parameter path)")
         self.group = group
         self.dp = dp
         # runs on a stage just before its buckets go out (sequence-parallel sums over tp)
         self.before_issue = before_issue
+        self.zero = zero
         cap = max(1, int(bucket_mb * MIB))
         self.buckets: dict[int, list[_Bucket]] = {
             s: [_Bucket(b) for b in plan_buckets(list(reversed(ps)), cap)]
@@ -78,7 +89,7 @@ class GradBuckets:
 
     @property
     def num_buckets(self) -> int:
-        """Buckets in all (all-reduce calls per step)."""
+        """Buckets in all (all-reduce, or under ZeRO-1 reduce-scatter, calls per step)."""
         return sum(len(bs) for bs in self.buckets.values())
 
     def stage_done(self, stage: int) -> None:
@@ -89,9 +100,14 @@ class GradBuckets:
         if self.before_issue is not None:
             self.before_issue(stage)
         for bucket in self.buckets.get(stage, ()):
+            if self.zero is not None:
+                bucket.sent, bucket.result = self.zero.scatter_input(bucket.params)
+                bucket.work = dist.reduce_scatter_single(bucket.result, bucket.sent,
+                                                         group=self.group, async_op=True)
+                continue
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-            bucket.flat = torch.cat([g.reshape(-1) for g in grads])
-            bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+            bucket.result = torch.cat([g.reshape(-1) for g in grads])
+            bucket.work = dist.all_reduce(bucket.result, group=self.group, async_op=True)
 
     def finish(self, stages: Sequence[int]) -> None:
         """Issue what is left (in ``stages`` order), wait for all, write the averages to ``.grad``."""
@@ -100,10 +116,13 @@ class GradBuckets:
         try:
             for bs in self.buckets.values():
                 for bucket in bs:
-                    assert bucket.flat is not None and bucket.work is not None
+                    assert bucket.result is not None and bucket.work is not None
                     bucket.work.wait()
-                    bucket.flat.div_(self.dp)
-                    views = bucket.flat.split([p.numel() for p in bucket.params])
+                    bucket.result.div_(self.dp)
+                    if self.zero is not None:
+                        self.zero.add_scattered(bucket.params, bucket.result)
+                        continue
+                    views = bucket.result.split([p.numel() for p in bucket.params])
                     for p, v in zip(bucket.params, views, strict=True):
                         p.grad = v.view_as(p).clone()
         finally:
@@ -114,4 +133,4 @@ class GradBuckets:
         self._issued.clear()
         for bs in self.buckets.values():
             for bucket in bs:
-                bucket.flat = bucket.work = None
+                bucket.result = bucket.sent = bucket.work = None

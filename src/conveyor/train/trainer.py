@@ -34,7 +34,6 @@ from ..log import get_logger
 from ..models import block_param_counts
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
-from ..parallel.zero import ZeroShards
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
 from ..sim.render import write_chrome_trace
@@ -201,8 +200,7 @@ class _Trainer:
                              device=device,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
         # ZeRO-1: the optimizer steps this dp rank's chunks; the rest are all-gathered
-        self.zero = (ZeroShards(self.pipe.named_parameters(), self.mesh.dp_group, par.dp,
-                                self.mesh.dp_rank) if par.zero == 1 and par.dp > 1 else None)
+        self.zero = self.pipe.zero
         if self.zero is None:
             self.opt = build_optimizer(self.pipe.named_parameters(), lr=self.cfg.lr,
                                        weight_decay=self.cfg.weight_decay)
@@ -256,9 +254,13 @@ class _Trainer:
         if traced:
             self._save_trace()
         dup = self.pipe.tied_duplicate()
+        dups = [dup] if dup is not None else []
+        params = self.pipe.parameters()
+        if self.zero is not None:  # the grads are this rank's chunks, disjoint over dp
+            params, dups = self.zero.leaves(), [self.zero.leaf_of(d) for d in dups]
         norm = clip_global_grad_norm(
-            self.pipe.parameters(), cfg.grad_clip, group=self.mesh.pp_group,
-            tp_group=self.mesh.tp_group, duplicates=[dup] if dup is not None else [],
+            params, cfg.grad_clip, group=self.mesh.pp_group, tp_group=self.mesh.tp_group,
+            duplicates=dups, dp_group=None if self.zero is None else self.mesh.dp_group,
         )
         if self.zero is None:
             self.opt.step()
