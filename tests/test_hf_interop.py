@@ -313,6 +313,10 @@ def test_train_init_at_pp2_continues_the_imported_model_like_one_process(tmp_pat
     with torch.no_grad():
         assert model.loss(x, y).item() == pytest.approx(pp2[0], rel=1e-5)
     assert load_tokenizer(runs / "pp2/tokenizer.json").to_str() == tokenizer.to_str()
+    # resumed, the run keeps the model's tokenizer (a new one would not match its ids)
+    assert main(["train", "--resume", str(runs / "pp2"), "--steps", "4", "--run-dir", str(runs),
+                 "--name", "more"]) == 0
+    assert len(train_rows(read_metrics(runs / "more/metrics.jsonl"))) == 4
 
 
 @pytest.mark.parametrize("flags, needle", [
