@@ -83,8 +83,13 @@ def _count() -> dict[str, object]:
     issued_in_step: list[int] = []
     hook = pipe.executor.after_stage_done
     assert hook is not None
-    pipe.executor.after_stage_done = lambda s: (issued_in_step.append(s), hook(s))[-1]
     with _counting(mesh.dp_group) as calls:
+        def done(stage: int) -> None:  # the stage's last B has ended
+            issued_in_step.append(stage)
+            calls.append(("stage done", False, 0))
+            hook(stage)
+
+        pipe.executor.after_stage_done = done
         for x, y in batches()[:2]:  # two calls, no zero_grad between them
             pipe.train_step(x, y)
     grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
@@ -145,14 +150,15 @@ def _results() -> dict[int, dict[str, object]]:
 
 
 @pytest.mark.multiprocess
-def test_one_async_all_reduce_per_bucket_issued_during_the_step() -> None:
+def test_one_async_all_reduce_per_bucket_issued_inside_the_last_backward() -> None:
     for rank, r in _results().items():
         buckets = r["buckets"]
         assert isinstance(buckets, int) and buckets > 2, f"rank {rank}: want several buckets"
-        # two steps; everything is bucketed (the tie is on this rank, one parameter);
-        # the one blocking all-reduce per step is the loss's
-        assert r["calls"] == ([("all_reduce", True)] * buckets + [("all_reduce", False)]) * 2, \
-            f"rank {rank}"
+        # two steps; everything is bucketed (the tie is on this rank, one parameter); every
+        # bucket goes out while the stage's last B still runs, before the executor reports
+        # it done; the one blocking all-reduce per step is the loss's
+        step = [("all_reduce", True)] * buckets + [("stage done", False), ("all_reduce", False)]
+        assert r["calls"] == step * 2, f"rank {rank}"
         assert r["issued"] == [0, 0], f"rank {rank}: the stage went out from the executor"
 
 

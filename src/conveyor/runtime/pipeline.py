@@ -142,6 +142,7 @@ class Pipeline:
         self.grad_buckets: GradBuckets | None = None
         if mesh.dp > 1 and par.dp_bucket_mb > 0:
             self.grad_buckets = self._make_buckets(par.dp_bucket_mb)
+            self.executor.before_stage_done = self.grad_buckets.stage_starts_done
             self.executor.after_stage_done = self.grad_buckets.stage_done
         # Evaluation runs the training schedule's forwards alone, in the same order:
         # valid by construction (forwards depend only on forwards) on any placement.
@@ -169,8 +170,10 @@ class Pipeline:
         by_stage: dict[int, list[nn.Parameter]] = {s: [] for s in self._done_order}
         for pid, s in owner.items():
             by_stage[s].append(params[pid])
+        # under SP a stage's norm grads are summed over tp first, all at once: buckets wait
         return GradBuckets(by_stage, self.mesh.dp_group, self.mesh.dp, bucket_mb,
-                           before_issue=self._reduce_sequence_parallel, zero=self.zero)
+                           before_issue=self._reduce_sequence_parallel, zero=self.zero,
+                           in_backward=not self.sequence_parallel)
 
     def _reduce_sequence_parallel(self, stage: int) -> None:
         """Sum over tp the grads of ``stage``'s params that saw only a sequence shard."""
