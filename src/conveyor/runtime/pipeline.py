@@ -6,7 +6,7 @@ each is then sliced into this tp rank's shard), runs one step of any schedule
 through the executor, and makes the distributed pieces add up: sequence-parallel
 grads summed over tp, tied embedding grads summed across the two stages holding
 them (per tp rank: both copies hold the same vocabulary rows), grads averaged over
-data-parallel replicas (in buckets started as each stage's backward ends, see
+data-parallel replicas (in buckets started as backward completes them, see
 ``parallel.data``; reduce-scattered into ZeRO-1 chunks under ``zero=1``, see
 ``parallel.zero``), the loss reduced onto every rank. The optimizer stays
 outside: it sees this rank's parameters (shards, under tp; ``Pipeline.zero``'s
