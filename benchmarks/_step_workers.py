@@ -41,6 +41,7 @@ Memory, per rank and case:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import math
@@ -54,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from conveyor.config import ModelConfig, ParallelConfig
+from conveyor.config import ConfigError, ModelConfig, ParallelConfig
 from conveyor.memory import ActivationMeter, count_saved_bytes
 from conveyor.models import Transformer, build_blocks, lm_loss
 from conveyor.parallel.layout import resolve_layout
@@ -87,9 +88,15 @@ class Case:
     threads: int = 1
     torch_class: str | None = None
     partition: str = "uniform"  # how blocks are split: Conveyor's default is "cost"
+    parallel: ParallelConfig | None = None
+    """Conveyor's layout when it is more than pp ranks of ``schedule`` (tp, dp, buckets)."""
+    label: str | None = None
+    """The case's name where ``parallel`` makes the default one ambiguous."""
 
     @property
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         if self.impl == "single":
             return f"single-{self.threads}t"
         # conveyor-default: what `conveyor train` runs (balanced); torch: the uniform
@@ -97,6 +104,11 @@ class Case:
         suffix = {("conveyor", "cost"): "-default", ("conveyor", "uniform"): "-uniform",
                   ("torch", "cost"): "-balanced"}.get((self.impl, self.partition), "")
         return f"pp{self.pp}-{self.schedule}-{self.impl}{suffix}"
+
+    def parallel_config(self, microbatches: int) -> ParallelConfig:
+        """The Conveyor layout this case runs."""
+        return self.parallel or ParallelConfig(pp=self.pp, schedule=self.schedule,
+                                               microbatches=microbatches, partition=self.partition)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,26 @@ class Spec:
     timeout_s: float
     cases: tuple[Case, ...]
     label: str
+
+
+def add_model_args(p: argparse._ActionsContainer) -> None:
+    """The model and batch flags the step-time benchmarks share (GPT-2 style, 8 x 256)."""
+    p.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=16, help="global batch in sequences")
+
+
+def model_of(args: argparse.Namespace) -> ModelConfig:
+    """The model ``add_model_args``' flags describe; a bad value exits with its message."""
+    try:
+        return ModelConfig(flavour=args.flavour, n_layers=args.layers, d_model=args.d_model,
+                           n_heads=args.heads, vocab_size=args.vocab, max_seq_len=args.seq)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 # -- memory helpers -------------------------------------------------------------------
@@ -209,8 +241,7 @@ class ConveyorRunner(_Runner):
     """Conveyor's ``Pipeline`` running one schedule."""
 
     def __init__(self, spec: Spec, case: Case, mesh: Mesh, data: tuple[Tensor, Tensor]) -> None:
-        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches,
-                             partition=case.partition)
+        par = case.parallel_config(spec.microbatches)
         self.pipe = Pipeline(spec.model, par, mesh, seed=spec.seed, timeout_s=spec.timeout_s)
         self.pipe.executor.record = True
         self.params = self.pipe.parameters()
@@ -414,7 +445,7 @@ def run_group(spec: Spec) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(spec.seed)
     seqs = torch.randint(spec.model.vocab_size, (spec.batch, spec.seq + 1), generator=gen)
     data = (seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous())
-    mesh = Mesh.build(world) if any(c.impl != "single" for c in spec.cases) else None
+    meshes: dict[tuple[int, int, int], Mesh] = {}  # built in case order, the same on every rank
 
     runners: list[_Runner] = []
     for case in spec.cases:
@@ -423,8 +454,11 @@ def run_group(spec: Spec) -> dict[str, Any]:
         if case.impl == "single":
             runner = SingleRunner(spec, case, rank, data)
         elif case.impl == "conveyor":
-            assert mesh is not None
-            runner = ConveyorRunner(spec, case, mesh, data)
+            par = case.parallel_config(spec.microbatches)
+            key = (par.pp, par.dp, par.tp)
+            if key not in meshes:
+                meshes[key] = Mesh.build(*key)
+            runner = ConveyorRunner(spec, case, meshes[key], data)
         else:
             try:
                 runner = TorchRunner(spec, case, rank, world, data)

@@ -62,7 +62,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _step_workers import TORCH_COUNTERPART, Case, Spec, run_group  # noqa: E402
+from _step_workers import (  # noqa: E402
+    TORCH_COUNTERPART,
+    Case,
+    Spec,
+    add_model_args,
+    model_of,
+    run_group,
+)
 from conveyor.config import ConfigError, ModelConfig, ParallelConfig  # noqa: E402
 from conveyor.parallel.layout import resolve_layout  # noqa: E402
 from conveyor.runtime.launch import launch  # noqa: E402
@@ -81,13 +88,7 @@ FIELDS = [
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     m = p.add_argument_group("model and batch")
-    m.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
-    m.add_argument("--layers", type=int, default=8)
-    m.add_argument("--d-model", type=int, default=256)
-    m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--seq", type=int, default=128)
-    m.add_argument("--vocab", type=int, default=8192)
-    m.add_argument("--batch", type=int, default=16, help="global batch in sequences")
+    add_model_args(m)
     m.add_argument("--microbatches", type=int, default=8)
     r = p.add_argument_group("run")
     r.add_argument("--steps", type=int, default=8,
@@ -169,9 +170,7 @@ def summarise(case: Case, results: dict[int, Any], index: int, spec: Spec) -> di
     }
     if case.impl != "single":
         line["partition"] = case.partition
-        par = ParallelConfig(pp=case.pp, schedule=case.schedule, microbatches=spec.microbatches,
-                             partition=case.partition)
-        layout = resolve_layout(spec.model, par)
+        layout = resolve_layout(spec.model, case.parallel_config(spec.microbatches))
         line["stage_blocks"] = [list(b) for b in layout.partition.bounds]
         # with a tiny model the step is nearly all runtime overhead: per action it
         # compares the two runtimes' cost of stepping through the same list
@@ -254,11 +253,7 @@ def _table(lines: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; print and return the JSON lines."""
     args = parse_args(argv)
-    try:
-        model = ModelConfig(flavour=args.flavour, n_layers=args.layers, d_model=args.d_model,
-                            n_heads=args.heads, vocab_size=args.vocab, max_seq_len=args.seq)
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
+    model = model_of(args)
     groups = build_groups(args, model)
     print(f"step_time: {model.n_layers} layers, d_model {model.d_model}, seq {args.seq}, "
           f"batch {args.batch}, {args.microbatches} microbatches, {args.warmup}+{args.steps} "

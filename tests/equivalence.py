@@ -14,7 +14,6 @@ import torch
 from conveyor.config import ModelConfig, ParallelConfig
 from conveyor.models import Transformer
 from conveyor.parallel.mesh import Mesh
-from conveyor.parallel.zero import ZeroShards
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
 from conveyor.schedules import Action, Placement, Schedule
@@ -164,9 +163,7 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
             meshes[key] = Mesh.build(case.pp, case.dp, case.tp)
         pipe = Pipeline(case.model, case.parallel, meshes[key], seed=0, timeout_s=60,
                         emulate_nccl=case.nccl, schedule=case.built_schedule())
-        mesh = meshes[key]
-        zero = (ZeroShards(pipe.named_parameters(), mesh.dp_group, mesh.dp, mesh.dp_rank)
-                if case.zero else None)
+        zero = pipe.zero  # ZeRO-1 chunks (case.zero), their grads reduce-scattered
         opt = make_optimizer(pipe.parameters() if zero is None
                              else [p for _, p in zero.named_shards()])
         data = batches(case.batch, case.vocab)

@@ -5,9 +5,11 @@ Timings are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -76,3 +78,36 @@ def test_scaling_sweeps_print_ratios(capsys: pytest.CaptureFixture[str]) -> None
     for d in lines:
         assert d["conveyor_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
         assert d["vs_torch"] > 0 and d["conveyor_us_per_action"] > 0
+
+def _benchmark(name: str) -> ModuleType:
+    """The module of benchmarks/NAME.py (which imports its siblings)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_parallel_3d_tiny_model_prints_cases_and_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    parallel_3d = _benchmark("parallel_3d")
+    parallel_3d.main([
+        "--layers", "2", "--d-model", "32", "--heads", "2", "--seq", "16", "--vocab", "128",
+        "--batch", "8", "--microbatches", "4", "--steps", "2", "--warmup", "1",
+    ])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    *cases, ratios = lines
+    assert [d["config"] for d in cases] == ["single-2t", "tp2", "pp2-1f1b", "dp2-bucketed",
+                                           "dp2-per-param"]
+    for d in cases:
+        assert "error" not in d, d
+        assert d["median_step_s"] > 0
+        # one model, one batch, one init: the same loss however it is cut
+        assert d["loss"] == pytest.approx(cases[0]["loss"], rel=1e-5)
+    assert [(d["pp"], d["tp"], d["dp"]) for d in cases[1:]] == [(1, 2, 1), (2, 1, 1), (1, 1, 2),
+                                                                 (1, 1, 2)]
+    bucketed, per_param = cases[3]["dp_collectives_per_step"], cases[4]["dp_collectives_per_step"]
+    assert 1 <= bucketed < per_param
+    assert ratios["config"] == "ratios"
+    assert all(ratios[k] > 0 for k in parallel_3d.RATIOS)

@@ -110,7 +110,9 @@ def _tp_cases(world: int) -> list[Case]:
              Case("zb-v", 2, 4, tp=2, tied=True, vocab=63, nccl=True),  # vocabulary padded
              Case("gpipe", 1, 2, tp=4, tied=True, vocab=63),
              Case("1f1b", 1, 2, dp=2, tp=2, flavour="llama", tied=True),
-             Case("1f1b", 1, 2, dp=2, tp=2, sp=True, bucket_mb=0.01)]  # SP sums per bucket
+             Case("1f1b", 1, 2, dp=2, tp=2, sp=True, bucket_mb=0.01),  # SP sums per bucket
+             # ZeRO-1 reduce-scatters tp shards, SP-summed, one parameter at a time
+             Case("1f1b", 1, 2, dp=2, tp=2, sp=True, tied=True, zero=1, bucket_mb=0)]
     for i, sched in enumerate(SCHEDULES + SPLIT_AND_VIRTUAL + V_SCHEDULES):
         flavour = FLAVOURS[i % 2]
         cases.append(Case(sched, 2, 4, tp=2, flavour=flavour, tied=i % 3 != 1,

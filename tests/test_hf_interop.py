@@ -1,8 +1,10 @@
-"""Hugging Face interop, checked against ``transformers`` itself: import, export, tokenizers.
+"""Hugging Face interop, checked against ``transformers`` itself: import, export, tokenizers,
+and training from an imported model (``conveyor train --init``) under another layout.
 
 Tiny random models are built and saved locally (nothing is downloaded). Tolerances:
 logits of Conveyor's single-process Transformer and of transformers agree to 1e-4
-(fp32); weights that go through import and export come back bit-identical.
+(fp32); weights that go through import and export come back bit-identical; training
+losses of a pipeline agree with one process to 1e-5.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conveyor.cli import main
-from conveyor.config import ConfigError, ModelConfig
+from conveyor.config import ConfigError, DataConfig, ModelConfig
+from conveyor.data import Sampler, get_batch
 from conveyor.data.tokenizer import load_tokenizer
 from conveyor.generation import generate
 from conveyor.models import Transformer
@@ -27,6 +30,8 @@ from conveyor.models.hf_gpt2 import GPT2
 from conveyor.models.hf_llama import LLAMA
 from conveyor.train.checkpoint import save_checkpoint
 from conveyor.train.export import load_exported
+from conveyor.train.metrics import read_metrics, train_rows
+from conveyor.train.trainer import prepare
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -274,3 +279,59 @@ def test_an_option_without_hf_field_is_refused_on_export() -> None:
     check_exportable(ModelConfig(), narrow)  # the default value needs no field
     with pytest.raises(ConfigError, match="norm_eps=1e-06 has no equivalent in Hugging Face's"):
         check_exportable(ModelConfig(norm_eps=1e-6), narrow)
+
+
+def _train(runs: Path, name: str, init: Path, corpus: Path, *flags: str) -> list[float]:
+    """Train 3 steps from ``init`` with ``flags``; the step losses from metrics.jsonl."""
+    assert main(["train", "--init", str(init), "--data", str(corpus), "--batch-size", "4",
+                 "--microbatches", "2", "--steps", "3", "--lr", "1e-2", "--warmup", "1",
+                 "--eval-every", "0", "--checkpoint-every", "0", "--run-dir", str(runs),
+                 "--name", name, *flags]) == 0
+    return [r["loss"] for r in train_rows(read_metrics(runs / name / "metrics.jsonl"))]
+
+
+@pytest.mark.multiprocess
+def test_train_init_at_pp2_continues_the_imported_model_like_one_process(tmp_path: Path) -> None:
+    _hf_gpt2(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text((TEXT + SAMPLE + "\n") * (10 + i))
+    runs = tmp_path / "runs"
+    # straight from the Hugging Face directory, 2 stages; and its import, in one process
+    pp2 = _train(runs, "pp2", tmp_path / "hf", corpus, "--pp", "2")
+    single = _train(runs, "single", tmp_path / "imported", corpus, "--pp", "1")
+    assert pp2 == pytest.approx(single, rel=1e-5, abs=0)
+    # the first step's loss is the imported model's own on the first batch: its weights
+    # and its tokenizer, not fresh ones
+    model, cfg = load_exported(tmp_path / "imported")
+    tokenizer = load_tokenizer(tmp_path / "imported/tokenizer.json")
+    rows = prepare(cfg, DataConfig(paths=(str(corpus),)), seed=0, batch_size=4,
+                   run_dir=str(runs), tokenizer=tokenizer).train
+    x, y = get_batch(rows, next(Sampler(len(rows), 4, 0)))
+    with torch.no_grad():
+        assert model.loss(x, y).item() == pytest.approx(pp2[0], rel=1e-5)
+    assert load_tokenizer(runs / "pp2/tokenizer.json").to_str() == tokenizer.to_str()
+    # resumed, the run keeps the model's tokenizer (a new one would not match its ids)
+    assert main(["train", "--resume", str(runs / "pp2"), "--steps", "4", "--run-dir", str(runs),
+                 "--name", "more"]) == 0
+    assert len(train_rows(read_metrics(runs / "more/metrics.jsonl"))) == 4
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--layers", "3"], "n_layers=3 (the model's: 2)"),
+    (["--tie-embeddings", "--d-model", "64"], "d_model=64"),
+    (["--resume", "somewhere"], "init and resume both given"),
+])
+def test_train_init_refuses_options_the_model_does_not_have(
+    flags: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_gpt2(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["train", "--init", str(tmp_path / "hf"), "--run-dir", str(tmp_path / "runs"),
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("conveyor train: error: "), err
+    assert needle in err, err
+    assert not (tmp_path / "runs").exists()

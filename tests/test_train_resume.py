@@ -1,7 +1,8 @@
 """Invariant 2 through the trainer: a resumed run continues exactly as if it never stopped.
 
 Same layout: every loss bit-identical. Another layout (pp=2 -> pp=4 -> pp=2, tied
-embeddings split differently each time; pp=2 x tp=2 -> one process -> pp=2 x tp=2):
+embeddings split differently each time; pp=2 x tp=2 -> one process -> pp=2 x tp=2;
+pp=2 x tp=2 -> tp=4 -> dp=2 x pp=2 with ZeRO-1):
 losses within 1e-5 relative, because the checkpoint holds logical tensors by
 parameter name, not shards by rank. ZeRO-1 (dp=2) trains like one process and its
 checkpoints (AdamW state gathered over dp) resume with or without it.
@@ -43,9 +44,9 @@ def write_corpus(root: Path, files: int = 4, lines: int = 150) -> Path:
 
 def _run(tmp: Path, name: str, pp: int, resume: Path | None = None,
          checkpoint_every: int = 3, tp: int = 1, steps: int = 6, dp: int = 1,
-         zero: int = 0) -> dict[int, dict[str, Any]]:
+         zero: int = 0, model: ModelConfig = MODEL) -> dict[int, dict[str, Any]]:
     run = RunConfig(
-        model=MODEL,
+        model=model,
         parallel=ParallelConfig(pp=pp, tp=tp, dp=dp, zero=zero, microbatches=2),
         train=TrainConfig(steps=steps, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=0,
                           eval_batches=1, checkpoint_every=checkpoint_every, keep=0,
@@ -54,6 +55,11 @@ def _run(tmp: Path, name: str, pp: int, resume: Path | None = None,
         data=DataConfig(paths=(str(tmp / "corpus"),), val_fraction=0.1),
     )
     return run_training(run)
+
+
+def _ckpt(tmp: Path, name: str, step: int) -> Path:
+    """The step-``step`` checkpoint of run ``name``."""
+    return tmp / "runs" / name / "checkpoints" / f"step-{step:08d}"
 
 
 def _losses(results: dict[int, dict[str, Any]]) -> list[float]:
@@ -142,3 +148,19 @@ def test_zero1_trains_like_one_process_and_resumes_under_any_dp(tmp_path: Path) 
     ckpt = tmp_path / "runs" / "single" / "checkpoints" / "step-00000002"
     rezeroed = _losses(_run(tmp_path, "rezeroed", pp=1, dp=2, zero=1, resume=ckpt, steps=4))
     assert rezeroed == pytest.approx(single[2:], rel=1e-5, abs=0)
+
+
+def test_resume_chains_across_3d_layouts(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "corpus")
+    model = dataclasses.replace(MODEL, n_heads=4)  # tp=4 splits the heads
+    # pp=2 x tp=2 from scratch; its step-1 checkpoint holds logical tensors
+    first = _losses(_run(tmp_path, "pp2tp2", pp=2, tp=2, steps=3, checkpoint_every=1,
+                         model=model))
+    # resumed as tp=4 (every matrix cut 4 ways, the tied head on the same ranks)
+    wide = _losses(_run(tmp_path, "tp4", pp=1, tp=4, steps=3, checkpoint_every=1, model=model,
+                        resume=_ckpt(tmp_path, "pp2tp2", 1)))
+    assert wide == pytest.approx(first[1:], rel=1e-5, abs=0)
+    # and its step-2 checkpoint as dp=2 x pp=2, AdamW state in ZeRO-1 chunks
+    last = _losses(_run(tmp_path, "dp2pp2", pp=2, dp=2, zero=1, steps=3, model=model,
+                        resume=_ckpt(tmp_path, "tp4", 2)))
+    assert last == pytest.approx(first[2:], rel=1e-5, abs=0)

@@ -283,6 +283,9 @@ class TrainConfig:
     """Name of this run's subdirectory; None: the start time (YYYYmmdd-HHMMSS)."""
     resume: str | None = None
     """Checkpoint (or run directory: its latest) to continue from, in a new run directory."""
+    init: str | None = None
+    """A model to start from: a Hugging Face directory (save_pretrained), a Conveyor export or
+    checkpoint. Its weights, model config and tokenizer are the run's; the optimizer starts fresh."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "eval_batches")
@@ -311,6 +314,11 @@ class TrainConfig:
             )
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
             raise ConfigError(f"resume={self.resume!r} must be a checkpoint or run directory")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            raise ConfigError(f"init={self.init!r} must be a model directory or checkpoint")
+        if self.init is not None and self.resume is not None:
+            raise ConfigError("init and resume both given: --resume continues a run with its own "
+                              "weights, --init starts a new one from a model; pass one of them")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -117,6 +117,10 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "resume", "--resume", {"metavar": "RUN_DIR_OR_CKPT"},
      "continue from a checkpoint, or a run directory's latest one, in a new run directory; "
      "model, data, batch size and seed come from the checkpoint, other flags override"),
+    ("train", "init", "--init", {"metavar": "HF_DIR"},
+     "start from a model: a Hugging Face directory (GPT2LMHeadModel, LlamaForCausalLM), a "
+     "Conveyor export or checkpoint; its weights, model config and tokenizer are the run's, "
+     "so model options must be left out"),
     ("data", "paths", "--data", {"nargs": "+", "action": "extend", "metavar": "PATH"},
      "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field "
      "(None: the source files of this Python's standard library, "
@@ -193,9 +197,15 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
             section, field = key.split(".", 1)
             overrides[section][field] = value
     base = {s: to_dict(c) for s, c in _DEFAULTS.items()}
-    resume = overrides["train"].get("resume")
+    resume, init = overrides["train"].get("resume"), overrides["train"].get("init")
+    if resume is not None and init is not None:
+        TrainConfig(resume=resume, init=init)  # refuses the pair before reading either
     if resume is not None:
         base = _checkpoint_config(Path(resume))
+    if init is not None:  # the model is the one --init names; options that differ are refused later
+        from ..train.hf_io import init_config
+
+        base["model"] = to_dict(init_config(Path(init)))
     merged = {s: {**base[s], **overrides[s]} for s in base}
     return RunConfig.from_dict(merged, "--config" if args.config is None else str(args.config))
 
@@ -213,7 +223,7 @@ def _checkpoint_config(resume: Path) -> dict[str, dict[str, Any]]:
     for section, kind in RunConfig.SECTIONS.items():  # keys of an older version are dropped
         names = {f.name for f in dataclasses.fields(kind)}
         base[section] = {k: v for k, v in base[section].items() if k in names}
-    base["train"].update(name=None, resume=str(ckpt))
+    base["train"].update(name=None, resume=str(ckpt), init=None)  # its weights are the checkpoint's
     return base
 
 

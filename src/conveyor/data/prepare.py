@@ -12,7 +12,7 @@ import numpy as np
 from conveyor.data.corpus import read_documents, resolve_paths, stdlib_corpus_paths
 from conveyor.data.errors import DataError
 from conveyor.data.packing import TokenDataset, pack, split_train_val
-from conveyor.data.tokenizer import Tokenizer, train_tokenizer
+from conveyor.data.tokenizer import EOT, Tokenizer, train_tokenizer
 
 __all__ = ["PreparedData", "prepare_data"]
 
@@ -34,11 +34,13 @@ class PreparedData:
 
 
 def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
-                 val_fraction: float, cache_dir: Path, seed: int) -> PreparedData:
+                 val_fraction: float, cache_dir: Path, seed: int,
+                 tokenizer: Tokenizer | None = None) -> PreparedData:
     """Read, tokenize, pack and split; None specs means the stdlib corpus.
 
-    The tokenizer and the packed rows are cached in ``cache_dir``, keyed by the corpus
-    text and every setting they depend on, so a second run only reads the files.
+    The tokenizer (trained on the corpus unless ``tokenizer`` is given, e.g. an imported
+    model's) and the packed rows are cached in ``cache_dir``, keyed by the corpus text and
+    every setting they depend on, so a second run only reads the files.
     """
     if seq_len < 1:
         raise DataError(f"seq_len={seq_len} must be positive; pass --seq-len >= 1")
@@ -48,9 +50,11 @@ def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
     if not paths:
         raise DataError("found no stdlib source files for the default corpus; pass --data")
     corpus = read_documents(paths)
-    tokenizer = train_tokenizer(corpus, vocab_size, Path(cache_dir))
-    key = TokenDataset.cache_key(tokenizer.to_str(), corpus.fingerprint, seq_len,
-                                 val_fraction, seed)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(corpus, vocab_size, Path(cache_dir))
+    # rows are packed around the end token: another one (an imported model's) is another key
+    text = tokenizer.to_str() + ("" if tokenizer.eot == EOT else tokenizer.eot)
+    key = TokenDataset.cache_key(text, corpus.fingerprint, seq_len, val_fraction, seed)
     path = TokenDataset.cache_path(Path(cache_dir), key)
     dataset = None
     if path.is_file():

@@ -68,9 +68,13 @@ class Tokenizer:
         return str(self.hf.to_str())
 
     def save(self, path: Path) -> None:
-        """Write tokenizer.json atomically (temporary name, then rename)."""
+        """Write tokenizer.json atomically (temporary name, then rename); an end token other
+        than EOT (an imported model's) is named in a tokenizer_config.json beside it."""
         data = self.to_str().encode("utf-8")
         atomic_write(Path(path), lambda f: f.write(data))
+        if self.eot != EOT:
+            config = json.dumps({"eos_token": self.eot}).encode()
+            atomic_write(Path(path).parent / TOKENIZER_CONFIG, lambda f: f.write(config))
 
 
 def end_of_text_token(path: Path) -> str:

@@ -4,10 +4,16 @@ Every parameter's flattened elements are cut into dp equal chunks (the last padd
 dp rank ``r`` owns chunk ``r`` of each, as a 1-D leaf the optimizer steps. After the
 step the chunks are all-gathered (one collective for all of this rank's parameters)
 and written back, so every replica again holds the whole, identical parameters.
-Grads arrive already averaged over dp (the pipeline's bucketed all-reduce); each rank
-reads its chunk of them. Any elementwise optimizer (AdamW, SGD) then updates exactly
-as the unsharded one would. Checkpoints see the logical state: ``full_state`` gathers
-each parameter's moments over dp, ``load_state`` slices them again.
+
+Grads are reduce-scattered, not all-reduced: a group of parameters' local grads is
+laid out rank by rank (``scatter_input``: row ``r`` holds chunk ``r`` of each, padded),
+so one reduce-scatter hands each rank the dp-sum of exactly the chunks it owns, half
+the traffic of an all-reduce and no whole averaged grad anywhere. The pipeline's
+buckets issue these during backward (``parallel.data``); ``add_scattered`` accumulates
+the averaged chunks into the leaves' ``.grad`` and drops the whole local grads. Any
+elementwise optimizer (AdamW, SGD) then updates exactly as the unsharded one would.
+Checkpoints see the logical state: ``full_state`` gathers each parameter's moments
+over dp, ``load_state`` slices them again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ZeroShards"]
+__all__ = ["ZeroShards", "chunk_size"]
+
+
+def chunk_size(numel: int, dp: int) -> int:
+    """Elements of a ``numel``-element parameter per dp rank (the last chunk padded)."""
+    return -(-numel // dp)
 
 
 @dataclass
@@ -48,10 +59,13 @@ class ZeroShards:
         self.shards: list[_Shard] = []
         for name, p in named_params:
             n = p.numel()
-            chunk = -(-n // dp)
+            chunk = chunk_size(n, dp)
             lo, hi = min(n, dp_rank * chunk), min(n, (dp_rank + 1) * chunk)
             leaf = nn.Parameter(p.detach().reshape(-1)[lo:hi].clone())
+            if hasattr(p, "tp_shard_dim"):  # clipping counts tp replicas once by it
+                leaf.tp_shard_dim = p.tp_shard_dim  # type: ignore[attr-defined]
             self.shards.append(_Shard(name, p, leaf, chunk, lo, hi))
+        self._of = {id(s.param): s for s in self.shards}
         dtypes = {s.param.dtype for s in self.shards}
         if len(dtypes) > 1:  # one packed buffer per gather
             raise ValueError(f"ZeRO-1 needs parameters of one dtype, got {sorted(map(str, dtypes))}")
@@ -60,19 +74,74 @@ class ZeroShards:
         """(parameter name, this rank's chunk of it) for every parameter, in order."""
         return [(s.name, s.shard) for s in self.shards]
 
+    def leaves(self) -> list[nn.Parameter]:
+        """This rank's chunks, the optimizer's leaves; their ``.grad`` is the averaged chunk."""
+        return [s.shard for s in self.shards]
+
+    def leaf_of(self, param: nn.Parameter) -> nn.Parameter:
+        """This rank's chunk of whole parameter ``param``."""
+        return self._of[id(param)].shard
+
     def ndims(self) -> dict[str, int]:
         """Each parameter's own ndim (its chunk is flat), e.g. to choose weight decay."""
         return {s.name: s.param.ndim for s in self.shards}
 
+    # -- grads: reduce-scatter -----------------------------------------------------------
+
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step ``optimizer`` on this rank's chunks of the (averaged) grads, then all-gather."""
-        for s in self.shards:
-            g = s.param.grad
-            s.shard.grad = None if g is None else g.reshape(-1)[s.lo:s.hi].clone()
-        optimizer.step()
+    def scatter_input(self, params: list[nn.Parameter]) -> tuple[Tensor, Tensor]:
+        """The local grads of ``params`` flat, rank by rank, and the buffer for this rank's part.
+
+        Row ``r`` of the input holds chunk ``r`` of every parameter in order, each padded
+        to its chunk size (a missing grad counts as zeros), so ``reduce_scatter_single``
+        of the two leaves row ``dp_rank``, summed over dp, in the output.
+        """
+        shards = [self._of[id(p)] for p in params]
+        ref = shards[0].param
+        width = sum(s.chunk for s in shards)
+        rows = torch.zeros(self.dp, width, dtype=ref.dtype, device=ref.device)
+        off = 0
+        for s in shards:
+            if s.param.grad is not None:
+                flat = s.param.grad.reshape(-1)
+                whole = flat.numel() // s.chunk  # rows this parameter fills; then a partial one
+                rows[:whole, off:off + s.chunk].copy_(flat[:whole * s.chunk].view(whole, s.chunk))
+                rest = flat.numel() - whole * s.chunk
+                if rest:
+                    rows[whole, off:off + rest].copy_(flat[whole * s.chunk:])
+            off += s.chunk
+        return rows.view(-1), torch.empty(width, dtype=ref.dtype, device=ref.device)
+
+    @torch.no_grad()
+    def add_scattered(self, params: list[nn.Parameter], mine: Tensor) -> None:
+        """Add this rank's reduced chunks (``mine``, laid out as ``scatter_input``'s output,
+        already averaged) to the leaves' grads; drop the whole local grads they came from."""
+        off = 0
+        for p in params:
+            s = self._of[id(p)]
+            part = mine[off:off + s.hi - s.lo]
+            s.shard.grad = part.clone() if s.shard.grad is None else s.shard.grad.add_(part)
+            s.param.grad = None
+            off += s.chunk
+
+    def reduce_scatter_grads(self, params: list[nn.Parameter]) -> None:
+        """Average ``params``' grads over dp into the leaves, one blocking reduce-scatter each."""
+        for p in params:
+            flat, mine = self.scatter_input([p])
+            dist.reduce_scatter_single(mine, flat, group=self.group)
+            self.add_scattered([p], mine.div_(self.dp))
+
+    def zero_grad(self) -> None:
+        """Drop the leaves' grads."""
         for s in self.shards:
             s.shard.grad = None
+
+    # -- step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step ``optimizer`` on this rank's chunks (grads reduce-scattered), then all-gather."""
+        optimizer.step()
         self._gather_params()
 
     def _gather_params(self) -> None:

@@ -95,6 +95,9 @@ class Executor:
         # called with a stage once its grads are final for the step (e.g. to start the
         # data-parallel reduction of that stage while the rest of the pipeline runs)
         self.after_stage_done: Callable[[int], None] | None = None
+        # called with a stage just before the action that makes its grads final runs
+        # (e.g. to start reducing each bucket of grads as soon as backward completes it)
+        self.before_stage_done: Callable[[int], None] | None = None
         self.timeline: list[TimedAction] = []
         self._t0 = 0.0
         self._index = {a: i for i, a in enumerate(self.actions)}
@@ -151,6 +154,9 @@ class Executor:
                 if a.kind.is_compute:
                     for j in self._prefetch[i]:
                         self._post_recv(state, self.actions[j])
+                    if self.before_stage_done is not None:
+                        for s in self._done_after.get(i, ()):
+                            self.before_stage_done(s)
                     self._compute(a, state, data)
                     self._release_sends(state, wait=False)
                     if self.after_stage_done is not None:

@@ -6,9 +6,11 @@ each is then sliced into this tp rank's shard), runs one step of any schedule
 through the executor, and makes the distributed pieces add up: sequence-parallel
 grads summed over tp, tied embedding grads summed across the two stages holding
 them (per tp rank: both copies hold the same vocabulary rows), grads averaged over
-data-parallel replicas (in buckets started as each stage's backward ends, see
-``parallel.data``), the loss reduced onto every rank. The optimizer stays
-outside: it sees this rank's parameters (shards, under tp) like any other module's.
+data-parallel replicas (in buckets started as backward completes them, see
+``parallel.data``; reduce-scattered into ZeRO-1 chunks under ``zero=1``, see
+``parallel.zero``), the loss reduced onto every rank. The optimizer stays
+outside: it sees this rank's parameters (shards, under tp; ``Pipeline.zero``'s
+chunks under ZeRO-1) like any other module's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..parallel.sharded import TensorParallel, reduce_sequence_parallel_grads
 from ..parallel.tp_blocks import build_tp_blocks, tp_owners
+from ..parallel.zero import ZeroShards
 from ..schedules import Kind, Schedule, lower, validate
 from .comm import P2P, link_of
 from .executor import Executor, StepInputs
@@ -133,9 +136,13 @@ class Pipeline:
         # stages in the order their grads become final on this rank (the buckets' order)
         done_at = self.executor.stage_done_at
         self._done_order = sorted(self.stages, key=lambda s: (done_at.get(s, 1 << 30), s))
+        # ZeRO-1: the optimizer steps this dp rank's chunks, whose grads are reduce-scattered
+        self.zero = (ZeroShards(self.named_parameters(), mesh.dp_group, mesh.dp, mesh.dp_rank)
+                     if par.zero == 1 and mesh.dp > 1 else None)
         self.grad_buckets: GradBuckets | None = None
         if mesh.dp > 1 and par.dp_bucket_mb > 0:
             self.grad_buckets = self._make_buckets(par.dp_bucket_mb)
+            self.executor.before_stage_done = self.grad_buckets.stage_starts_done
             self.executor.after_stage_done = self.grad_buckets.stage_done
         # Evaluation runs the training schedule's forwards alone, in the same order:
         # valid by construction (forwards depend only on forwards) on any placement.
@@ -163,8 +170,10 @@ class Pipeline:
         by_stage: dict[int, list[nn.Parameter]] = {s: [] for s in self._done_order}
         for pid, s in owner.items():
             by_stage[s].append(params[pid])
+        # under SP a stage's norm grads are summed over tp first, all at once: buckets wait
         return GradBuckets(by_stage, self.mesh.dp_group, self.mesh.dp, bucket_mb,
-                           before_issue=self._reduce_sequence_parallel)
+                           before_issue=self._reduce_sequence_parallel, zero=self.zero,
+                           in_backward=not self.sequence_parallel)
 
     def _reduce_sequence_parallel(self, stage: int) -> None:
         """Sum over tp the grads of ``stage``'s params that saw only a sequence shard."""
@@ -275,9 +284,11 @@ class Pipeline:
         return self._tied_param
 
     def zero_grad(self) -> None:
-        """Drop all gradients."""
+        """Drop all gradients (and the ZeRO-1 chunks' ones)."""
         for p in self.parameters():
             p.grad = None
+        if self.zero is not None:
+            self.zero.zero_grad()
 
     # -- steps -----------------------------------------------------------------------
 
@@ -335,7 +346,9 @@ class Pipeline:
 
         Grads from earlier steps (no ``zero_grad`` between calls) are set aside while this
         step runs, so the sums across ranks (tied copies, data-parallel replicas) cover
-        this step's grads alone; a failed step puts them back untouched.
+        this step's grads alone; a failed step puts them back untouched. Under ZeRO-1 the
+        step's averaged grads land in ``self.zero``'s chunks (added to what they hold),
+        and the parameters' own ``.grad`` is dropped.
         """
         mbs_in, mbs_tgt = self._microbatches(tokens, targets)
         params = self.parameters()
@@ -379,6 +392,9 @@ class Pipeline:
             rest = self.parameters() if self.grad_buckets is None else (
                 [self._tied_param] if self.tied_group is not None and self._tied_param is not None
                 else [])
+            if self.zero is not None:
+                self.zero.reduce_scatter_grads(rest)
+                return
             for p in rest:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

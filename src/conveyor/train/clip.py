@@ -4,7 +4,9 @@ Each rank holds only its stages' gradients, so the norm is assembled from local
 sums of squares, all-reduced over the pipeline group. Two kinds of copies must
 not count twice: the head's duplicate of a tied embedding (its grad equals the
 embedding's after the pipeline sums them) and data-parallel replicas (their grads
-are already averaged, so each replica's pipeline alone holds the whole norm).
+are already averaged, so each replica's pipeline alone holds the whole norm). Under
+ZeRO-1 each dp rank holds its own chunk of every averaged grad instead, and the
+squares are summed over ``dp_group`` too.
 Under tensor parallelism a sharded parameter (``tp_shard_dim`` set) holds part of
 a logical tensor, so its squares are summed over the tp group; a replicated one
 (norms, row biases: equal on every tp rank) is counted on tp rank 0 only.
@@ -30,12 +32,15 @@ def clip_global_grad_norm(
     group: dist.ProcessGroup | None = None,
     tp_group: dist.ProcessGroup | None = None,
     duplicates: Iterable[nn.Parameter] = (),
+    dp_group: dist.ProcessGroup | None = None,
 ) -> float:
     """Scale grads so their global L2 norm is at most ``max_norm``; return the norm before.
 
     ``group`` is the pipeline group to sum over (None: this process holds every stage),
-    ``tp_group`` the tensor-parallel group (None: no tp). ``duplicates`` are scaled like
-    the rest but left out of the norm. ``max_norm <= 0`` only measures.
+    ``tp_group`` the tensor-parallel group (None: no tp), ``dp_group`` the data-parallel
+    group when ``params`` are ZeRO-1 chunks (None: replicas hold whole grads).
+    ``duplicates`` are scaled like the rest but left out of the norm. ``max_norm <= 0``
+    only measures.
     """
     params = [p for p in params if p.grad is not None]
     skip = {id(p) for p in duplicates}
@@ -55,8 +60,9 @@ def clip_global_grad_norm(
                 else torch.zeros((), dtype=torch.float64, device=device))
     if tp:  # first over tp: every rank of a tp group then holds the same partial sum
         dist.all_reduce(total_sq, group=tp_group)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(total_sq, group=group)
+    for g in (group, dp_group):
+        if g is not None and dist.get_world_size(g) > 1:
+            dist.all_reduce(total_sq, group=g)
     total: Tensor = total_sq.sqrt().float()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)

@@ -9,8 +9,10 @@
       tokenizer_config.json               tokenizer class and special tokens (AutoTokenizer)
 
 ``import_hf`` writes exactly what ``conveyor export`` writes (see ``export``), so every
-reader of an export (generate, load_exported) reads an imported model. The name maps
-are the families' (``models.hf_families``); ``transformers`` is never imported.
+reader of an export (generate, load_exported) reads an imported model. ``read_init``
+reads what ``conveyor train --init`` starts from: such a directory converted in memory,
+or a Conveyor export or checkpoint. The name maps are the families'
+(``models.hf_families``); ``transformers`` is never imported.
 """
 
 from __future__ import annotations
@@ -31,21 +33,23 @@ from ..data.atomic import atomic_write
 from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer
 from ..models.hf import check_exportable, expected_hf_names, to_conveyor, to_hf
 from ..models.hf_families import family_of, family_of_hf
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from .export import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     ModelFiles,
     check_shapes,
+    model_config_from,
     param_shapes,
+    read_exported_config,
     read_model,
     read_tokenizer_bytes,
     write_export,
 )
 
 __all__ = ["INDEX_FILE", "DEFAULT_MAX_SHARD_SIZE", "Imported", "import_hf", "export_hf",
-           "write_hf", "parse_size"]
+           "write_hf", "parse_size", "is_hf_dir", "init_config", "read_init"]
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -142,9 +146,25 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Imported:
         raise CheckpointError(f"{hf_dir} does not exist; pass a Hugging Face model directory")
     _check_not_same(hf_dir, out_dir)
     raw = _read_json(hf_dir / CONFIG_FILE, "config.json")
+    architecture, cfg, tensors = _convert(hf_dir, raw)
+    tokenizer = hf_dir / TOKENIZER_FILE
+    has_tokenizer = tokenizer.is_file()
+    write_export(out_dir, cfg, tensors, tokenizer if has_tokenizer else None)
+    if has_tokenizer:
+        _name_end_token(out_dir, raw.get("eos_token_id"))
+    return Imported(cfg, architecture, out_dir, has_tokenizer)
+
+
+def _hf_config(hf_dir: Path, raw: dict[str, Any]) -> tuple[Any, ModelConfig]:
+    """The family of a Hugging Face config.json and its ModelConfig (refusing what has none)."""
     where = str(hf_dir / CONFIG_FILE)
     family = family_of_hf(raw, where)
-    cfg = family.config_from_hf(raw, where)
+    return family, family.config_from_hf(raw, where)
+
+
+def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[str, Tensor]]:
+    """(architecture, config, parameters by Conveyor name) of a Hugging Face directory."""
+    family, cfg = _hf_config(hf_dir, raw)
     stored = {family.canonical(n): t for n, t in _read_hf_tensors(hf_dir).items()}
     maps = family.tensor_maps(cfg)
     expected = expected_hf_names(maps)
@@ -161,12 +181,48 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Imported:
         )
     tensors = to_conveyor(maps, stored)
     check_shapes(tensors, param_shapes(cfg), f"{hf_dir} (converted)")
-    tokenizer = hf_dir / TOKENIZER_FILE
-    has_tokenizer = tokenizer.is_file()
-    write_export(out_dir, cfg, tensors, tokenizer if has_tokenizer else None)
-    if has_tokenizer:
-        _name_end_token(out_dir, raw.get("eos_token_id"))
-    return Imported(cfg, family.architecture, out_dir, has_tokenizer)
+    return family.architecture, cfg, tensors
+
+
+# -- a model to start training from ------------------------------------------------------
+
+
+def is_hf_dir(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (its config.json names a model type)."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    raw = _read_json(config, "config.json")
+    return "model_type" in raw or "architectures" in raw
+
+
+def init_config(path: Path) -> ModelConfig:
+    """The model config of what ``--init`` names: a Hugging Face directory, an export or a
+    checkpoint (or run directory); CheckpointError/ConfigError naming it if none."""
+    path = Path(path)
+    if is_hf_dir(path):
+        return _hf_config(path, _read_json(path / CONFIG_FILE, "config.json"))[1]
+    if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():
+        return read_exported_config(path)
+    if not path.exists():
+        raise CheckpointError(f"--init {path} does not exist; pass a Hugging Face model "
+                              "directory, a Conveyor export or a checkpoint")
+    ckpt = resolve_checkpoint(path)
+    return model_config_from(read_meta(ckpt).get("model"), f"checkpoint {ckpt}/meta.json")
+
+
+def read_init(path: Path) -> ModelFiles:
+    """The weights, config and tokenizer ``conveyor train --init PATH`` starts from.
+
+    A Hugging Face directory is converted in memory (as ``import_hf`` would); a Conveyor
+    export or checkpoint is read as ``export.read_model`` reads it.
+    """
+    path = Path(path)
+    if not is_hf_dir(path):
+        return read_model(path)
+    _, cfg, tensors = _convert(path, _read_json(path / CONFIG_FILE, "config.json"))
+    tokenizer = path / TOKENIZER_FILE
+    return ModelFiles(cfg, tensors, tokenizer if tokenizer.is_file() else None, None, path)
 
 
 def _name_end_token(out_dir: Path, eos_id: Any) -> None:

@@ -14,6 +14,7 @@ again. So a checkpoint of any (pp, dp, tp) layout resumes under any other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..parallel.zero import ZeroShards
+from ..runtime.generate import weight_sources
 from ..runtime.pipeline import Pipeline
 from .checkpoint import CheckpointError, load_tensors
 from .optim import STATE_KEYS, load_optimizer_state, optimizer_state, optimizer_state_names
 
-__all__ = ["unique_params", "state_tensors", "load_params", "load_training_state",
+__all__ = ["unique_params", "state_tensors", "load_params", "load_model_params", "load_training_state",
            "rank_meta", "restore_rank_meta"]
 
 
@@ -71,14 +73,18 @@ def state_tensors(pipe: Pipeline, optimizer: torch.optim.Optimizer,
 
 def _load_shards(pipe: Pipeline, ckpt: Path, names: list[str]) -> dict[str, Tensor]:
     """The named tensors of ``ckpt``, each sliced to this tp rank's part of its parameter."""
-    tensors = load_tensors(ckpt, names)
+    return _to_shards(pipe, load_tensors(ckpt, names), f"checkpoint {ckpt}")
+
+
+def _to_shards(pipe: Pipeline, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """``tensors`` (logical, by name) with each parameter's sliced to this tp rank's part."""
     for name, p in pipe.named_parameters():
         for key in (name, *(f"optim.{name}.{m}" for m in _MOMENTS)):
             if key in tensors:
                 tensors[key] = pipe.to_shard(name, tensors[key])
                 if tensors[key].shape != p.shape:
                     raise CheckpointError(
-                        f"checkpoint {ckpt}: {key} has shape {tuple(tensors[key].shape)} for a "
+                        f"{where}: {key} has shape {tuple(tensors[key].shape)} for a "
                         f"parameter of shape {tuple(p.shape)} here; resume with the model "
                         "config the checkpoint was saved with"
                     )
@@ -109,6 +115,20 @@ def load_training_state(pipe: Pipeline, optimizer: torch.optim.Optimizer, ckpt: 
     zero.sync_from_params()  # the chunks the optimizer steps start from the loaded values
     zero.load_state(optimizer, {name: {k: tensors[f"optim.{name}.{k}"] for k in STATE_KEYS}
                                 for name, _ in named})
+
+
+@torch.no_grad()
+def load_model_params(pipe: Pipeline, tensors: Mapping[str, Tensor], where: str) -> None:
+    """Copy every parameter this rank holds (its tp shard) from a whole model's tensors
+    (an export's: a tied head is found under the embedding's name)."""
+    sources: dict[str, str] = {}
+    for stage in pipe.stages.values():
+        sources.update(weight_sources(pipe.model_cfg, stage.blocks))
+    named = list(pipe.named_parameters())
+    picked = {name: tensors[sources.get(name, name)] for name, _ in named}
+    shards = _to_shards(pipe, picked, where)
+    for name, p in named:
+        p.copy_(shards[name])
 
 
 def rank_meta(elapsed_s: float) -> dict[str, Any]:

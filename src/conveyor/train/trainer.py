@@ -29,22 +29,24 @@ from tqdm import tqdm
 
 from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, RunConfig, to_dict
 from ..data import DataError, PreparedData, Sampler, get_batch, prepare_data
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..log import get_logger
 from ..models import block_param_counts
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
-from ..parallel.zero import ZeroShards
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
 from ..sim.render import write_chrome_trace
 from ..sim.timeline_io import save_timeline
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
 from .clip import clip_global_grad_norm
+from .export import ModelFiles
+from .hf_io import read_init
 from .metrics import METRICS_FILE, MetricsWriter, perplexity
 from .optim import build_optimizer, lr_at, set_lr
 from .rundir import TIMELINE_FILE, TOKENIZER_FILE, TRACE_FILE, create_run_dir
 from .state import (
+    load_model_params,
     load_params,
     load_training_state,
     rank_meta,
@@ -65,12 +67,16 @@ _FIXED_ON_RESUME = {"train": ("batch_size", "seed")}
 
 
 def prepare(model: ModelConfig, data: DataConfig, *, seed: int, batch_size: int,
-            run_dir: str) -> PreparedData:
-    """Read, tokenize and split the corpus; DataError unless a batch (and a val batch) fit."""
+            run_dir: str, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Read, tokenize and split the corpus; DataError unless a batch (and a val batch) fit.
+
+    ``tokenizer``: the one to use (a model's given by --init) instead of training one.
+    """
     cache = Path(data.cache_dir) if data.cache_dir else Path(run_dir) / ".cache"
     prepared = prepare_data(
         list(data.paths) if data.paths is not None else None, vocab_size=model.vocab_size,
         seq_len=model.max_seq_len, val_fraction=data.val_fraction, cache_dir=cache, seed=seed,
+        tokenizer=tokenizer,
     )
     Sampler(len(prepared.train), batch_size, seed, seq_len=model.max_seq_len)  # raises if too small
     if data.val_fraction > 0 and len(prepared.val) < batch_size:
@@ -87,6 +93,9 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
 
     Returns each rank's summary (under torchrun: this process's rank only).
     """
+    tokenizer = None
+    if run.train.init is not None:  # read whole here, so a bad model fails before spawning
+        tokenizer = _init_tokenizer(run, read_init(Path(run.train.init)))
     # decided here, once, before anything is read or spawned: every rank gets this Layout
     layout = resolve_layout(run.model, run.parallel, batch_size=run.train.batch_size)
     ckpt, meta = None, None
@@ -94,8 +103,10 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
         ckpt = resolve_checkpoint(Path(run.train.resume))
         meta = read_meta(ckpt)
         _check_resumable(run, ckpt, meta)
+        if (meta.get("train") or {}).get("init") and meta.get("tokenizer_path"):
+            tokenizer = load_tokenizer(Path(meta["tokenizer_path"]))  # the --init model's
     data = prepare(run.model, run.data, seed=run.train.seed, batch_size=run.train.batch_size,
-                   run_dir=run.train.run_dir)
+                   run_dir=run.train.run_dir, tokenizer=tokenizer)
     if meta is not None and meta.get("tokenizer_path"):
         _check_same_tokenizer(data, Path(meta["tokenizer_path"]))
     run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None)
@@ -159,6 +170,25 @@ def _check_resumable(run: RunConfig, ckpt: Path, meta: dict[str, Any]) -> None:
         )
 
 
+def _init_tokenizer(run: RunConfig, init: ModelFiles) -> Tokenizer:
+    """The tokenizer of the --init model, after checking the run trains that very model."""
+    where = f"--init {run.train.init}"
+    mine, theirs = to_dict(run.model), to_dict(init.cfg)
+    diff = [k for k in mine if mine[k] != theirs[k]]
+    if diff:
+        shown = ", ".join(f"{k}={mine[k]!r} (the model's: {theirs[k]!r})" for k in diff[:3])
+        raise ConfigError(f"{where}: model options {shown} disagree with the model it names, "
+                          "which the run trains as it is; drop them")
+    if init.tokenizer is None:
+        raise ConfigError(f"{where} has no tokenizer.json, and training needs the model's own "
+                          "tokenizer; add it to the directory (tokenizer.save_pretrained)")
+    tokenizer = load_tokenizer(init.tokenizer)
+    if tokenizer.vocab_size > init.cfg.vocab_size:
+        raise DataError(f"{where}: its tokenizer has {tokenizer.vocab_size} ids but the model "
+                        f"{init.cfg.vocab_size}; pass a model directory with its own tokenizer")
+    return tokenizer
+
+
 def _check_same_tokenizer(data: PreparedData, path: Path) -> None:
     if path.is_file() and load_tokenizer(path).to_str() != data.tokenizer.to_str():
         raise DataError(
@@ -201,8 +231,7 @@ class _Trainer:
                              device=device,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
         # ZeRO-1: the optimizer steps this dp rank's chunks; the rest are all-gathered
-        self.zero = (ZeroShards(self.pipe.named_parameters(), self.mesh.dp_group, par.dp,
-                                self.mesh.dp_rank) if par.zero == 1 and par.dp > 1 else None)
+        self.zero = self.pipe.zero
         if self.zero is None:
             self.opt = build_optimizer(self.pipe.named_parameters(), lr=self.cfg.lr,
                                        weight_decay=self.cfg.weight_decay)
@@ -221,6 +250,13 @@ class _Trainer:
         self.last_ckpt: Path | None = None
         self.bar: tqdm | None = None
         self.t_start = time.perf_counter()
+
+    def start_from(self, path: Path) -> None:
+        """This rank's parameters from the model --init names (a fresh optimizer)."""
+        load_model_params(self.pipe, read_init(path).tensors, f"--init {path}")
+        if self.zero is not None:
+            self.zero.sync_from_params()
+        self._log("starting from the weights of %s", path)
 
     def restore(self, ckpt: Path) -> None:
         meta = read_meta(ckpt)
@@ -256,9 +292,13 @@ class _Trainer:
         if traced:
             self._save_trace()
         dup = self.pipe.tied_duplicate()
+        dups = [dup] if dup is not None else []
+        params = self.pipe.parameters()
+        if self.zero is not None:  # the grads are this rank's chunks, disjoint over dp
+            params, dups = self.zero.leaves(), [self.zero.leaf_of(d) for d in dups]
         norm = clip_global_grad_norm(
-            self.pipe.parameters(), cfg.grad_clip, group=self.mesh.pp_group,
-            tp_group=self.mesh.tp_group, duplicates=[dup] if dup is not None else [],
+            params, cfg.grad_clip, group=self.mesh.pp_group, tp_group=self.mesh.tp_group,
+            duplicates=dups, dp_group=None if self.zero is None else self.mesh.dp_group,
         )
         if self.zero is None:
             self.opt.step()
@@ -358,6 +398,8 @@ def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarra
     trainer = _Trainer(run, layout, run_dir, train, val)
     if resume is not None:
         trainer.restore(resume)
+    elif run.train.init is not None:
+        trainer.start_from(Path(run.train.init))
     return trainer.fit()
 
 
