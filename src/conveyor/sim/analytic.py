@@ -132,6 +132,19 @@ class Device:
     """Bytes per second each device sends to other nodes (its share of the network)."""
     inter_latency_s: float = 10e-6
     """Fixed seconds of one message between nodes."""
+    memory_bandwidth_Bps: float = math.inf
+    """Device memory bytes per second, for the element-wise work (inf: free)."""
+    elementwise_passes: float = 0.0
+    """Bytes moved by norms, activations, residuals, bias adds and the loss, per byte a
+    block keeps for backward (``sim.activations``) in one forward; backward moves
+    twice that. 0: folded into ``efficiency``."""
+    score_bytes: float = 0.0
+    """Bytes moved per attention score (per head, query and key) in one forward by
+    an unfused softmax kernel; 0 for fused kernels that never write the scores."""
+    attention_flops: float = 0.5
+    """Share of the full s x s attention matmuls the kernels run: 0.5 when causal kernels
+    skip the masked half (the convention of ``models.block_forward_flops``), 1.0 when
+    they compute all scores and mask them."""
 
     @property
     def intra(self) -> Link:
@@ -146,6 +159,9 @@ class Device:
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:
             raise CostError(f"efficiency={self.efficiency!r} of {self.name!r} must be in (0, 1]")
+        if not 0 < self.attention_flops <= 1:
+            raise CostError(f"attention_flops={self.attention_flops!r} of {self.name!r} must be "
+                            "in (0, 1]: 0.5 for causal kernels, 1 for full score matrices")
         if self.peak_flops <= 0:
             raise CostError(f"peak_flops={self.peak_flops!r} of {self.name!r} must be > 0")
 
@@ -156,33 +172,38 @@ class Device:
 
 
 DEVICES: dict[str, Device] = {
-    # NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s dense bf16 tensor core; NVLink 3 gives
-    # 600 GB/s total, 300 GB/s each way. Efficiency 0.45 is a typical large-model MFU
-    # (e.g. Megatron-LM reports 0.4-0.5 on A100). Latency ~10 us: a small NCCL p2p message.
+    # NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s dense bf16 tensor core, 2039 GB/s HBM2e;
+    # NVLink 3 gives 600 GB/s total, 300 GB/s each way. Latency ~10 us: a small NCCL p2p
+    # message. Matmul efficiency 0.63 and 0.25 element-wise passes were fitted to
+    # Narayanan et al. 2021, Table 1 (docs/planner.md): with them every row is within 6%.
     "a100": Device(
         name="a100",
         peak_flops=312e12,
-        efficiency=0.45,
+        efficiency=0.63,
         memory_bytes=80 * 2**30,
         link_bandwidth_Bps=300e9,
         link_latency_s=10e-6,
         # DGX A100: eight 200 Gb/s HDR InfiniBand cards, one per GPU
         inter_bandwidth_Bps=25e9,
         inter_latency_s=5e-6,
+        memory_bandwidth_Bps=2.039e12,
+        elementwise_passes=0.25,
     ),
-    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 is with 2:4 sparsity);
-    # NVLink 4 gives 900 GB/s total, 450 GB/s each way. Same efficiency and latency
-    # assumptions as the A100.
+    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 is with 2:4 sparsity), 3.35
+    # TB/s HBM3; NVLink 4 gives 900 GB/s total, 450 GB/s each way. Not calibrated against
+    # measurements: matmuls are assumed to reach a smaller share of the higher peak (0.55).
     "h100": Device(
         name="h100",
         peak_flops=989e12,
-        efficiency=0.45,
+        efficiency=0.55,
         memory_bytes=80 * 2**30,
         link_bandwidth_Bps=450e9,
         link_latency_s=10e-6,
         # DGX H100: eight 400 Gb/s NDR InfiniBand cards, one per GPU
         inter_bandwidth_Bps=50e9,
         inter_latency_s=5e-6,
+        memory_bandwidth_Bps=3.35e12,
+        elementwise_passes=0.25,
     ),
 }
 
@@ -287,9 +308,22 @@ def analytic_costs(
     speed = dev.achieved_flops * tp
     flops = [x * microbatch_size for x in block_forward_flops(cfg, seq_len)]
     # what backward runs again: a layer's whole forward, or its attention core's
-    core = 2.0 * seq_len * seq_len * cfg.d_model * microbatch_size
+    core = 4.0 * seq_len * seq_len * cfg.d_model * microbatch_size * dev.attention_flops
+    flops = [flops[0]] + [x + core - core / dev.attention_flops / 2 for x in flops[1:-1]] + [
+        flops[-1]]
     redo = [0.0] + [flops[1] if mode == "full" else core if mode == "selective" else 0.0
                     ] * cfg.n_layers + [0.0]
+    # element-wise work is bound by memory traffic, not FLOPs: a forward moves
+    # ``elementwise_passes`` bytes per byte a block keeps (plus an unfused softmax's
+    # scores); backward twice that; recomputation repeats the forward's share
+    kept = block_activations(cfg, microbatch_size, seq_len, tp=tp,
+                             sequence_parallel=sequence_parallel, dtype_bytes=dev.dtype_bytes)
+    scores = dev.score_bytes * cfg.n_heads / tp * seq_len * tokens
+    moved = [0.0] + [dev.elementwise_passes * x + scores for x in kept[1:-1]] + [
+        dev.elementwise_passes * kept[-1]]
+    traffic = [x / dev.memory_bandwidth_Bps for x in moved]
+    redo_traffic = [0.0] + [traffic[1] if mode == "full" else (
+        scores / dev.memory_bandwidth_Bps if mode == "selective" else 0.0)] * cfg.n_layers + [0.0]
     links = MeshLinks.build(tp=tp, dp=dp, pp=partition.num_stages, gpus_per_node=dev.gpus_per_node,
                             intra=dev.intra, inter=dev.inter)
 
@@ -307,9 +341,13 @@ def analytic_costs(
     tp_f = stage_costs(partition, comm_f)
     tp_b = stage_costs(partition, comm_b)
     compute = stage_costs(partition, [x / speed for x in flops])
-    recomputed = stage_costs(partition, [x / speed for x in redo])
-    f = tuple(c + t for c, t in zip(compute, tp_f, strict=True))
-    b = tuple(c + r + t for c, r, t in zip(compute, recomputed, tp_b, strict=True))
+    moving = stage_costs(partition, traffic)
+    recomputed = stage_costs(partition, [x / speed + y for x, y in zip(redo, redo_traffic,
+                                                                         strict=True)])
+    f = tuple(c + m + t for c, m, t in zip(compute, moving, tp_f, strict=True))
+    # backward's element-wise work goes with the input-grad (I); W is matmuls only
+    b = tuple(c + 2 * m + r + t
+              for c, m, r, t in zip(compute, moving, recomputed, tp_b, strict=True))
 
     params = block_param_counts(cfg)
     if cfg.tie_embeddings:
