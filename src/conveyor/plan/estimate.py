@@ -135,8 +135,7 @@ def estimate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
     """Closed-form prediction of candidate ``c`` (see the module docstring)."""
     cost = costs(model, c, cluster, seq_len, dp_bucket_mb)
     p, v, m = c.pp, c.virtual_stages, c.microbatches
-    ranks = [[s for s in range(cost.num_stages) if _rank_of(s, p, v, c.schedule) == r]
-             for r in range(p)]
+    ranks = [_stages_of(r, p, v, c.schedule) for r in range(p)]
 
     def work(stages: list[int], kinds: str) -> float:
         total = 0.0
@@ -190,10 +189,10 @@ def _finish(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
         mfu=flops / (step_s * cluster.gpus * cluster.device.peak_flops), simulated=simulated)
 
 
-def _rank_of(stage: int, p: int, v: int, schedule: str) -> int:
+def _stages_of(rank: int, p: int, v: int, schedule: str) -> list[int]:
     if schedule == "zb-v":  # V placement: rank r holds stages r and 2p - 1 - r
-        return stage if stage < p else 2 * p - 1 - stage
-    return stage % p
+        return [rank, 2 * p - 1 - rank]
+    return [rank + k * p for k in range(v)]  # looped placement
 
 
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,

@@ -1,10 +1,13 @@
 """Analytic costs: FLOP and byte counts of the model divided by a device's speeds.
 
-Forward seconds of a stage = its blocks' forward FLOPs / (peak FLOP/s x efficiency).
-Backward costs twice the forward FLOPs (one matmul for the input-grad, one for the
-weight-grad per forward matmul), split equally: I = W = forward, and a full
-backward B costs both. Memory counts
-come from :mod:`conveyor.models` (parameters, stashed activations).
+Forward seconds of a stage = its blocks' forward FLOPs / (peak FLOP/s x efficiency),
+plus the memory traffic of its element-wise work (norms, activations, softmax) where
+the device gives one, plus its tensor-parallel collectives (:mod:`.comm`). Backward
+costs twice the forward FLOPs (one matmul for the input-grad, one for the
+weight-grad per forward matmul), split equally between I and W; I also carries
+backward's element-wise work (twice the forward's traffic), its collectives and
+whatever recomputation repeats; a full backward B costs I + W. Parameter counts
+come from :mod:`conveyor.models`, activation bytes from :mod:`.activations`.
 """
 
 from __future__ import annotations
@@ -363,8 +366,8 @@ def analytic_costs(
         grads, gathered = dp_grad_collectives(
             float(p * grad_bytes), bucket_bytes=dp_bucket_mb * 2**20, zero=zero,
             param_bytes=float(p * dev.dtype_bytes))
-        reduce_s.append(sum(collective_time(c, dp, links.dp) for c in grads))
-        buckets.append(max(1, len(grads)))
+        reduce_s.append(sum(k * collective_time(c, dp, links.dp) for c, k in grads))
+        buckets.append(max(1, sum(k for _, k in grads)))
         after_s.append(sum(collective_time(c, dp, links.dp) for c in gathered))
 
     acts = block_activations(cfg, microbatch_size, seq_len, tp=tp,

@@ -122,8 +122,9 @@ def head_collectives(
 
 def dp_grad_collectives(
     grad_bytes: float, *, bucket_bytes: float, zero: int, param_bytes: float
-) -> tuple[tuple[Collective, ...], tuple[Collective, ...]]:
-    """A stage's data-parallel gradient reduction: (buckets in backward, after the optimizer).
+) -> tuple[tuple[tuple[Collective, int], ...], tuple[Collective, ...]]:
+    """A stage's data-parallel gradient reduction: ((bucket, how many), ...) in backward,
+    and the collectives after the optimizer.
 
     Buckets of ``bucket_bytes`` (0: one collective for all) are all-reduced, or under
     ZeRO-1 reduce-scattered, as backward completes them; ZeRO-1 then all-gathers the
@@ -133,8 +134,7 @@ def dp_grad_collectives(
         return (), ()
     size = bucket_bytes if 0 < bucket_bytes < grad_bytes else grad_bytes
     full, rest = divmod(grad_bytes, size)
-    sizes = [size] * int(full) + ([rest] if rest else [])
     op: Op = "reduce-scatter" if zero else "all-reduce"
-    buckets = tuple(Collective(op, s) for s in sizes)
+    buckets = ((Collective(op, size), int(full)),) + (((Collective(op, rest), 1),) if rest else ())
     after = (Collective("all-gather", param_bytes),) if zero else ()
     return buckets, after
