@@ -31,6 +31,7 @@ from conveyor.parallel.layout import analytic_block_costs, resolve_layout, resol
 from conveyor.parallel.partition import Partition
 from conveyor.sim import CostModel, analytic_costs, simulate
 from conveyor.sim.activations import recompute_mode
+from conveyor.sim.analytic import gloo_runtime_costs
 
 from .cluster import Cluster
 
@@ -110,10 +111,13 @@ def costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
           dp_bucket_mb: float = 25.0) -> CostModel:
     """The per-stage cost model of candidate ``c``."""
     part = _partition(model, c.pp * c.virtual_stages, seq_len, c.partition)
-    return analytic_costs(
+    cost = analytic_costs(
         model, part, microbatch_size=c.microbatch_size, seq_len=seq_len, device=cluster.device,
         tp=c.tp, dp=c.dp, sequence_parallel=c.sequence_parallel,
         recompute=recompute_mode(c.recompute), dp_bucket_mb=dp_bucket_mb, zero=c.zero)
+    if cluster.device.name == "cpu":  # the CPU runtime's executor and gloo, as measured
+        cost = replace(cost, **gloo_runtime_costs(cost.message_bytes))
+    return cost
 
 
 def _held_stages(c: Candidate, r: int) -> float:
