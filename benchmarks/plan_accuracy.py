@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import time
 from typing import Any
@@ -36,6 +34,7 @@ from conveyor.parallel.mesh import Mesh
 from conveyor.plan import Candidate, Cluster, simulate_candidate
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
+from sim_accuracy import _others, _Usage  # the same load measurement
 
 # (tp, pp, dp, schedule, chunks, microbatches, sequence parallel)
 LAYOUTS: list[tuple[int, int, int, str, int, int, bool]] = [
@@ -72,6 +71,7 @@ def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int
     data = torch.randint(0, model.vocab_size, (batch, model.max_seq_len + 1), generator=g)
     x, y = data[:, :-1], data[:, 1:]
     times: list[list[float]] = [[] for _ in cands]
+    usage = _Usage()
     for rep in range(reps + 1):  # the first repetition warms up
         for k in range(len(cands)):
             i = (k + rep) % len(cands)
@@ -81,20 +81,8 @@ def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int
             pipes[i].train_step(x, y)
             if rep:
                 times[i].append(time.perf_counter() - start)
-    return {"times": times, "peak": [p.peak_stashed_bytes() for p in pipes]}
-
-
-def _cpu_busy() -> tuple[float, float]:
-    """(busy, total) seconds of all cores so far, from /proc/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as f:
-        fields = [float(v) / tick for v in f.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return {"times": times, "peak": [p.peak_stashed_bytes() for p in pipes],
+            "usage": usage.done()}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -125,13 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cands = candidates(args.batch)
     cluster = Cluster.build("cpu", 2)
     predicted = [simulate_candidate(model, c, cluster, args.seq, args.batch) for c in cands]
-    busy0, total0 = _cpu_busy()
-    mine0 = _children_cpu() + time.process_time()
     got = launch(_worker, 2, model, cands, args.batch, args.reps, timeout_s=1800)
-    busy1, total1 = _cpu_busy()
-    mine = _children_cpu() + time.process_time() - mine0
     # share of the cores other processes used meanwhile (0: a quiet machine)
-    others = max(0.0, (busy1 - busy0 - mine) / (total1 - total0))
+    others = _others([got[r]["usage"] for r in got])
     measured, rows = [], []
     for i, (c, e) in enumerate(zip(cands, predicted, strict=True)):
         steps = [max(got[r]["times"][i][k] for r in got) for k in range(args.reps)]

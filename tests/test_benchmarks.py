@@ -52,3 +52,22 @@ def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureF
     # same model, same data, same init: the same loss, whatever the implementation
     assert ours["loss"] == pytest.approx(lines[0]["loss"], rel=1e-5)
     assert theirs["loss"] == pytest.approx(lines[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_plan_accuracy_tiny_model_compares_every_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCHMARKS))  # spawned ranks import the worker from there too
+    try:
+        import plan_accuracy
+
+        summary = plan_accuracy.main(["--layers", "2", "--d-model", "32", "--heads", "2",
+                                      "--seq", "16", "--vocab", "128", "--batch", "8",
+                                      "--reps", "1"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == len(plan_accuracy.LAYOUTS) + 1 and lines[-1] == summary
+    assert -1 <= summary["spearman"] <= 1  # timings are never asserted
+    # memory is: the planner's activation model is the meter's count
+    assert summary["worst_memory_error"] <= 0.10, lines

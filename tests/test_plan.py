@@ -124,3 +124,18 @@ def test_plan_then_train_end_to_end(tmp_path: Path, corpus: Path) -> None:
     config = json.loads((runs / "planned" / "config.json").read_text())
     written = build_run_config(build_parser().parse_args(["train", "--config", str(out)]))
     assert config["parallel"] == json.loads(json.dumps(written.to_dict()["parallel"]))
+
+
+def test_recompute_flag_and_file_take_the_three_modes(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    def parsed(*argv: str):
+        return build_run_config(build_parser().parse_args(["train", *argv])).parallel.recompute
+
+    assert parsed("--recompute", "selective") == "selective"
+    assert parsed("--recompute") is True and parsed("--recompute", "none") is False
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[parallel]\nrecompute = "full"\n')
+    assert parsed("--config", str(cfg)) is True
+    cfg.write_text('[parallel]\nrecompute = "some"\n')
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "recompute='some' is unknown" in capsys.readouterr().err
