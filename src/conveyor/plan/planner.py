@@ -13,8 +13,9 @@ How the space is pruned, so that 1,000 GPUs take seconds:
 3. Recompute and ZeRO-1 only buy memory at a price in time, so for each remaining
    point they are tried cheapest first (none, selective, full; ZeRO off, on) and
    the first that fits is kept.
-4. Survivors are ranked by the closed forms of :mod:`.estimate`; the best
-   ``finalists`` are simulated exactly (when small enough) and ranked again.
+4. Survivors are ranked by the closed forms of :mod:`.estimate`; then, best first,
+   they are simulated exactly (when small enough) until the best simulated step is
+   no slower than the next closed form, at most ``finalists`` of them.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _schedules(pp: int, m: int, blocks: int, names: tuple[str, ...]
 
 
 def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: int,
-         memory_limit: float | None = None, dp_bucket_mb: float = 25.0, finalists: int = 8,
+         memory_limit: float | None = None, dp_bucket_mb: float = 25.0, finalists: int = 16,
          schedules: tuple[str, ...] = SCHEDULES,
          where: Callable[[Candidate], bool] | None = None) -> Plan:
     """Search, prune and rank; raise ConfigError if nothing fits in memory.
@@ -145,21 +146,25 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
             f"{cluster.gpus} devices (searched {searched}); use more devices, a smaller "
             "global batch or sequence, or a device with more memory")
     fits.sort(key=lambda e: e.step_s)
-    top = []
-    for e in fits[:finalists]:
+    # simulate in closed-form order until the best simulated step is no slower than the
+    # next closed form (which, idealising the pipeline, is optimistic), or ``finalists``
+    ranked: list[Estimate] = []
+    best = math.inf
+    for i, e in enumerate(fits):
         c = e.candidate
-        actions = c.pp * c.virtual_stages * c.microbatches * 3
-        if actions <= _MAX_SIMULATED_ACTIONS:
-            sim = simulate_candidate(model, c, cluster, seq_len, global_batch, dp_bucket_mb)
-            if sim.peak_memory_bytes <= limit:
-                top.append(sim)
-        else:
-            top.append(e)
-    top.sort(key=lambda e: e.step_s)
-    ranked = tuple(top) + tuple(fits[finalists:])
-    if not ranked:
-        ranked = tuple(fits)
-    return Plan(ranked, searched, model, cluster, global_batch, seq_len, dp_bucket_mb)
+        if i >= finalists or e.step_s >= best:
+            ranked.append(e)
+            continue
+        if c.pp * c.virtual_stages * c.microbatches * 3 > _MAX_SIMULATED_ACTIONS:
+            ranked.append(e)
+            best = min(best, e.step_s)
+            continue
+        sim = simulate_candidate(model, c, cluster, seq_len, global_batch, dp_bucket_mb)
+        if sim.peak_memory_bytes <= limit:  # the exact walk may hold more than the bound
+            ranked.append(sim)
+            best = min(best, sim.step_s)
+    ranked.sort(key=lambda e: e.step_s)
+    return Plan(tuple(ranked), searched, model, cluster, global_batch, seq_len, dp_bucket_mb)
 
 
 def speedup(a: Estimate, b: Estimate) -> float:

@@ -26,8 +26,10 @@ def table(p: Plan, rows: int = 10) -> str:
             f"{i:>2}  {e.candidate.label():<58} {mark + f'{e.step_s:.4g}':>9} "
             f"{e.tokens_per_s:>10.4g} {e.mfu:>6.1%} {e.peak_memory_bytes / _GIB:>8.2f} "
             f"{e.bubble:>7.1%} {e.comm_share:>6.1%}")
+    nodes = (f"{p.cluster.gpus_per_node} per node" if p.cluster.gpus_per_node < p.cluster.gpus
+             else "one node")
     lines.append(f"searched {p.searched} layouts on {p.cluster.gpus} x {p.cluster.device.name} "
-                 f"({p.cluster.gpus_per_node} per node); ~: closed form, others simulated")
+                 f"({nodes}); ~: closed form, others simulated")
     return "\n".join(lines)
 
 
@@ -53,8 +55,9 @@ def why(p: Plan) -> str:
         "exposed data-parallel reduction": (a.dp_exposed_s, b.dp_exposed_s),
     }
     ranked = sorted(parts.items(), key=lambda kv: kv[1][0] - kv[1][1])
-    reasons = [f"{name} {x:.4g} s vs {y:.4g} s" for name, (x, y) in ranked if x < y][:2]
-    costs = [f"{name} {x:.4g} s vs {y:.4g} s" for name, (x, y) in ranked if x > y][-1:]
+    tiny = 1e-3 * a.step_s  # differences below this are rounding, not reasons
+    reasons = [f"{name} {x:.4g} s vs {y:.4g} s" for name, (x, y) in ranked if x < y - tiny][:2]
+    costs = [f"{name} {x:.4g} s vs {y:.4g} s" for name, (x, y) in ranked if x > y + tiny][-1:]
     text = (f"#1 steps {gain:.1%} faster than #2 ({'; '.join(diffs) or 'same shape'}): "
             f"{', '.join(reasons) or 'no single part'}")
     if costs:
