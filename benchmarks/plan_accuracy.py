@@ -8,8 +8,10 @@ each rank from a barrier to the end of its work; the step time is the slower ran
 the layout's the median over repetitions. Peak activation memory is the runtime
 meter's (``Pipeline.peak_stashed_bytes``) on the fuller rank.
 
-Predictions are the planner's (``plan.simulate_candidate`` with the cpu device: the
-measured matmul rate and the gloo/executor constants). Prints one JSON line per
+Predictions are the planner's (``plan.simulate_candidate`` with the cpu device), from
+compute timed here beforehand (``conveyor plan --profile``: the runtime's stage
+runner replayed in schedule order; tp's share and all communication analytic), and
+from the FLOP model alone (the measured matmul rate; ``analytic_s``). Prints one JSON line per
 layout, then a summary line: Spearman rank correlation of predicted and measured
 step times, the measured best's place in the predicted order, the worst memory
 error. The machine must be quiet for timings to mean anything (``others_cpu`` is
@@ -107,12 +109,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                    help="predict from compute timed here first (`conveyor plan --profile`); "
+                    "--no-profile: the FLOP model")
     args = ap.parse_args(argv)
     model = ModelConfig(vocab_size=args.vocab, n_layers=args.layers, d_model=args.d_model,
                         n_heads=args.heads, max_seq_len=args.seq)
     cands = candidates(args.batch)
     cluster = Cluster.build("cpu", 2)
-    predicted = [simulate_candidate(model, c, cluster, args.seq, args.batch) for c in cands]
+    analytic = [simulate_candidate(model, c, cluster, args.seq, args.batch) for c in cands]
+    predicted = ([simulate_candidate(model, c, cluster, args.seq, args.batch, profile=True)
+                  for c in cands] if args.profile else analytic)
     got = launch(_worker, 2, model, cands, args.batch, args.reps, timeout_s=1800)
     # share of the cores other processes used meanwhile (0: a quiet machine)
     others = _others([got[r]["usage"] for r in got])
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak = max(got[r]["peak"][i] for r in got)
         measured.append(step)
         row = {"layout": c.label(), "measured_s": step, "predicted_s": e.step_s,
-               "step_error": e.step_s / step - 1, "measured_peak_act": peak,
+               "step_error": e.step_s / step - 1, "analytic_s": analytic[i].step_s,
+               "measured_peak_act": peak,
                "predicted_peak_act": e.peak_activation_bytes,
                "memory_error": e.peak_activation_bytes / peak - 1}
         rows.append(row)
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     order = sorted(range(len(cands)), key=lambda i: predicted[i].step_s)
     best = min(range(len(cands)), key=measured.__getitem__)
     summary = {"spearman": spearman([e.step_s for e in predicted], measured),
+               "spearman_analytic": spearman([e.step_s for e in analytic], measured),
                "measured_best": cands[best].label(),
                "measured_best_predicted_place": order.index(best) + 1,
                "worst_memory_error": max(abs(r["memory_error"]) for r in rows),

@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
                    help="memory per device to plan for (default: the device's)")
     p.add_argument("--dp-bucket-mb", type=float, default=25.0,
                    help="MiB per data-parallel gradient bucket")
+    p.add_argument("--profile", action="store_true",
+                   help="cpu only: time the finalists' compute here (the runtime's stage "
+                   "runner, replayed in schedule order) instead of the FLOP model")
     p.add_argument("--top", type=int, default=10, help="layouts to print")
     p.add_argument("--out", default=None, metavar="FILE.toml",
                    help="write the first choice as a `conveyor train --config` file")
@@ -55,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     result = plan(model, cluster, global_batch=args.batch,
                   seq_len=args.seq_len or model.max_seq_len,
                   memory_limit=None if args.memory_gib is None else args.memory_gib * 2**30,
-                  dp_bucket_mb=args.dp_bucket_mb)
+                  dp_bucket_mb=args.dp_bucket_mb, profile=args.profile)
     print(table(result, args.top))
     print(f"planned in {time.perf_counter() - start:.2f} s\n\nwhy: {why(result)}")
     if args.out:

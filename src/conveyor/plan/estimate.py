@@ -29,13 +29,14 @@ from dataclasses import dataclass, replace
 from conveyor.config import ModelConfig, ParallelConfig
 from conveyor.parallel.layout import analytic_block_costs, resolve_layout, resolve_partition
 from conveyor.parallel.partition import Partition
-from conveyor.sim import CostModel, analytic_costs, simulate
+from conveyor.sim import CostModel, analytic_costs, profile_costs, simulate
 from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
 
 from .cluster import Cluster
 
-__all__ = ["Candidate", "Estimate", "estimate", "simulate_candidate", "model_flops"]
+__all__ = ["Candidate", "Estimate", "estimate", "model_flops", "profiled_costs",
+           "simulate_candidate"]
 
 
 @dataclass(frozen=True)
@@ -199,13 +200,51 @@ def _stages_of(rank: int, p: int, v: int, schedule: str) -> list[int]:
     return [rank + k * p for k in range(v)]  # looped placement
 
 
+def profiled_costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+                   global_batch: int, dp_bucket_mb: float = 25.0) -> CostModel:
+    """Candidate ``c``'s costs with compute timed on this machine (``sim.profile_costs``).
+
+    The runtime's stage runner replays one pipeline of the layout (tp=1, dp=1: the
+    profiler runs in one process) in schedule order; what tp does to a stage's compute
+    is the analytic model's ratio, and its collectives, the dp reduction, links and
+    activation bytes are the analytic model's.
+    """
+    one = replace(c, tp=1, dp=1, sequence_parallel=False, zero=0)
+    layout = resolve_layout(model, one.parallel_config(dp_bucket_mb), seq_len=seq_len,
+                            batch_size=c.microbatch_size * c.microbatches)
+    prof = profile_costs(model, layout, microbatch_size=c.microbatch_size, seq_len=seq_len,
+                         recompute={"none": False, "full": True}.get(c.recompute, c.recompute))
+    mine, base = costs(model, c, cluster, seq_len, dp_bucket_mb), costs(model, one, cluster,
+                                                                       seq_len, dp_bucket_mb)
+
+    def scaled(name: str, comm: str | None) -> tuple[float, ...]:
+        own = getattr(mine, name)
+        extra = [mine.stage_value(comm, s) if comm else 0.0 for s in range(len(own))]
+        ratio = [(o - e) / b if b else 1.0
+                 for o, e, b in zip(own, extra, getattr(base, name), strict=True)]
+        return tuple(p * r + e for p, r, e in zip(getattr(prof, name), ratio, extra, strict=True))
+
+    f, b, w = scaled("f", "tp_f_s"), scaled("b", "tp_b_s"), scaled("w", None)
+    full_b = None
+    if prof.full_b is not None:  # B = I + W in the analytic model: scale as both
+        full_b = tuple(pb * (bi + wi) / (pi + pw) if pi + pw else pb for pb, bi, wi, pi, pw in
+                       zip(prof.full_b, b, w, prof.b, prof.w, strict=True))
+    return replace(mine, f=f, b=b, w=w, full_b=full_b, step_start_s=prof.step_start_s,
+                   source=f"{prof.source}; tp and dp analytic")
+
+
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
-                       global_batch: int, dp_bucket_mb: float = 25.0) -> Estimate:
-    """The candidate run through the step simulator: exact under the cost model."""
+                       global_batch: int, dp_bucket_mb: float = 25.0, *,
+                       profile: bool = False) -> Estimate:
+    """The candidate run through the step simulator: exact under the cost model.
+
+    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`).
+    """
     layout = resolve_layout(model, c.parallel_config(dp_bucket_mb), batch_size=global_batch,
                             seq_len=seq_len)
-    cost = costs(model, replace(c, partition=layout.partition_method), cluster, seq_len,
-                 dp_bucket_mb)
+    c = replace(c, partition=layout.partition_method)
+    cost = (profiled_costs(model, c, cluster, seq_len, global_batch, dp_bucket_mb) if profile
+            else costs(model, c, cluster, seq_len, dp_bucket_mb))
     result = simulate(layout.schedule, cost)
     step = result.step_time
     busy = {r: result.execution.busy(r) for r in result.timeline}

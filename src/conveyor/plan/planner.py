@@ -113,11 +113,14 @@ def _schedules(pp: int, m: int, blocks: int, names: tuple[str, ...]
 def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: int,
          memory_limit: float | None = None, dp_bucket_mb: float = 25.0, finalists: int = 16,
          schedules: tuple[str, ...] = SCHEDULES,
-         where: Callable[[Candidate], bool] | None = None) -> Plan:
+         where: Callable[[Candidate], bool] | None = None, profile: bool = False) -> Plan:
     """Search, prune and rank; raise ConfigError if nothing fits in memory.
 
-    ``where`` keeps only the candidates it accepts (e.g. one (tp, pp) split).
+    ``where`` keeps only the candidates it accepts (e.g. one (tp, pp) split);
+    ``profile`` (cpu) times the finalists' compute on this machine.
     """
+    if profile and cluster.device.name != "cpu":
+        raise ConfigError("--profile times this machine; use it with --device cpu")
     if not 1 <= seq_len <= model.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} must be in 1..max_seq_len={model.max_seq_len}")
     if global_batch < 1:
@@ -159,7 +162,8 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
             ranked.append(e)
             best = min(best, e.step_s)
             continue
-        sim = simulate_candidate(model, c, cluster, seq_len, global_batch, dp_bucket_mb)
+        sim = simulate_candidate(model, c, cluster, seq_len, global_batch, dp_bucket_mb,
+                                 profile=profile)
         if sim.peak_memory_bytes <= limit:  # the exact walk may hold more than the bound
             ranked.append(sim)
             best = min(best, sim.step_s)
