@@ -139,3 +139,10 @@ def test_recompute_flag_and_file_take_the_three_modes(tmp_path: Path,
     cfg.write_text('[parallel]\nrecompute = "some"\n')
     assert main(["train", "--config", str(cfg)]) == 2
     assert "recompute='some' is unknown" in capsys.readouterr().err
+
+
+def test_profiled_plan_times_the_finalists_here() -> None:
+    p = plan(TINY, Cluster.build("cpu", 2), global_batch=8, seq_len=16, profile=True)
+    assert p.best.simulated and p.best.step_s > 0
+    with pytest.raises(ConfigError, match="--device cpu"):
+        plan(TINY, Cluster.build("a100", 2), global_batch=8, seq_len=16, profile=True)
