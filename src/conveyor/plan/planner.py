@@ -151,11 +151,13 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
     fits.sort(key=lambda e: e.step_s)
     # simulate in closed-form order until the best simulated step is no slower than the
     # next closed form (which, idealising the pipeline, is optimistic), or ``finalists``
+    # (profiled times are not comparable with closed forms: then the first ``finalists``
+    # are all simulated and ranked ahead of the rest)
     ranked: list[Estimate] = []
     best = math.inf
     for i, e in enumerate(fits):
         c = e.candidate
-        if i >= finalists or e.step_s >= best:
+        if i >= finalists or (e.step_s >= best and not profile):
             ranked.append(e)
             continue
         if c.pp * c.virtual_stages * c.microbatches * 3 > _MAX_SIMULATED_ACTIONS:
@@ -167,7 +169,7 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
         if sim.peak_memory_bytes <= limit:  # the exact walk may hold more than the bound
             ranked.append(sim)
             best = min(best, sim.step_s)
-    ranked.sort(key=lambda e: e.step_s)
+    ranked.sort(key=lambda e: (profile and not e.simulated, e.step_s))
     return Plan(tuple(ranked), searched, model, cluster, global_batch, seq_len, dp_bucket_mb)
 
 
