@@ -11,14 +11,15 @@ first stage's forward ``f``:
 - interleaved-1f1b with v chunks: ``(m + (p - 1) / v) R``;
 - zb-h1: ``m R + (p - 1)(F + I - W)``; zb-v: ``m R + (p - 1) f`` (``f`` = a chunk's F);
 
-each exact for uniform stages under the validator (``schedules.zero_bubble``), each
-plus ``2 (p - 1)`` point-to-point transfers on the critical path. Peak held
+each the validator's makespan for uniform stages once m >= p (zb-v: 2m >= 3p - 1;
+``schedules.zero_bubble``), each plus ``2 (p - 1)`` point-to-point transfers on the
+critical path. Peak held
 activations per rank, in stage-microbatches, are those the schedules' docstrings
 derive, for rank r: 1F1B ``min(p - r, m)`` stages, ZB-H1 ``min(p, m)``, ZB-V
 ``min(2p, 2m, m + 1 + r)`` chunks, interleaved (Megatron's warm-up)
 ``min(2 (p - r - 1) + (v - 1) p + 1, m v)`` chunks, each the size of the rank's
-average stage. Finalists are
-simulated exactly (:func:`conveyor.sim.simulate`), which also walks memory exactly.
+average stage. Finalists are simulated exactly (:func:`conveyor.sim.simulate`), which
+also walks memory exactly.
 """
 
 from __future__ import annotations

@@ -172,7 +172,3 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
     ranked.sort(key=lambda e: (profile and not e.simulated, e.step_s))
     return Plan(tuple(ranked), searched, model, cluster, global_batch, seq_len, dp_bucket_mb)
 
-
-def speedup(a: Estimate, b: Estimate) -> float:
-    """How much faster ``a`` steps than ``b`` (1.05: 5% faster)."""
-    return b.step_s / a.step_s if a.step_s else math.inf
