@@ -144,5 +144,9 @@ def test_recompute_flag_and_file_take_the_three_modes(tmp_path: Path,
 def test_profiled_plan_times_the_finalists_here() -> None:
     p = plan(TINY, Cluster.build("cpu", 2), global_batch=8, seq_len=16, profile=True)
     assert p.best.simulated and p.best.step_s > 0
+    # the profiler runs the runtime's stage runner: selective recomputation included
+    c = Candidate(tp=2, pp=2, dp=1, schedule="zb-h1", virtual_stages=1, microbatch_size=2,
+                  microbatches=4, recompute="selective")
+    assert simulate_candidate(TINY, c, Cluster.build("cpu", 4), 16, 8, profile=True).step_s > 0
     with pytest.raises(ConfigError, match="--device cpu"):
         plan(TINY, Cluster.build("a100", 2), global_batch=8, seq_len=16, profile=True)
