@@ -34,7 +34,8 @@ class Case:
     schedule: str
     pp: int
     microbatches: int
-    recompute: bool = False
+    recompute: bool | str = False
+    """True: every transformer block recomputed in backward; "selective": attention cores."""
     tied: bool = False
     flavour: str = "gpt2"
     virtual_stages: int | None = None
@@ -91,7 +92,8 @@ class Case:
 
     def __str__(self) -> str:
         flags = [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
-        flags += ["recompute"] * self.recompute + ["tied"] * self.tied
+        flags += ["recompute" if self.recompute is True else f"recompute-{self.recompute}"
+                  ] * bool(self.recompute) + ["tied"] * self.tied
         flags += [f"v{self.virtual_stages}"] * (self.virtual_stages is not None) + [f"dp{self.dp}"] * (
             self.dp > 1
         )

@@ -111,3 +111,19 @@ def test_parallel_3d_tiny_model_prints_cases_and_ratios(capsys: pytest.CaptureFi
     assert 1 <= bucketed < per_param
     assert ratios["config"] == "ratios"
     assert all(ratios[k] > 0 for k in parallel_3d.RATIOS)
+
+def test_plan_accuracy_tiny_model_compares_every_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCHMARKS))  # spawned ranks import the worker from there too
+    try:
+        import plan_accuracy
+
+        summary = plan_accuracy.main(["--layers", "2", "--d-model", "32", "--heads", "2",
+                                      "--seq", "16", "--vocab", "128", "--batch", "8",
+                                      "--reps", "1"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == len(plan_accuracy.LAYOUTS) + 1 and lines[-1] == summary
+    assert -1 <= summary["spearman"] <= 1  # timings are never asserted
+    # memory is: the planner's activation model is the meter's count
+    assert summary["worst_memory_error"] <= 0.10, lines

@@ -64,6 +64,9 @@ def _cases(pp: int) -> list[Case]:
     if pp == 2:
         cases += [Case("mixed", 2, 4, custom=MIXED, tied=True),
                   Case("mixed", 2, 4, custom=MIXED, flavour="llama", recompute=True, nccl=True)]
+        # selective recomputation (attention cores only), with split backward and rotary
+        cases += [Case("1f1b", 2, 4, recompute="selective", tied=True),
+                  Case("zb-h1", 2, 4, recompute="selective", flavour="llama", nccl=True)]
     if pp > 1:
         for sched, m, flavour in itertools.product(SPLIT_AND_VIRTUAL, (1, 4, 8), FLAVOURS):
             cases.append(Case(sched, pp, m, recompute=m == 4, tied=m == 8, flavour=flavour))
@@ -100,6 +103,7 @@ def _tp_cases(world: int) -> list[Case]:
                 Case("1f1b", 1, 2, tp=2, flavour="llama", nccl=True),
                 Case("1f1b", 1, 4, tp=2, sp=True, tied=True),
                 Case("1f1b", 1, 2, tp=2, sp=True, flavour="llama", recompute=True),
+                Case("1f1b", 1, 2, tp=2, sp=True, flavour="llama", recompute="selective"),
                 Case("1f1b", 1, 2, tp=2, tied=True, vocab=61)]  # padded to 62
     if world == 8:  # dp x pp x tp, the full 3D grid, kept small: 8 ranks share 2 cores
         return [Case("1f1b", 2, 2, dp=2, tp=2, tied=True),

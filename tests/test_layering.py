@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "conveyor"
 FORBIDDEN = {
     "schedules": {"torch", "conveyor.runtime", "conveyor.train", "conveyor.sim", "conveyor.models"},
     "sim": {"conveyor.runtime", "conveyor.train"},
+    "plan": {"conveyor.runtime", "conveyor.train", "conveyor.cli", "conveyor.commands"},
     "runtime": {"conveyor.train", "conveyor.cli"},
     "models": {"conveyor.runtime", "conveyor.train", "conveyor.schedules"},
     "parallel": {"conveyor.train", "conveyor.cli"},

@@ -17,6 +17,7 @@ from .schedules import SCHEDULES, ScheduleError, check_virtual_stages
 
 __all__ = [
     "PARTITIONS",
+    "RECOMPUTE_MODES",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -32,6 +33,9 @@ __all__ = [
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
+
+RECOMPUTE_MODES: dict[str, bool | str] = {"none": False, "full": True, "selective": "selective"}
+"""``ParallelConfig.recompute`` by name: off, every transformer block, the attention core."""
 
 PARTITIONS = ("uniform", "params", "cost")
 """Ways to split blocks into stages (``parallel.layout.PARTITIONERS`` implements them):
@@ -142,8 +146,10 @@ class ParallelConfig:
     """Microbatches per step per data-parallel replica."""
     virtual_stages: int | None = None
     """Model chunks per pipeline rank; None: what the schedule needs (2 for interleaved and zb-v)."""
-    recompute: bool = False
-    """Recompute block activations in backward instead of stashing them."""
+    recompute: bool | Literal["selective"] = False
+    """Recompute activations in backward instead of stashing them: True (or "full") every
+    transformer block's, "selective" only the attention core's (the linears' inputs are
+    kept); False (or "none") keeps everything."""
     compile: bool = False
     """``torch.compile`` every block (split backward included); the first step pays for compiling."""
     partition: Literal["uniform", "params", "cost"] = "cost"
@@ -168,6 +174,11 @@ class ParallelConfig:
                               "(optimizer state sharded over dp)")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile={self.compile!r} must be true or false")
+        if self.recompute in RECOMPUTE_MODES:  # the names map onto the booleans older files hold
+            object.__setattr__(self, "recompute", RECOMPUTE_MODES[self.recompute])
+        elif self.recompute not in (True, False, "selective"):
+            raise ConfigError(f"recompute={self.recompute!r} is unknown; use none, selective "
+                              "or full (or false / true)")
         if not isinstance(self.sequence_parallel, bool):
             raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
         if self.sequence_parallel and self.tp == 1:

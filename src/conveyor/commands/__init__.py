@@ -15,7 +15,7 @@ __all__ = ["COMMANDS", "UserError"]
 
 # Modules under conveyor.commands, in the order --help lists them (import_ adds `import`).
 COMMANDS = ["train", "eval", "report", "generate", "export", "import_", "schedule", "simulate",
-            "trace"]
+            "trace", "plan"]
 
 UserError = (ConfigError, DataError, ScheduleError, CheckpointError, GenerationError,
              FileNotFoundError)

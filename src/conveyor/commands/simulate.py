@@ -75,6 +75,21 @@ def register(sub: Any) -> None:
                    "params (balanced parameters) or cost (balanced predicted compute)")
     p.add_argument("--microbatch-size", type=int, default=2, help="sequences per microbatch")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model max)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks per stage (collectives on the intra-node link "
+                   "while tp <= --gpus-per-node)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas (bucketed gradient reduction overlapped with "
+                   "the last backward)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp > 1: all-gather/reduce-scatter pairs instead of all-reduces")
+    p.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
+                   help="activation recomputation in backward")
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1), help="1: ZeRO-1")
+    p.add_argument("--dp-bucket-mb", type=float, default=ParallelConfig().dp_bucket_mb,
+                   help="MiB per data-parallel gradient bucket (0: one for the whole stage)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="devices per node (default: the device preset's)")
     p.add_argument("--device", default="cpu",
                    help="cost preset: cpu (measured here), a100, h100 (analytic FLOP model)")
     p.add_argument("--profile", action="store_true",
@@ -86,27 +101,48 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..parallel.layout import resolve_layout
-    from ..sim import analytic_costs, profile_costs, render_gantt, simulate, write_chrome_trace
+    from ..sim import (
+        analytic_costs,
+        get_device,
+        profile_costs,
+        render_gantt,
+        simulate,
+        write_chrome_trace,
+    )
 
     cfg = load_model_config(args.model)
     seq = args.seq_len or cfg.max_seq_len
-    par = ParallelConfig(pp=args.pp, schedule=args.schedule, microbatches=args.microbatches,
-                         virtual_stages=args.virtual, partition=args.partition)
-    layout = resolve_layout(cfg, par, batch_size=args.microbatch_size * args.microbatches,
-                            seq_len=seq)
+    par = ParallelConfig(pp=args.pp, dp=args.dp, tp=args.tp,
+                         sequence_parallel=args.sequence_parallel, schedule=args.schedule,
+                         microbatches=args.microbatches, virtual_stages=args.virtual,
+                         partition=args.partition, recompute=args.recompute, zero=args.zero,
+                         dp_bucket_mb=args.dp_bucket_mb)
+    layout = resolve_layout(cfg, par, seq_len=seq,
+                            batch_size=args.microbatch_size * args.microbatches * args.dp)
     print(layout.describe() + "\n")
     partition, schedule = layout.partition, layout.schedule
     if args.profile:
         if args.device != "cpu":
             raise ConfigError("--profile measures this machine; use it with --device cpu")
+        if args.tp * args.dp > 1 or args.recompute != "none":
+            raise ConfigError("--profile times one pipeline's stages; drop --tp, --dp and "
+                              "--recompute, or use the analytic model (no --profile)")
         cost = profile_costs(cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq)
     else:
+        device = get_device(args.device)
+        if args.gpus_per_node is not None:
+            if args.gpus_per_node < 1:
+                raise ConfigError(f"--gpus-per-node {args.gpus_per_node} must be >= 1")
+            device = dataclasses.replace(device, gpus_per_node=args.gpus_per_node)
         cost = analytic_costs(
-            cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq, device=args.device
+            cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq, device=device,
+            tp=args.tp, dp=args.dp, sequence_parallel=args.sequence_parallel,
+            recompute=args.recompute, dp_bucket_mb=args.dp_bucket_mb, zero=args.zero,
         )
     result = simulate(schedule, cost)
     print(result.table())
-    title = f"{args.schedule} pp={args.pp} m={args.microbatches} on {args.device} (simulated)"
+    title = (f"{args.schedule} pp={args.pp} tp={args.tp} dp={args.dp} m={args.microbatches} "
+             f"on {args.device} (simulated)")
     print(f"\nwrote {render_gantt(result.timeline, args.out, title=title)}")
     if args.trace_json:
         print(f"wrote {write_chrome_trace({'simulated': result.timeline}, args.trace_json)}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    RECOMPUTE_MODES,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -36,6 +37,12 @@ _DEFAULTS: dict[str, Any] = {
     "model": DEFAULT_MODEL, "parallel": ParallelConfig(), "train": TrainConfig(),
     "data": DataConfig(),
 }
+
+def _recompute_mode(text: str) -> bool | str:
+    if text not in RECOMPUTE_MODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+    return RECOMPUTE_MODES[text]
+
 
 _TRAINABLE = ", ".join(s for s in sorted(SCHEDULES) if s != "forward-only")
 _BOOL = argparse.BooleanOptionalAction
@@ -77,8 +84,10 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
      "microbatches per step per replica (must divide --batch-size/--dp)"),
     ("parallel", "virtual_stages", "--virtual-stages", {"type": int},
      "model chunks per rank (None: what the schedule needs, 2 for interleaved and zb-v)"),
-    ("parallel", "recompute", "--recompute", {"action": _BOOL},
-     "recompute activations in backward instead of keeping them (less memory, ~1/3 slower)"),
+    ("parallel", "recompute", "--recompute", {"nargs": "?", "const": True, "metavar": "MODE",
+                                               "type": _recompute_mode},
+     "recompute activations in backward instead of keeping them: full (the flag alone; less "
+     "memory, ~1/3 slower), selective (only the attention core) or none"),
     ("parallel", "compile", "--compile", {"action": _BOOL},
      "torch.compile every block, split backward included (the first step compiles; on CPU "
      "it needs a C++ compiler)"),

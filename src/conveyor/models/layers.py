@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from conveyor.config import ModelConfig
 from conveyor.models.linear import Linear
@@ -105,6 +106,10 @@ class Attention(nn.Module):
 
     tp_plan: ClassVar[dict[str, str]] = {"qkv": "column", "out": "row"}
     """How tensor parallelism splits the linears (``parallel.tp_blocks``): heads by rank."""
+    recompute_core: bool = False
+    """Selective recomputation: keep q, k, v (the linears' outputs) for backward and run
+    the attention core (rotary, softmax attention) again there instead of keeping its
+    own saved tensors. Set per module by the stage runner."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -132,15 +137,14 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
-        if self.rotary is not None:
-            q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
-
         if kv_cache is None:
-            # Training path: the fused causal kernel, no explicit mask
-            y = F.scaled_dot_product_attention(
-                q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True
-            )
+            if self.recompute_core and torch.is_grad_enabled():
+                y = checkpoint(self._core, q, k, v, start_pos, use_reentrant=False)
+            else:
+                y = self._core(q, k, v, start_pos)
         else:
+            if self.rotary is not None:
+                q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
             k, v = kv_cache.update(k, v, start_pos)  # (B, kv_heads, L, head_dim), L = start+T
             mask = None
             if T > 1:
@@ -154,6 +158,14 @@ class Attention(nn.Module):
         # this module's heads only: under tensor parallelism fewer than d_model / head_dim
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.out(y)
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor, start_pos: int) -> Tensor:
+        # Training path: rotary, then the fused causal kernel with no explicit mask
+        if self.rotary is not None:
+            q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
+        return F.scaled_dot_product_attention(
+            q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True
+        )
 
 
 class GeluMLP(nn.Module):

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..memory import ActivationMeter, count_saved_bytes, weight_storages
 from ..models import EmbeddingBlock, HeadBlock
+from ..models.layers import Attention
 from ..models.linear import WeightGradStore, attach_weight_grad_store
 
 __all__ = ["StageRunner"]
@@ -32,7 +33,7 @@ class StageRunner:
         blocks: dict[int, nn.Module],
         *,
         num_microbatches: int,
-        recompute: bool = False,
+        recompute: bool | str = False,
         compile: bool = False,
         split_backward: bool = False,
         autocast_dtype: torch.dtype | None = None,
@@ -43,7 +44,12 @@ class StageRunner:
         self.is_first = isinstance(next(iter(blocks.values())), EmbeddingBlock)
         self.is_last = isinstance(next(reversed(blocks.values())), HeadBlock)
         self.num_microbatches = num_microbatches
+        # True: each transformer block is checkpointed; "selective": only attention cores
         self.recompute = recompute
+        for block in blocks.values():
+            for module in block.modules():
+                if isinstance(module, Attention):
+                    module.recompute_core = recompute == "selective"
         self.autocast_dtype = autocast_dtype
         self.device = next(next(iter(blocks.values())).parameters()).device
         # With split backward, linear layers hand their weight-grad work to this store
@@ -74,7 +80,7 @@ class StageRunner:
 
     def _run_blocks(self, x: Tensor) -> Tensor:
         for block in self.blocks.values():
-            if self.recompute and not isinstance(block, (EmbeddingBlock, HeadBlock)):
+            if self.recompute is True and not isinstance(block, (EmbeddingBlock, HeadBlock)):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -65,6 +65,17 @@ class CostModel:
     step_start_s: float = 0.0
     """Extra seconds of each rank's first compute action in a step (cold caches after
     whatever ran between steps)."""
+    tp_f_s: tuple[float, ...] = ()
+    """Of ``f``, the seconds each stage spends in tensor-parallel collectives (() : none)."""
+    tp_b_s: tuple[float, ...] = ()
+    """Of ``b``, the seconds each stage spends in tensor-parallel collectives (() : none)."""
+    dp_reduce_s: tuple[float, ...] = ()
+    """Seconds of each stage's data-parallel gradient reduction, in ``dp_buckets`` equal
+    buckets started as its last weight-grad action of the step completes them (() : dp=1)."""
+    dp_buckets: tuple[int, ...] = ()
+    """Buckets of each stage's gradient reduction (() : one each)."""
+    dp_after_s: tuple[float, ...] = ()
+    """Seconds after the optimizer that nothing overlaps (ZeRO-1's parameter all-gather)."""
     source: str = field(default="", compare=False)
     """Where the numbers came from, e.g. 'analytic h100' or 'profiled on cpu'."""
 
@@ -82,6 +93,12 @@ class CostModel:
             for stage, v in enumerate(values):
                 if not math.isfinite(v) or v < 0:
                     raise CostError(f"{name}[{stage}] = {v!r}; costs must be finite and >= 0")
+        for name in ("tp_f_s", "tp_b_s", "dp_reduce_s", "dp_buckets", "dp_after_s"):
+            values = tuple(getattr(self, name))
+            object.__setattr__(self, name, values)
+            if values and (len(values) != n or not all(math.isfinite(v) and v >= 0 for v in values)):
+                raise CostError(f"{name}={values!r} needs one finite value >= 0 per stage ({n}), "
+                                "or none")
         if self.full_b is not None:
             object.__setattr__(self, "full_b", tuple(self.full_b))
             if len(self.full_b) != n or not all(math.isfinite(v) and v >= 0 for v in self.full_b):
@@ -149,6 +166,11 @@ class CostModel:
         # no overlap speed-up is modelled: the pair is as slow as running both in turn
         return sum(self.duration(p.stage, p.kind) for p in action.parts)
 
+    def stage_value(self, name: str, stage: int) -> float:
+        """``getattr(self, name)[stage]``, 0 for a per-stage field left empty."""
+        values = getattr(self, name)
+        return values[stage] if values else 0.0
+
     def static_bytes(self, stage: int) -> int:
         """Memory a stage holds all step long: parameters, gradients and optimizer state."""
         return self.param_bytes[stage] + self.optimizer_bytes[stage]
@@ -172,6 +194,9 @@ class CostModel:
         if kw.get("bandwidth_Bps", 0) is None:
             kw["bandwidth_Bps"] = math.inf
         for name in ("f", "b", "w", "activation_bytes", "param_bytes", "optimizer_bytes"):
+            if name in kw:
+                kw[name] = tuple(_seq(kw[name], name))
+        for name in ("tp_f_s", "tp_b_s", "dp_reduce_s", "dp_buckets", "dp_after_s"):
             if name in kw:
                 kw[name] = tuple(_seq(kw[name], name))
         if kw.get("full_b") is not None:

@@ -61,6 +61,7 @@ from conveyor.parallel.layout import Layout
 from conveyor.parallel.partition import Partition
 from conveyor.schedules import Kind
 
+from .activations import recompute_mode
 from .analytic import gloo_runtime_costs
 from .cost import CostError, CostModel
 
@@ -144,7 +145,7 @@ class _Data:
 
 
 def _factory(cfg: ModelConfig, partition: Partition, runner: StageFactory | None, seed: int,
-             num_microbatches: int, recompute: bool,
+             num_microbatches: int, recompute: bool | str,
              autocast_dtype: torch.dtype | None) -> Callable[..., StageLike]:
     make_runner = runner or _runtime_stage_runner()
 
@@ -233,7 +234,7 @@ class RankReplay:
         microbatch_size: int,
         seq_len: int,
         seed: int = 0,
-        recompute: bool = False,
+        recompute: bool | str = False,
         autocast_dtype: torch.dtype | None = None,
         runner: StageFactory | None = None,
     ) -> None:
@@ -337,7 +338,7 @@ def replay_rank(
     seed: int = 0,
     warmup: int = 1,
     repeats: int = 3,
-    recompute: bool = False,
+    recompute: bool | str = False,
     autocast_dtype: torch.dtype | None = None,
     runner: StageFactory | None = None,
     sync: Callable[[], None] | None = None,
@@ -419,7 +420,7 @@ def profile_costs(
     warmup: int | None = None,
     repeats: int | None = None,
     optimizer_states: int = 2,
-    recompute: bool = False,
+    recompute: bool | str = False,
     autocast_dtype: torch.dtype | None = None,
     runner: StageFactory | None = None,
 ) -> CostModel:
@@ -446,7 +447,8 @@ def profile_costs(
         warmup, repeats = 1 if warmup is None else warmup, 2 if repeats is None else repeats
     else:
         warmup, repeats = 2 if warmup is None else warmup, 5 if repeats is None else repeats
-    how = ["recompute"] * recompute + [f"autocast {autocast_dtype}"] * (autocast_dtype is not None)
+    how = ([f"recompute {recompute_mode(recompute)}"] * bool(recompute)
+           + [f"autocast {autocast_dtype}"] * (autocast_dtype is not None))
     profiles: list[RankProfile] = []
     if layout is not None:
         for rank in range(layout.pp):

@@ -36,7 +36,7 @@ action are not counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from conveyor.schedules import Schedule, execute, lower
 from conveyor.schedules.ir import Action, Kind
@@ -61,6 +61,39 @@ class SimResult:
     """Per rank: most bytes of activations held at once (F done, B or W not yet)."""
     peak_memory_bytes: dict[int, int]
     """Per rank: parameters, gradients and optimizer state plus peak activations."""
+    dp_end: dict[int, float] = field(default_factory=dict)
+    """Per rank: when its data-parallel gradient reduction (and ZeRO-1's all-gather)
+    ends; empty without data parallelism."""
+
+    @property
+    def pipeline_time(self) -> float:
+        """Seconds from the first compute to the last, before the dp reduction's tail."""
+        return self.execution.makespan
+
+    @property
+    def dp_exposed(self) -> float:
+        """Seconds the data-parallel reduction adds after the pipeline's last action."""
+        return max(0.0, self.step_time - self.pipeline_time)
+
+    def tp_seconds(self, rank: int) -> float:
+        """Seconds ``rank`` spends in tensor-parallel collectives (inside its compute)."""
+        total = 0.0
+        for t in self.timeline[rank]:
+            for part in t.action.parts:
+                if part.kind is Kind.F:
+                    total += self.cost.stage_value("tp_f_s", part.stage)
+                elif part.kind in (Kind.B, Kind.I):
+                    total += self.cost.stage_value("tp_b_s", part.stage)
+        return total
+
+    @property
+    def comm_share(self) -> float:
+        """Share of the step the busiest rank spends in exposed communication: its tp
+        collectives plus the dp reduction's tail (pipeline messages are in the bubble)."""
+        step = self.step_time
+        if not step:
+            return 0.0
+        return max(self.tp_seconds(r) for r in self.timeline) / step + self.dp_exposed / step
 
     @property
     def timeline(self) -> dict[int, list[TimedAction]]:
@@ -69,8 +102,8 @@ class SimResult:
 
     @property
     def step_time(self) -> float:
-        """Seconds from the first action to the last (the makespan)."""
-        return self.execution.makespan
+        """Seconds from the first action to the last, or to the end of the dp reduction."""
+        return max(self.execution.makespan, *self.dp_end.values(), 0.0)
 
     @property
     def bubble_fraction(self) -> float:
@@ -85,6 +118,10 @@ class SimResult:
             f"schedule {sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
             f"{sched.num_microbatches} microbatches; step {step * 1e3:.3f} ms, "
             f"bubble {self.bubble_fraction:.1%}  [{self.cost.source or 'costs'}]",
+            *([f"tensor-parallel collectives {max(map(self.tp_seconds, self.timeline)) * 1e3:.3f}"
+               f" ms of the busiest rank; data-parallel reduction adds "
+               f"{self.dp_exposed * 1e3:.3f} ms after the pipeline; communication "
+               f"{self.comm_share:.1%} of the step"] if self.cost.tp_f_s or self.dp_end else []),
             f"{'rank':>4}  {'stages':<8} {'busy ms':>9} {'idle ms':>9} {'idle':>6}  "
             f"{'peak act MiB':>12}  {'peak mem MiB':>12}",
         ]
@@ -165,7 +202,39 @@ def simulate(schedule: Schedule, cost: CostModel) -> SimResult:
                 out.append(TimedAction(rank, pair, t.end - busy, t.end, f.ready))
         timeline[rank] = out
     peak_act, peak_total = peak_memory(lowered, cost)
-    return SimResult(lowered, cost, Execution(timeline), peak_act, peak_total)
+    dp_end = _dp_reduction(timeline, cost) if cost.dp_reduce_s else {}
+    return SimResult(lowered, cost, Execution(timeline), peak_act, peak_total, dp_end)
+
+
+def _dp_reduction(timeline: dict[int, list[TimedAction]], cost: CostModel) -> dict[int, float]:
+    """When each rank's data-parallel gradient reduction ends.
+
+    A stage's grads are complete, bucket by bucket, while its last weight-grad action
+    of the step (B, W, or a pair holding a B) runs: bucket k of n is ready at
+    ``start + (k+1)/n`` of it and goes out then, one bucket at a time per rank (one
+    communication stream), so all but the last ones overlap the remaining backward.
+    ZeRO-1's parameter all-gather (``dp_after_s``) follows the last bucket.
+    """
+    ends: dict[int, float] = {}
+    for rank, row in timeline.items():
+        last: dict[int, TimedAction] = {}
+        for t in row:
+            for part in t.action.parts:
+                if part.kind in (Kind.B, Kind.W):
+                    last[part.stage] = t
+        ready: list[tuple[float, float]] = []  # (ready at, seconds) per bucket
+        after = 0.0
+        for stage, t in last.items():
+            n = cost.dp_buckets[stage] if cost.dp_buckets else 1
+            each = cost.dp_reduce_s[stage] / n
+            ready += [(t.start + (t.end - t.start) * (k + 1) / n, each) for k in range(n)]
+            after += cost.stage_value("dp_after_s", stage)
+        clock = max((t.end for t in row), default=0.0)
+        free = 0.0
+        for at, seconds in sorted(ready):
+            free = max(free, at) + seconds
+        ends[rank] = max(clock, free) + after
+    return ends
 
 
 _SENDS = (Kind.SEND_F, Kind.SEND_B)

@@ -1,0 +1,152 @@
+"""Does `conveyor plan` rank 2-rank layouts of a small model as they measure on this machine?
+
+Measures a dozen layouts of one model on 2 ranks (pp=2 with each schedule and several
+microbatch counts, dp=2, tp=2 with and without SP), all built once in one launched
+group and timed round-robin (each repetition runs every layout once, starting at a
+different one) so that load coming and going hits them alike. A step is timed on
+each rank from a barrier to the end of its work; the step time is the slower rank's,
+the layout's the median over repetitions. Peak activation memory is the runtime
+meter's (``Pipeline.peak_stashed_bytes``) on the fuller rank.
+
+Predictions are the planner's (``plan.simulate_candidate`` with the cpu device), from
+compute timed here beforehand (``conveyor plan --profile``: the runtime's stage
+runner replayed in schedule order; tp's share and all communication analytic), and
+from the FLOP model alone (the measured matmul rate; ``analytic_s``). Prints one JSON line per
+layout, then a summary line: Spearman rank correlation of predicted and measured
+step times, the measured best's place in the predicted order, the worst memory
+error. The machine must be quiet for timings to mean anything (``others_cpu`` is
+reported, as in ``sim_accuracy.py``).
+
+    python benchmarks/plan_accuracy.py --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conveyor.config import ModelConfig
+from conveyor.parallel.mesh import Mesh
+from conveyor.plan import Candidate, Cluster, simulate_candidate
+from conveyor.runtime.launch import launch
+from conveyor.runtime.pipeline import Pipeline
+from sim_accuracy import _others, _Usage  # the same load measurement
+
+# (tp, pp, dp, schedule, chunks, microbatches, sequence parallel)
+LAYOUTS: list[tuple[int, int, int, str, int, int, bool]] = [
+    (1, 2, 1, "1f1b", 1, 2, False), (1, 2, 1, "1f1b", 1, 4, False),
+    (1, 2, 1, "1f1b", 1, 8, False), (1, 2, 1, "gpipe", 1, 4, False),
+    (1, 2, 1, "zb-h1", 1, 4, False), (1, 2, 1, "zb-h1", 1, 8, False),
+    (1, 2, 1, "interleaved-1f1b", 2, 4, False), (1, 2, 1, "zb-v", 2, 4, False),
+    (1, 1, 2, "1f1b", 1, 1, False), (1, 1, 2, "1f1b", 1, 4, False),
+    (2, 1, 1, "1f1b", 1, 2, False), (2, 1, 1, "1f1b", 1, 2, True),
+]
+
+
+def candidates(batch: int) -> list[Candidate]:
+    """The layouts as planner candidates (every sequence of the batch in one step)."""
+    out = []
+    for tp, pp, dp, name, v, m, sp in LAYOUTS:
+        out.append(Candidate(tp=tp, pp=pp, dp=dp, schedule=name, virtual_stages=v,
+                             microbatch_size=batch // (dp * m), microbatches=m,
+                             sequence_parallel=sp, partition="uniform"))
+    return out
+
+
+def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int
+            ) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    meshes: dict[tuple[int, int, int], Mesh] = {}
+    pipes = []
+    for c in cands:
+        key = (c.pp, c.dp, c.tp)
+        if key not in meshes:
+            meshes[key] = Mesh.build(*key)
+        pipes.append(Pipeline(model, c.parallel_config(), meshes[key], seed=0, timeout_s=120))
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, model.vocab_size, (batch, model.max_seq_len + 1), generator=g)
+    x, y = data[:, :-1], data[:, 1:]
+    times: list[list[float]] = [[] for _ in cands]
+    usage = _Usage()
+    for rep in range(reps + 1):  # the first repetition warms up
+        for k in range(len(cands)):
+            i = (k + rep) % len(cands)
+            dist.barrier()
+            start = time.perf_counter()
+            pipes[i].zero_grad()
+            pipes[i].train_step(x, y)
+            if rep:
+                times[i].append(time.perf_counter() - start)
+    return {"times": times, "peak": [p.peak_stashed_bytes() for p in pipes],
+            "usage": usage.done()}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (no ties expected among timings)."""
+    def ranks(v: list[float]) -> list[int]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = pos
+        return r
+    ra, rb, n = ranks(a), ranks(b), len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure, predict, compare; print JSON lines and return the summary."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                    help="predict from compute timed here first (`conveyor plan --profile`); "
+                    "--no-profile: the FLOP model")
+    args = ap.parse_args(argv)
+    model = ModelConfig(vocab_size=args.vocab, n_layers=args.layers, d_model=args.d_model,
+                        n_heads=args.heads, max_seq_len=args.seq)
+    cands = candidates(args.batch)
+    cluster = Cluster.build("cpu", 2)
+    analytic = [simulate_candidate(model, c, cluster, args.seq, args.batch) for c in cands]
+    predicted = ([simulate_candidate(model, c, cluster, args.seq, args.batch, profile=True)
+                  for c in cands] if args.profile else analytic)
+    got = launch(_worker, 2, model, cands, args.batch, args.reps, timeout_s=1800)
+    # share of the cores other processes used meanwhile (0: a quiet machine)
+    others = _others([got[r]["usage"] for r in got])
+    measured, rows = [], []
+    for i, (c, e) in enumerate(zip(cands, predicted, strict=True)):
+        steps = [max(got[r]["times"][i][k] for r in got) for k in range(args.reps)]
+        step = statistics.median(steps)
+        peak = max(got[r]["peak"][i] for r in got)
+        measured.append(step)
+        row = {"layout": c.label(), "measured_s": step, "predicted_s": e.step_s,
+               "step_error": e.step_s / step - 1, "analytic_s": analytic[i].step_s,
+               "measured_peak_act": peak,
+               "predicted_peak_act": e.peak_activation_bytes,
+               "memory_error": e.peak_activation_bytes / peak - 1}
+        rows.append(row)
+        print(json.dumps(row))
+    order = sorted(range(len(cands)), key=lambda i: predicted[i].step_s)
+    best = min(range(len(cands)), key=measured.__getitem__)
+    summary = {"spearman": spearman([e.step_s for e in predicted], measured),
+               "spearman_analytic": spearman([e.step_s for e in analytic], measured),
+               "measured_best": cands[best].label(),
+               "measured_best_predicted_place": order.index(best) + 1,
+               "worst_memory_error": max(abs(r["memory_error"]) for r in rows),
+               "others_cpu": others, "reps": args.reps}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""One candidate layout and its predicted step: closed form for the search, simulated for finalists.
+
+Per-stage seconds and bytes come from :func:`conveyor.sim.analytic_costs` (FLOPs,
+element-wise memory traffic, tp collectives, the dp reduction; activation bytes by
+tp, sequence parallelism and recompute mode). The closed forms below give a
+schedule's makespan from them without building the schedule, with per-rank work
+per microbatch ``R`` (F + B + W of the rank's chunks; the busiest rank's) and the
+first stage's forward ``f``:
+
+- 1f1b (and gpipe): ``(m + p - 1) R`` (the last microbatch's path through p ranks);
+- interleaved-1f1b with v chunks: ``(m + (p - 1) / v) R``;
+- zb-h1: ``m R + (p - 1)(F + I - W)``; zb-v: ``m R + (p - 1) f`` (``f`` = a chunk's F);
+
+each the validator's makespan for uniform stages once m >= p (zb-v: 2m >= 3p - 1;
+``schedules.zero_bubble``), each plus ``2 (p - 1)`` point-to-point transfers on the
+critical path. Peak held
+activations per rank, in stage-microbatches, are those the schedules' docstrings
+derive, for rank r: 1F1B ``min(p - r, m)`` stages, ZB-H1 ``min(p, m)``, ZB-V
+``min(2p, 2m, m + 1 + r)`` chunks, interleaved (Megatron's warm-up)
+``min(2 (p - r - 1) + (v - 1) p + 1, m v)`` chunks, each the size of the rank's
+average stage. Finalists are simulated exactly (:func:`conveyor.sim.simulate`), which
+also walks memory exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+from conveyor.config import ModelConfig, ParallelConfig
+from conveyor.parallel.layout import analytic_block_costs, resolve_layout, resolve_partition
+from conveyor.parallel.partition import Partition
+from conveyor.sim import CostModel, analytic_costs, profile_costs, simulate
+from conveyor.sim.activations import recompute_mode
+from conveyor.sim.analytic import gloo_runtime_costs
+
+from .cluster import Cluster
+
+__all__ = ["Candidate", "Estimate", "estimate", "model_flops", "profiled_costs",
+           "simulate_candidate"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A point of the search space: everything ``[parallel]`` and the batch split hold."""
+
+    tp: int
+    pp: int
+    dp: int
+    schedule: str
+    virtual_stages: int
+    microbatch_size: int
+    microbatches: int
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    zero: int = 0
+    partition: str = "cost"
+
+    def parallel_config(self, dp_bucket_mb: float = 25.0) -> ParallelConfig:
+        """The ``[parallel]`` section that trains this layout."""
+        rc = {"none": False, "full": True}.get(self.recompute, self.recompute)
+        return ParallelConfig(
+            pp=self.pp, dp=self.dp, tp=self.tp, sequence_parallel=self.sequence_parallel,
+            schedule=self.schedule, microbatches=self.microbatches,
+            virtual_stages=None if self.virtual_stages == 1 else self.virtual_stages,
+            recompute=rc, partition=self.partition, dp_bucket_mb=dp_bucket_mb, zero=self.zero)
+
+    def label(self) -> str:
+        """Short text: ``dp8 pp4 tp8 interleaved-1f1b(v2) b1xm16 rc=full sp zero1``."""
+        v = f"(v{self.virtual_stages})" if self.schedule == "interleaved-1f1b" else ""
+        extra = " sp" * self.sequence_parallel + " zero1" * (self.zero == 1)
+        return (f"dp{self.dp} pp{self.pp} tp{self.tp} {self.schedule}{v} "
+                f"b{self.microbatch_size}xm{self.microbatches} rc={self.recompute}{extra}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the planner predicts for one candidate (seconds, bytes, shares)."""
+
+    candidate: Candidate
+    step_s: float
+    compute_s: float
+    """Busiest rank's work per step (every microbatch's F, B, W, collectives inside)."""
+    bubble: float
+    """Share of the step the busiest rank is idle inside the pipeline."""
+    tp_s: float
+    """Busiest rank's seconds in tensor-parallel collectives."""
+    dp_exposed_s: float
+    """Seconds the data-parallel reduction adds after the pipeline."""
+    peak_memory_bytes: int
+    peak_activation_bytes: int
+    tokens_per_s: float
+    mfu: float
+    simulated: bool = False
+
+    @property
+    def comm_share(self) -> float:
+        """Exposed communication share of the step: tp collectives and the dp tail."""
+        return (self.tp_s + self.dp_exposed_s) / self.step_s
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition(model: ModelConfig, stages: int, seq_len: int, how: str) -> Partition:
+    return resolve_partition(model, stages, how, analytic_block_costs(model, seq_len))
+
+
+def model_flops(model: ModelConfig, seq_len: int, sequences: int) -> float:
+    """Model FLOPs of one training step (forward x 3, no recompute, causal attention)."""
+    return 3.0 * sequences * sum(analytic_block_costs(model, seq_len))
+
+
+def costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+          dp_bucket_mb: float = 25.0) -> CostModel:
+    """The per-stage cost model of candidate ``c``."""
+    part = _partition(model, c.pp * c.virtual_stages, seq_len, c.partition)
+    cost = analytic_costs(
+        model, part, microbatch_size=c.microbatch_size, seq_len=seq_len, device=cluster.device,
+        tp=c.tp, dp=c.dp, sequence_parallel=c.sequence_parallel,
+        recompute=recompute_mode(c.recompute), dp_bucket_mb=dp_bucket_mb, zero=c.zero)
+    if cluster.device.name == "cpu":  # the CPU runtime's executor and gloo, as measured
+        cost = replace(cost, **gloo_runtime_costs(cost.message_bytes))
+    return cost
+
+
+def _held_stages(c: Candidate, r: int) -> float:
+    """Peak stage-microbatches (chunks, for several per rank) of activations rank r holds."""
+    p, m, v = c.pp, c.microbatches, c.virtual_stages
+    if c.schedule == "zb-v":
+        return min(2 * p, 2 * m, m + 1 + r)
+    if c.schedule == "interleaved-1f1b":  # Megatron's warm-up, then one more
+        return min(2 * (p - r - 1) + (v - 1) * p + 1, m * v)
+    if c.schedule == "gpipe":
+        return m
+    if c.schedule == "zb-h1":
+        return min(p, m)
+    return min(p - r, m)
+
+
+def estimate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+             global_batch: int, dp_bucket_mb: float = 25.0) -> Estimate:
+    """Closed-form prediction of candidate ``c`` (see the module docstring)."""
+    cost = costs(model, c, cluster, seq_len, dp_bucket_mb)
+    p, v, m = c.pp, c.virtual_stages, c.microbatches
+    ranks = [_stages_of(r, p, v, c.schedule) for r in range(p)]
+
+    def work(stages: list[int], kinds: str) -> float:
+        total = 0.0
+        for s in stages:
+            total += ("f" in kinds) * cost.f[s] + ("b" in kinds) * cost.b[s] + (
+                "w" in kinds) * cost.w[s]
+        return total
+
+    per_mb = [work(st, "fbw") for st in ranks]
+    busiest = max(range(p), key=lambda r: per_mb[r])
+    R = per_mb[busiest]
+    transfer = 2 * (p - 1) * cost.transfer_time()
+    if c.schedule == "interleaved-1f1b":
+        pipe = (m + (p - 1) / v) * R
+    elif c.schedule == "zb-h1":
+        pipe = m * R + (p - 1) * max(work(ranks[busiest], "fb") - work(ranks[busiest], "w"), 0)
+    elif c.schedule == "zb-v":
+        pipe = m * R + (p - 1) * cost.f[0]
+    else:
+        pipe = (m + p - 1) * R
+    pipe += transfer
+    # the dp reduction of the last stage's grads: buckets hide under its last backward
+    dp_tail = 0.0
+    if cost.dp_reduce_s:
+        last_b = max(cost.b[s] + cost.w[s] for s in ranks[0])
+        total = sum(cost.dp_reduce_s[s] for s in ranks[0])
+        n = sum(cost.dp_buckets[s] for s in ranks[0])
+        dp_tail = max(total / n, total - last_b * (n - 1) / n)
+        dp_tail += sum(cost.stage_value("dp_after_s", s) for s in ranks[0])
+    step = pipe + dp_tail
+    tp_s = m * sum(cost.stage_value("tp_f_s", s) + cost.stage_value("tp_b_s", s)
+                   for s in ranks[busiest])
+    # per rank: its held chunks, each of its stages' average size, and its static bytes
+    acts = [_held_stages(c, r) * sum(cost.activation_bytes[s] for s in st) / len(st)
+            for r, st in enumerate(ranks)]
+    mems = [a + sum(cost.static_bytes(s) for s in st) for a, st in zip(acts, ranks, strict=True)]
+    return _finish(model, c, cluster, seq_len, global_batch, step_s=step, compute_s=m * R,
+                   bubble=1 - m * R / pipe, tp_s=tp_s, dp_exposed_s=dp_tail,
+                   peak_act=int(max(acts)), peak_mem=int(max(mems)))
+
+
+def _finish(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+            global_batch: int, *, step_s: float, compute_s: float, bubble: float, tp_s: float,
+            dp_exposed_s: float, peak_act: int, peak_mem: int, simulated: bool = False
+            ) -> Estimate:
+    flops = model_flops(model, seq_len, global_batch)
+    return Estimate(
+        candidate=c, step_s=step_s, compute_s=compute_s, bubble=bubble, tp_s=tp_s,
+        dp_exposed_s=dp_exposed_s, peak_memory_bytes=peak_mem, peak_activation_bytes=peak_act,
+        tokens_per_s=global_batch * seq_len / step_s,
+        mfu=flops / (step_s * cluster.gpus * cluster.device.peak_flops), simulated=simulated)
+
+
+def _stages_of(rank: int, p: int, v: int, schedule: str) -> list[int]:
+    if schedule == "zb-v":  # V placement: rank r holds stages r and 2p - 1 - r
+        return [rank, 2 * p - 1 - rank]
+    return [rank + k * p for k in range(v)]  # looped placement
+
+
+def profiled_costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+                   global_batch: int, dp_bucket_mb: float = 25.0) -> CostModel:
+    """Candidate ``c``'s costs with compute timed on this machine (``sim.profile_costs``).
+
+    The runtime's stage runner replays one pipeline of the layout (tp=1, dp=1: the
+    profiler runs in one process) in schedule order; what tp does to a stage's compute
+    is the analytic model's ratio, and its collectives, the dp reduction, links and
+    activation bytes are the analytic model's.
+    """
+    one = replace(c, tp=1, dp=1, sequence_parallel=False, zero=0)
+    layout = resolve_layout(model, one.parallel_config(dp_bucket_mb), seq_len=seq_len,
+                            batch_size=c.microbatch_size * c.microbatches)
+    prof = profile_costs(model, layout, microbatch_size=c.microbatch_size, seq_len=seq_len,
+                         recompute={"none": False, "full": True}.get(c.recompute, c.recompute))
+    mine, base = costs(model, c, cluster, seq_len, dp_bucket_mb), costs(model, one, cluster,
+                                                                       seq_len, dp_bucket_mb)
+
+    def scaled(name: str, comm: str | None) -> tuple[float, ...]:
+        own = getattr(mine, name)
+        extra = [mine.stage_value(comm, s) if comm else 0.0 for s in range(len(own))]
+        ratio = [(o - e) / b if b else 1.0
+                 for o, e, b in zip(own, extra, getattr(base, name), strict=True)]
+        return tuple(p * r + e for p, r, e in zip(getattr(prof, name), ratio, extra, strict=True))
+
+    f, b, w = scaled("f", "tp_f_s"), scaled("b", "tp_b_s"), scaled("w", None)
+    full_b = None
+    if prof.full_b is not None:  # B = I + W in the analytic model: scale as both
+        full_b = tuple(pb * (bi + wi) / (pi + pw) if pi + pw else pb for pb, bi, wi, pi, pw in
+                       zip(prof.full_b, b, w, prof.b, prof.w, strict=True))
+    return replace(mine, f=f, b=b, w=w, full_b=full_b, step_start_s=prof.step_start_s,
+                   source=f"{prof.source}; tp and dp analytic")
+
+
+def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+                       global_batch: int, dp_bucket_mb: float = 25.0, *,
+                       profile: bool = False) -> Estimate:
+    """The candidate run through the step simulator: exact under the cost model.
+
+    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`).
+    """
+    layout = resolve_layout(model, c.parallel_config(dp_bucket_mb), batch_size=global_batch,
+                            seq_len=seq_len)
+    c = replace(c, partition=layout.partition_method)
+    cost = (profiled_costs(model, c, cluster, seq_len, global_batch, dp_bucket_mb) if profile
+            else costs(model, c, cluster, seq_len, dp_bucket_mb))
+    result = simulate(layout.schedule, cost)
+    step = result.step_time
+    busy = {r: result.execution.busy(r) for r in result.timeline}
+    busiest = max(busy, key=busy.__getitem__)
+    return _finish(model, c, cluster, seq_len, global_batch, step_s=step,
+                   compute_s=busy[busiest], bubble=result.bubble_fraction,
+                   tp_s=result.tp_seconds(busiest), dp_exposed_s=result.dp_exposed,
+                   peak_act=max(result.peak_activation_bytes.values()),
+                   peak_mem=max(result.peak_memory_bytes.values()), simulated=True)
