@@ -79,6 +79,19 @@ def test_train_with_cost_partition_logs_its_layout(tmp_path: Path, corpus: Path,
 
 
 @pytest.mark.multiprocess
+def test_train_can_balance_blocks_timed_on_this_machine(tmp_path: Path, corpus: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--data", str(corpus), "--pp", "2", *TINY, "--layers", "4",
+            "--vocab-size", "1024", "--partition-costs", "profile", "--steps", "1",
+            "--val-fraction", "0", "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
+            "--name", "timed"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "forward + backward of each block timed here" in err, err
+    assert "partition cost [" in err
+
+
+@pytest.mark.multiprocess
 def test_train_with_tensor_parallelism_then_eval_unsharded(
         tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"

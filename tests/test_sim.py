@@ -426,3 +426,15 @@ def test_profile_replays_the_runtime_stage_runner() -> None:
         meter_bytes.append(r.meter.live_by["stash"])
     assert list(cost.activation_bytes) == meter_bytes
     assert simulate(layout.schedule, cost).step_time > 0
+
+
+def test_block_profile_times_every_block_and_weighs_a_large_head() -> None:
+    from conveyor.sim.block_profile import profile_block_costs
+
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, vocab_size=4096, max_seq_len=16)
+    costs = profile_block_costs(cfg, microbatch_size=2, seq_len=16, reps=2)
+    assert len(costs) == cfg.num_blocks and all(c > 0 for c in costs)
+    # a 4096-way softmax over 32 hidden units outweighs a 32-wide layer
+    assert costs[-1] > costs[1]
+    with pytest.raises(ValueError, match="seq_len=17"):
+        profile_block_costs(cfg, microbatch_size=1, seq_len=17)

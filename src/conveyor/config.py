@@ -154,6 +154,8 @@ class ParallelConfig:
     """``torch.compile`` every block (split backward included); the first step pays for compiling."""
     partition: Literal["uniform", "params", "cost"] = "cost"
     """How blocks are assigned to stages: one of PARTITIONS (default: balanced predicted compute)."""
+    partition_costs: Literal["analytic", "profile"] = "analytic"
+    """What 'cost' balances: analytic FLOPs, or each block's forward + backward timed here."""
     schedule_file: str | None = None
     """A hand-written CSV schedule (see `conveyor schedule show --csv`); replaces ``schedule``."""
     dp_bucket_mb: float = 25.0
@@ -172,6 +174,9 @@ class ParallelConfig:
         if self.zero not in (0, 1):
             raise ConfigError(f"zero={self.zero!r} is not supported; use 0 (off) or 1 "
                               "(optimizer state sharded over dp)")
+        if self.partition_costs not in ("analytic", "profile"):
+            raise ConfigError(f"partition_costs={self.partition_costs!r} is unknown; use "
+                              "analytic (FLOPs) or profile (time each block on this machine)")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile={self.compile!r} must be true or false")
         if self.recompute in RECOMPUTE_MODES:  # the names map onto the booleans older files hold

@@ -94,6 +94,9 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("parallel", "partition", "--partition", {"metavar": "HOW"},
      "blocks to stages: uniform (equal layer counts), params (balanced parameter counts) or "
      "cost (balanced predicted compute, embedding and head included)"),
+    ("parallel", "partition_costs", "--partition-costs", {"metavar": "HOW"},
+     "what --partition cost balances: analytic (FLOPs of each block) or profile (each "
+     "block's forward + backward timed on this machine before training, a few seconds)"),
     ("parallel", "dp_bucket_mb", "--dp-bucket-mb", {"type": float},
      "MiB per data-parallel gradient all-reduce, started as soon as backward finishes "
      "its parameters (0: one all-reduce per parameter after the step)"),

@@ -257,6 +257,7 @@ def resolve_layout(
     block_costs: Sequence[float] | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    cost_source: str = "given block costs",
 ) -> Layout:
     """The one place that decides a run's schedule, chunks, partition and microbatches.
 
@@ -279,7 +280,7 @@ def resolve_layout(
     if block_costs is None:
         costs, source = analytic_block_costs(model, seq), f"analytic forward FLOPs at seq_len {seq}"
     else:
-        costs, source = _checked_costs(model, block_costs), "given block costs"
+        costs, source = _checked_costs(model, block_costs), cost_source
     check_tensor_parallel(model, par.tp, sequence_parallel=par.sequence_parallel, seq_len=seq)
     microbatch_size = None
     if batch_size is not None:

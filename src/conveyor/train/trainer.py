@@ -88,6 +88,24 @@ def prepare(model: ModelConfig, data: DataConfig, *, seed: int, batch_size: int,
     return prepared
 
 
+def _resolve_layout(run: RunConfig) -> Layout:
+    """The run's Layout; with ``partition_costs='profile'`` on block costs timed here first."""
+    par = run.parallel
+    if par.partition_costs != "profile" or par.partition != "cost":
+        return resolve_layout(run.model, par, batch_size=run.train.batch_size)
+    from ..sim.block_profile import profile_block_costs
+
+    par.check_against(run.model, run.train.batch_size)  # before spending the seconds
+    t0 = time.perf_counter()
+    mbs = run.train.batch_size // (par.dp * par.microbatches)
+    costs = profile_block_costs(run.model, microbatch_size=mbs, seq_len=run.model.max_seq_len,
+                                seed=run.train.seed)
+    source = (f"forward + backward of each block timed here, microbatch {mbs} x "
+              f"{run.model.max_seq_len}, {time.perf_counter() - t0:.1f}s")
+    return resolve_layout(run.model, par, batch_size=run.train.batch_size, block_costs=costs,
+                          cost_source=source)
+
+
 def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     """Check, prepare, create the run directory, and train on ``pp*dp*tp`` ranks.
 
@@ -97,7 +115,7 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     if run.train.init is not None:  # read whole here, so a bad model fails before spawning
         tokenizer = _init_tokenizer(run, read_init(Path(run.train.init)))
     # decided here, once, before anything is read or spawned: every rank gets this Layout
-    layout = resolve_layout(run.model, run.parallel, batch_size=run.train.batch_size)
+    layout = _resolve_layout(run)
     ckpt, meta = None, None
     if run.train.resume is not None:
         ckpt = resolve_checkpoint(Path(run.train.resume))
