@@ -29,6 +29,9 @@ from equivalence import Case, batches, rel_diff
 
 BUCKETED = Case("1f1b", 1, 2, dp=2, tied=True, bucket_mb=0.01)
 ZERO = dataclasses.replace(BUCKETED, zero=1)
+# torch 2.13 renamed reduce_scatter_tensor; the older name stays, deprecated
+REDUCE_SCATTER = ("reduce_scatter_single" if hasattr(dist, "reduce_scatter_single")
+                  else "reduce_scatter_tensor")
 
 
 def _param(n: int, dtype: torch.dtype = torch.float32) -> nn.Parameter:
@@ -57,13 +60,14 @@ def _counting(group: object) -> Iterator[list[tuple[str, bool, int]]]:
     """(collective, async_op, elements) of every all-reduce, reduce-scatter and all-gather
     over ``group`` while the block runs."""
     calls: list[tuple[str, bool, int]] = []
-    real = {n: getattr(dist, n) for n in ("all_reduce", "reduce_scatter_single", "all_gather")}
+    real = {n: getattr(dist, n) for n in ("all_reduce", REDUCE_SCATTER, "all_gather")}
 
     def wrap(name: str, fn: Callable[..., object]) -> Callable[..., object]:
         def counted(tensor: object, *args: object, **kw: object) -> object:
             if kw.get("group") is group:
                 numel = tensor.numel() if isinstance(tensor, torch.Tensor) else -1
-                calls.append((name, bool(kw.get("async_op", False)), numel))
+                label = "reduce_scatter" if name == REDUCE_SCATTER else name
+                calls.append((label, bool(kw.get("async_op", False)), numel))
             return fn(tensor, *args, **kw)
         return counted
 
@@ -198,7 +202,7 @@ def test_zero1_reduce_scatters_grads_in_buckets_and_never_all_reduces_them() -> 
         buckets = z["buckets"]
         # one async reduce-scatter per bucket, issued during the step; the only all-reduce
         # is the loss's scalar; one all-gather of the updated chunks after the step
-        assert [c[:2] for c in z["calls"][:buckets]] == [("reduce_scatter_single", True)] * buckets, \
+        assert [c[:2] for c in z["calls"][:buckets]] == [("reduce_scatter", True)] * buckets, \
             f"rank {rank}"
         assert [c[:2] for c in z["calls"][buckets:]] == [("all_reduce", False),
                                                           ("all_gather", False)], f"rank {rank}"

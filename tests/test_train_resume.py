@@ -23,7 +23,7 @@ from conveyor.train.trainer import run_training
 
 pytestmark = pytest.mark.multiprocess
 
-MODEL = ModelConfig(vocab_size=320, n_layers=2, d_model=32, n_heads=2, max_seq_len=16,
+MODEL = ModelConfig(vocab_size=320, n_layers=2, d_model=32, n_heads=4, max_seq_len=16,
                     tie_embeddings=True)
 WORDS = ("stage rank sends activations forward while gradients flow back through the "
          "pipeline and every microbatch waits its turn").split()
@@ -44,9 +44,9 @@ def write_corpus(root: Path, files: int = 4, lines: int = 150) -> Path:
 
 def _run(tmp: Path, name: str, pp: int, resume: Path | None = None,
          checkpoint_every: int = 3, tp: int = 1, steps: int = 6, dp: int = 1,
-         zero: int = 0, model: ModelConfig = MODEL) -> dict[int, dict[str, Any]]:
+         zero: int = 0) -> dict[int, dict[str, Any]]:
     run = RunConfig(
-        model=model,
+        model=MODEL,
         parallel=ParallelConfig(pp=pp, tp=tp, dp=dp, zero=zero, microbatches=2),
         train=TrainConfig(steps=steps, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=0,
                           eval_batches=1, checkpoint_every=checkpoint_every, keep=0,
@@ -118,49 +118,50 @@ def test_resume_keeps_the_model(straight: tuple[Path, list[float]]) -> None:
         run_training(run)
 
 
-def test_tensor_parallel_checkpoints_resume_under_any_tp(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "corpus")
-    single = _losses(_run(tmp_path, "single", pp=1, steps=4, checkpoint_every=2))
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    """One process, and pp=2 x tp=2 (checkpoints at steps 2 and 4): 4 steps each, equal."""
+    tmp = tmp_path_factory.mktemp("tp")
+    write_corpus(tmp / "corpus")
+    single = _losses(_run(tmp, "single", pp=1, steps=4, checkpoint_every=2))
     # pp=2 x tp=2 trains like one process (AdamW, clipping, tied embedding split 4 ways)
-    sharded = _losses(_run(tmp_path, "sharded", pp=2, tp=2, steps=4, checkpoint_every=2))
+    sharded = _losses(_run(tmp, "sharded", pp=2, tp=2, steps=4, checkpoint_every=2))
     assert sharded == pytest.approx(single, rel=1e-5, abs=0)
-    # its step-2 checkpoint (logical tensors, gathered over tp) resumes in one process
-    ckpt = tmp_path / "runs" / "sharded" / "checkpoints" / "step-00000002"
-    resumed = _losses(_run(tmp_path, "unsharded", pp=1, resume=ckpt, steps=4))
+    return tmp, single
+
+
+def test_tensor_parallel_checkpoints_resume_under_any_tp(tp_runs: tuple[Path, list[float]]) -> None:
+    tmp, single = tp_runs
+    # the step-2 checkpoint of pp=2 x tp=2 (logical tensors, gathered over tp) resumes in one process
+    resumed = _losses(_run(tmp, "unsharded", pp=1, resume=_ckpt(tmp, "sharded", 2), steps=4))
     assert resumed == pytest.approx(single[2:], rel=1e-5, abs=0)
     # and one process's checkpoint is sliced again into pp=2 x tp=2 shards
-    ckpt = tmp_path / "runs" / "single" / "checkpoints" / "step-00000002"
-    resharded = _losses(_run(tmp_path, "resharded", pp=2, tp=2, resume=ckpt, steps=4))
+    resharded = _losses(_run(tmp, "resharded", pp=2, tp=2, resume=_ckpt(tmp, "single", 2), steps=4))
     assert resharded == pytest.approx(single[2:], rel=1e-5, abs=0)
 
 
-def test_zero1_trains_like_one_process_and_resumes_under_any_dp(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "corpus")
-    single = _losses(_run(tmp_path, "single", pp=1, steps=4, checkpoint_every=2))
+def test_resume_chains_across_3d_layouts(tp_runs: tuple[Path, list[float]]) -> None:
+    tmp, single = tp_runs
+    # pp=2 x tp=2's step-2 checkpoint resumed as tp=4 (every matrix cut 4 ways)
+    wide = _losses(_run(tmp, "tp4", pp=1, tp=4, steps=4, checkpoint_every=1,
+                        resume=_ckpt(tmp, "sharded", 2)))
+    assert wide == pytest.approx(single[2:], rel=1e-5, abs=0)
+    # and its step-3 checkpoint as dp=2 x pp=2, AdamW state in ZeRO-1 chunks
+    last = _losses(_run(tmp, "dp2pp2", pp=2, dp=2, zero=1, steps=4, resume=_ckpt(tmp, "tp4", 3)))
+    assert last == pytest.approx(single[3:], rel=1e-5, abs=0)
+
+
+def test_zero1_trains_like_one_process_and_resumes_under_any_dp(
+    tp_runs: tuple[Path, list[float]],
+) -> None:
+    tmp, single = tp_runs
     # dp=2 with ZeRO-1: each replica keeps AdamW state for half of every parameter
-    zero = _losses(_run(tmp_path, "zero", pp=1, dp=2, zero=1, steps=4, checkpoint_every=2))
+    zero = _losses(_run(tmp, "zero", pp=1, dp=2, zero=1, steps=4, checkpoint_every=2))
     assert zero == pytest.approx(single, rel=1e-5, abs=0)
     # its checkpoint holds the logical AdamW state (gathered over dp): one process resumes it
-    ckpt = tmp_path / "runs" / "zero" / "checkpoints" / "step-00000002"
-    resumed = _losses(_run(tmp_path, "unzeroed", pp=1, resume=ckpt, steps=4))
+    resumed = _losses(_run(tmp, "unzeroed", pp=1, resume=_ckpt(tmp, "zero", 2), steps=4))
     assert resumed == pytest.approx(single[2:], rel=1e-5, abs=0)
     # and one process's checkpoint is cut into ZeRO-1 chunks again
-    ckpt = tmp_path / "runs" / "single" / "checkpoints" / "step-00000002"
-    rezeroed = _losses(_run(tmp_path, "rezeroed", pp=1, dp=2, zero=1, resume=ckpt, steps=4))
+    rezeroed = _losses(_run(tmp, "rezeroed", pp=1, dp=2, zero=1, resume=_ckpt(tmp, "single", 2),
+                            steps=4))
     assert rezeroed == pytest.approx(single[2:], rel=1e-5, abs=0)
-
-
-def test_resume_chains_across_3d_layouts(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "corpus")
-    model = dataclasses.replace(MODEL, n_heads=4)  # tp=4 splits the heads
-    # pp=2 x tp=2 from scratch; its step-1 checkpoint holds logical tensors
-    first = _losses(_run(tmp_path, "pp2tp2", pp=2, tp=2, steps=3, checkpoint_every=1,
-                         model=model))
-    # resumed as tp=4 (every matrix cut 4 ways, the tied head on the same ranks)
-    wide = _losses(_run(tmp_path, "tp4", pp=1, tp=4, steps=3, checkpoint_every=1, model=model,
-                        resume=_ckpt(tmp_path, "pp2tp2", 1)))
-    assert wide == pytest.approx(first[1:], rel=1e-5, abs=0)
-    # and its step-2 checkpoint as dp=2 x pp=2, AdamW state in ZeRO-1 chunks
-    last = _losses(_run(tmp_path, "dp2pp2", pp=2, dp=2, zero=1, steps=3, model=model,
-                        resume=_ckpt(tmp_path, "tp4", 2)))
-    assert last == pytest.approx(first[2:], rel=1e-5, abs=0)

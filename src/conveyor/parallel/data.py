@@ -18,7 +18,7 @@ for the whole stage) a stage's buckets all go out when its action ends.
 Under ZeRO-1 (``zero=``) a bucket is reduce-scattered instead, at the same moments:
 each rank receives only the averaged chunks of the bucket's parameters it owns
 (``parallel.zero``), which become its optimizer leaves' grads. gloo implements
-``reduce_scatter_single`` on CPU since torch 2.x, so both backends run the same call.
+reduce-scatter on CPU (checked on torch 2.11 and 2.13), so both backends run one call.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .zero import ZeroShards
+from .zero import ZeroShards, reduce_scatter
 
 __all__ = ["GradBuckets", "plan_buckets"]
 
@@ -140,8 +140,7 @@ class GradBuckets:
         with torch.no_grad():
             if self.zero is not None:
                 bucket.sent, bucket.result = self.zero.scatter_input(bucket.params)
-                bucket.work = dist.reduce_scatter_single(bucket.result, bucket.sent,
-                                                         group=self.group, async_op=True)
+                bucket.work = reduce_scatter(bucket.result, bucket.sent, self.group, async_op=True)
                 return
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
             bucket.result = torch.cat([g.reshape(-1) for g in grads])

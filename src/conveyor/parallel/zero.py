@@ -25,7 +25,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ZeroShards", "chunk_size"]
+__all__ = ["ZeroShards", "chunk_size", "reduce_scatter"]
+
+
+def reduce_scatter(output: Tensor, input: Tensor, group: dist.ProcessGroup | None,
+                   async_op: bool = False) -> dist.Work | None:
+    """Sum ``input`` (dp equal parts) over ``group``; this rank's part lands in ``output``.
+
+    ``dist.reduce_scatter_single`` from torch 2.13 on, ``reduce_scatter_tensor`` (the same
+    call, now deprecated) before; looked up at call time, so tests can count it.
+    """
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
 
 
 def chunk_size(numel: int, dp: int) -> int:
@@ -93,7 +104,7 @@ class ZeroShards:
         """The local grads of ``params`` flat, rank by rank, and the buffer for this rank's part.
 
         Row ``r`` of the input holds chunk ``r`` of every parameter in order, each padded
-        to its chunk size (a missing grad counts as zeros), so ``reduce_scatter_single``
+        to its chunk size (a missing grad counts as zeros), so ``reduce_scatter``
         of the two leaves row ``dp_rank``, summed over dp, in the output.
         """
         shards = [self._of[id(p)] for p in params]
@@ -128,7 +139,7 @@ class ZeroShards:
         """Average ``params``' grads over dp into the leaves, one blocking reduce-scatter each."""
         for p in params:
             flat, mine = self.scatter_input([p])
-            dist.reduce_scatter_single(mine, flat, group=self.group)
+            reduce_scatter(mine, flat, self.group)
             self.add_scattered([p], mine.div_(self.dp))
 
     def zero_grad(self) -> None:
