@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..log import get_logger
 from ..models import EmbeddingBlock, HeadBlock, KVCache, Transformer, TransformerBlock
+from ..models.layers import LeftPadding
 from .sampling import GenerationError, check_sampling, sample_next
 
 __all__ = [
@@ -77,20 +78,24 @@ class CachedBlocks:
         batch_size: int,
         max_len: int,
         device: torch.device | None = None,
+        padding: LeftPadding | None = None,
     ) -> None:
         self.blocks = dict(sorted(blocks.items()))
+        self.padding = padding  # rows of unequal prompts, left-padded to one length
         dtype = next(next(iter(self.blocks.values())).parameters()).dtype
         self.caches = {
             i: KVCache.from_config(cfg, batch_size, max_len, dtype=dtype, device=device)
             for i, b in self.blocks.items()
             if isinstance(b, TransformerBlock)
         }
+        for cache in self.caches.values():
+            cache.padding = padding
 
     def __call__(self, x: Tensor, start_pos: int) -> Tensor:
-        """Run the blocks in order on positions ``start_pos..``, filling the caches."""
+        """Run the blocks in order on slots ``start_pos..``, filling the caches."""
         for i, block in self.blocks.items():
             if isinstance(block, EmbeddingBlock):
-                x = block(x, start_pos)  # (B, T, D)
+                x = block(x, start_pos, self.padding)  # (B, T, D)
             elif isinstance(block, TransformerBlock):
                 x = block(x, self.caches[i], start_pos)  # (B, T, D)
             else:
