@@ -23,10 +23,10 @@ from conveyor.generation import (
     generate,
     sample_next,
 )
+from conveyor.generation.batch import Sampling
 from conveyor.models import HeadBlock, Transformer
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.partition import uniform
-from conveyor.generation.batch import Sampling
 from conveyor.runtime.generate import PipelinedGenerator, build_stage, generate_pipelined
 from conveyor.runtime.launch import launch
 from conveyor.train.checkpoint import save_checkpoint
