@@ -81,7 +81,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=32,
                    help="prompts of a file generated together (their KV caches held at once)")
     p.add_argument("--microbatches", type=int, default=None,
-                   help="microbatches a batch is split into (default: 2 x pp; 1 at pp 1)")
+                   help="microbatches a batch is split into (default: pp)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to use instead of the one the checkpoint names")
     p.add_argument("--timeout", type=float, default=300.0,

@@ -178,10 +178,11 @@ class PipelinedGenerator:
     ) -> list[list[int]]:
         """The new token ids of every prompt; ``on_token(prompt, id)`` as they arrive here.
 
-        ``microbatches`` defaults to twice the pipeline depth (one on one rank). Same
+        ``microbatches`` defaults to the pipeline depth, the fewest that keep the ring
+        full (each more costs an action per stage and round). Same
         stopping rules and errors as :func:`conveyor.generation.generate`.
         """
-        m = microbatches or (2 * self.pp if self.pp > 1 else 1)
+        m = microbatches or self.pp
         batch = PromptBatch(prompts, max_new_tokens, self.cfg, m)
         tracker = Tracker(batch, sampling, on_token)
         run = _Run(self, batch, tracker, sampling)
