@@ -19,11 +19,11 @@ from conveyor.config import ModelConfig
 from conveyor.generation import (
     CachedBlocks,
     check_prompt,
-    check_sampling,
     context_budget,
     decode_loop,
     sample_next,
 )
+from conveyor.generation.batch import Sampling
 from conveyor.parallel.mesh import Mesh
 from conveyor.runtime.comm import wait_work
 
@@ -39,24 +39,16 @@ def generate_one_at_a_time(
     mesh: Mesh,
     prompt_ids: Sequence[int] | Tensor,
     max_new_tokens: int,
-    *,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = 0.95,
-    seed: int = 0,
-    stop_at_eot: bool = True,
-    eot_id: int | None = None,
+    sampling: Sampling,
     on_token: Callable[[int], None] | None = None,
     timeout_s: float = 300.0,
 ) -> list[int]:
     """The replaced pipelined generation: one sequence, hand-written send/recv/broadcast.
 
     Every pipeline rank calls this with the same prompt and settings; each returns
-    the new token ids and calls ``on_token`` on its own rank. Same stopping rules
-    and errors as :func:`conveyor.generation.generate`. A wait longer than
-    ``timeout_s`` raises CommTimeout naming the rank, the step and the peer.
+    the new token ids and calls ``on_token`` on its own rank.
     """
-    check_sampling(temperature, top_k, top_p)
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     ids = check_prompt(prompt_ids, cfg)
     budget = context_budget(len(ids), max_new_tokens, cfg.max_seq_len)
     if budget == 0:
@@ -72,7 +64,7 @@ def generate_one_at_a_time(
     device = next(next(iter(blocks.values())).parameters()).device
     dtype = next(next(iter(blocks.values())).parameters()).dtype
     stack = CachedBlocks(blocks, cfg, 1, len(ids) + budget - 1, device)
-    generator = torch.Generator(device=device).manual_seed(seed) if last else None
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if last else None
     timeout = datetime.timedelta(seconds=timeout_s)
     prev_rank = mesh.pp_ranks[stage - 1] if not first else None
     next_rank = mesh.pp_ranks[stage + 1] if not last else None
@@ -103,5 +95,5 @@ def generate_one_at_a_time(
                              f"from global rank {last_rank}")
         return int(token[0])
 
-    return decode_loop(ids, budget, step, stop_at_eot=stop_at_eot, eot_id=eot_id,
-                       on_token=on_token)
+    return decode_loop(ids, budget, step, stop_at_eot=sampling.stop_at_eot,
+                       eot_id=sampling.eot_id, on_token=on_token)

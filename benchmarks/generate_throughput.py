@@ -19,7 +19,9 @@ latency_p90_s (seconds between consecutive tokens of one sequence, where they ar
 sampled, over every sequence and repeat), ttft_s (median time to a sequence's
 first token), wall_s_all, others_cpu (share of the cores other processes used
 during the case: above a few percent the numbers measure the neighbours too) and
-load_1m. Pipelined conveyor cases also carry the simulator's prediction of the same
+load_1m (on this shared 2-core machine other agents' load comes and goes: compare
+within one run, and read ``wall_s_all``), oversubscribed (more threads than cores:
+pp=4 here). Pipelined conveyor cases also carry the simulator's prediction of the same
 run (sim_tokens_per_s, sim_latency_median_s, sim_latency_p90_s): each rank's
 compute costs timed here beforehand in one thread (a stage's forward on the
 microbatch shape of a prefill and of a decode round), the CPU runtime's gloo and
@@ -113,8 +115,8 @@ def _run_conveyor(gen: PipelinedGenerator, prompts: list[list[int]], spec: Spec,
 def _run_old(blocks: dict, mesh: Mesh, prompts: list[list[int]], spec: Spec) -> _Clock:
     clock = _Clock()
     for i, p in enumerate(prompts):
-        generate_one_at_a_time(blocks, spec.cfg, mesh, p, spec.new_tokens, temperature=0,
-                               stop_at_eot=False, on_token=lambda t, i=i: clock(i, t))
+        generate_one_at_a_time(blocks, spec.cfg, mesh, p, spec.new_tokens, GREEDY,
+                               on_token=lambda t, i=i: clock(i, t))
     return clock
 
 
@@ -144,20 +146,22 @@ def _ranks(spec: Spec, pp: int, batches: list[int]) -> dict[str, Any]:
     return out
 
 
-def _single(spec: Spec, threads: int, batch: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    part = resolve_partition(spec.cfg, 1)
-    gen = PipelinedGenerator(build_stage(spec.cfg, part, 0), spec.cfg)
+def _single(spec: Spec, batches: list[int]) -> dict[str, Any]:
+    """The whole model in this one process, with the threads it was started with."""
+    gen = PipelinedGenerator(build_stage(spec.cfg, resolve_partition(spec.cfg, 1), 0), spec.cfg)
     _run_conveyor(gen, spec.prompts[:1], spec, 1)
-    rec: dict[str, Any] = {"wall": [], "gaps": [], "firsts": [], "usage": []}
+    out: dict[str, Any] = {}
     for _ in range(spec.repeats):
-        usage = _Usage()
-        clock = _run_conveyor(gen, spec.prompts[:batch], spec, 1)
-        rec["wall"].append(time.perf_counter() - clock.start)
-        rec["gaps"] += clock.gaps()
-        rec["firsts"] += clock.firsts()
-        rec["usage"].append(usage.done())
-    return rec
+        for b in batches:
+            usage = _Usage()
+            clock = _run_conveyor(gen, spec.prompts[:b], spec, 1)
+            rec = out.setdefault(f"conveyor-{b}", {"wall": [], "gaps": [], "firsts": [],
+                                                   "usage": []})
+            rec["wall"].append(time.perf_counter() - clock.start)
+            rec["gaps"] += clock.gaps()
+            rec["firsts"] += clock.firsts()
+            rec["usage"].append(usage.done())
+    return out
 
 
 # -- the simulator's prediction -------------------------------------------------------------
@@ -243,7 +247,7 @@ def _line(impl: str, pp: int, batch: int, threads: int, recs: list[dict[str, Any
     wall = statistics.median(walls)
     return {
         "impl": impl, "pp": pp, "batch": batch, "threads_total": threads,
-        "microbatches": _microbatches(pp, batch) if impl != "old" else 1,
+        "microbatches": _microbatches(pp, batch) if impl == "conveyor" else 1,
         "new_tokens": spec.new_tokens, "tokens_per_s": round(batch * spec.new_tokens / wall, 1),
         "latency_median_s": _round(statistics.median(last["gaps"])),
         "latency_p90_s": _round(_percentile(last["gaps"], 0.9)),
@@ -251,6 +255,7 @@ def _line(impl: str, pp: int, batch: int, threads: int, recs: list[dict[str, Any
         "wall_s_all": [round(w, 4) for w in walls],
         "others_cpu": _others([u for r in recs for u in r["usage"]]),
         "load_1m": round(os.getloadavg()[0], 2),
+        "oversubscribed": threads > (os.cpu_count() or 1),
     }
 
 
@@ -277,10 +282,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     spec = Spec(cfg, prompts, args.new_tokens, args.repeats)
     lines = []
     for pp in args.pp:
-        if pp == 1:
-            per_rank = {0: {f"conveyor-{b}": _single(spec, 1, b) for b in args.batches}}
-        else:
-            per_rank = launch(_ranks, pp, spec, pp, args.batches, timeout_s=1800)
+        # one process with pp threads: spawned like a rank, so it starts with them
+        single = launch(_single, 1, spec, args.batches, threads_per_rank=pp, timeout_s=1800)[0]
+        per_rank = ({0: single} if pp == 1 else
+                    launch(_ranks, pp, spec, pp, args.batches, timeout_s=1800))
         for b in args.batches:
             for impl in ("conveyor", "old"):
                 key = f"{impl}-{b}"
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 lines.append(line)
                 print(json.dumps(line), flush=True)
             if pp > 1:
-                line = _line("single", pp, b, pp, [_single(spec, pp, b)], spec)
+                line = _line("single", pp, b, pp, [single[f"conveyor-{b}"]], spec)
                 lines.append(line)
                 print(json.dumps(line), flush=True)
     _summary(lines)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,3 +133,24 @@ def test_runtime_generate_moves_no_tensors_itself() -> None:
     hits = [f"{n}: {line.strip()}" for n, line in enumerate(src.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert not hits, "runtime/generate.py sends or receives by itself:\n" + "\n".join(hits)
+
+
+@pytest.mark.multiprocess
+def test_throughput_benchmark_prints_complete_json_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        import generate_throughput
+    finally:
+        sys.path.remove(str(benchmarks))
+    generate_throughput.main(["--pp", "2", "--batches", "3", "--repeats", "1",
+                              "--new-tokens", "3", "--layers", "2", "--d-model", "32",
+                              "--vocab", "128", "--max-prompt", "10"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d.get("impl") for d in lines] == ["conveyor", "old", "single", None]
+    for d in lines[:-1]:
+        assert d["batch"] == 3 and d["tokens_per_s"] > 0 and d["latency_median_s"] > 0, d
+    assert lines[0]["microbatches"] == 2 and lines[0]["sim_tokens_per_s"] > 0
+    assert lines[-1]["speedup_vs_old"] > 0 and lines[-1]["ratio_vs_single"] > 0
