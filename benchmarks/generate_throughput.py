@@ -190,10 +190,10 @@ def stage_costs(spec: Spec, pp: int, batch: int) -> tuple[list[float], list[floa
 
         def stack(blocks: dict = blocks) -> CachedBlocks:
             return CachedBlocks(blocks, spec.cfg, size, pb.cache_len,
-                                padding=pb.padding(0, torch.device("cpu")))
+                                padding=pb.padding(pb.rows(0), torch.device("cpu")))
 
         first = s == 0
-        x_pre = pb.tokens(0, torch.device("cpu")) if first else torch.randn(size, pb.prompt_len, d)
+        x_pre = pb.tokens(pb.rows(0), torch.device("cpu")) if first else torch.randn(size, pb.prompt_len, d)
         x_dec = torch.zeros(size, 1, dtype=torch.long) if first else torch.randn(size, 1, d)
         prefill.append(_time_forward(stack, x_pre, 0))
         # a decode round half way: attention over half the new tokens' cache

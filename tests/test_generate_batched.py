@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conveyor.config import ModelConfig
-from conveyor.generation import generate
-from conveyor.generation.batch import PromptBatch, Sampling
+from conveyor.generation import CachedBlocks, generate
+from conveyor.generation.batch import PromptBatch, Sampling, Tracker
 from conveyor.models import Transformer
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.partition import uniform
@@ -66,9 +66,9 @@ def test_prompt_batch_pads_left_and_fills_the_last_microbatch() -> None:
     batch = PromptBatch(PROMPTS, 6, GPT2, 2)
     assert (batch.size, batch.num_microbatches, batch.prompt_len) == (3, 2, 19)
     assert batch.rows(1) == [3, 4, -1]
-    tokens = batch.tokens(0, torch.device("cpu"))
+    tokens = batch.tokens(batch.rows(0), torch.device("cpu"))
     assert tokens[1].tolist() == [0] * 18 + [1]
-    assert batch.padding(1, torch.device("cpu")).pad.tolist() == [0, 17, 18]
+    assert batch.padding(batch.rows(1), torch.device("cpu")).pad.tolist() == [0, 17, 18]
     assert batch.budgets[3] == GPT2.max_seq_len - 19 + 1
 
 
@@ -154,3 +154,23 @@ def test_throughput_benchmark_prints_complete_json_lines(
         assert d["batch"] == 3 and d["tokens_per_s"] > 0 and d["latency_median_s"] > 0, d
     assert lines[0]["microbatches"] == 2 and lines[0]["sim_tokens_per_s"] > 0
     assert lines[-1]["speedup_vs_old"] > 0 and lines[-1]["ratio_vs_single"] > 0
+
+
+def test_finished_sequences_leave_their_rows() -> None:
+    batch = PromptBatch(PROMPTS, 6, GPT2, 2)
+    tracker = Tracker(batch, GREEDY)
+    assert tracker.regroup(2) is None  # nobody finished: the layout stays
+    tracker.done[1] = tracker.done[3] = True
+    picks = tracker.regroup(2)
+    # three sequences left, in order, in two microbatches of two (one idle row)
+    assert tracker.layout == [[0, 2], [4, -1]]
+    assert picks == [[(0, 0), (0, 2)], [(1, 1), (0, 0)]]
+    model = Transformer(GPT2, seed=3)
+    stacks = [CachedBlocks(dict(enumerate(model.blocks)), GPT2, 3, batch.cache_len,
+                           padding=batch.padding(batch.rows(mb), torch.device("cpu")))
+              for mb in range(2)]
+    moved = CachedBlocks.gather(stacks, picks[1])
+    assert moved.padding is not None and moved.padding.pad.tolist() == [17, 14]  # prompts 4 and 0
+    assert torch.equal(moved.caches[1].k[0], stacks[1].caches[1].k[1])
+    tracker.done = [True] * len(PROMPTS)
+    assert tracker.regroup(2) == [] and tracker.layout == []

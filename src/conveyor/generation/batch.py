@@ -11,8 +11,11 @@ a prompt generated in a batch gives what it gives alone, sampled or greedy (up t
 float rounding between batched and single matmuls).
 
 A sequence that finishes (end-of-text, its token budget, or a full context)
-keeps its row until its whole microbatch has finished; the generation loop then
-drops that microbatch, and stops when none is left.
+keeps its row until the current segment of rounds ends; then it leaves its slot:
+the :class:`Tracker` lays the unfinished sequences out again in as few
+microbatches as the run allows (:meth:`Tracker.regroup`), and their KV caches
+follow them (:meth:`CachedBlocks.gather <conveyor.generation.decoding.CachedBlocks.gather>`).
+Generation stops when no sequence is left.
 """
 
 from __future__ import annotations
@@ -55,10 +58,15 @@ class Sampling:
         check_sampling(self.temperature, self.top_k, self.top_p)
 
     def sample(self, logits: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
-        """Next ids (B,) from logits (B, V), row ``b`` drawing from ``generators[b]``."""
+        """Next ids (B,) from logits (B, V), row ``b`` drawing from ``generators[b]``.
+
+        A row without a generator (an idle row) takes the most likely token.
+        """
+        greedy = logits.argmax(dim=-1)
         if self.temperature == 0:
-            return logits.argmax(dim=-1)
-        rows = [sample_next(logits[b : b + 1], temperature=self.temperature, top_k=self.top_k,
+            return greedy
+        rows = [greedy[b : b + 1] if g is None else
+                sample_next(logits[b : b + 1], temperature=self.temperature, top_k=self.top_k,
                             top_p=self.top_p, generator=g)
                 for b, g in enumerate(generators)]
         return torch.cat(rows)
@@ -90,17 +98,17 @@ class PromptBatch:
         first = mb * self.size
         return [i if i < len(self.prompts) else -1 for i in range(first, first + self.size)]
 
-    def tokens(self, mb: int, device: torch.device) -> Tensor:
-        """The microbatch's prompts, left-padded with token 0: (size, prompt_len)."""
-        out = torch.zeros(self.size, self.prompt_len, dtype=torch.long)
-        for b, i in enumerate(self.rows(mb)):
+    def tokens(self, rows: Sequence[int], device: torch.device) -> Tensor:
+        """The prompts of ``rows`` (prompt indices, -1 idle), left-padded with 0: (rows, prompt_len)."""
+        out = torch.zeros(len(rows), self.prompt_len, dtype=torch.long)
+        for b, i in enumerate(rows):
             if i >= 0:
                 out[b, self.prompt_len - len(self.prompts[i]):] = torch.tensor(self.prompts[i])
         return out.to(device)
 
-    def padding(self, mb: int, device: torch.device) -> LeftPadding:
-        """Where each row of microbatch ``mb`` starts (an idle row is all padding but its last slot)."""
-        pad = [self.prompt_len - (len(self.prompts[i]) if i >= 0 else 1) for i in self.rows(mb)]
+    def padding(self, rows: Sequence[int], device: torch.device) -> LeftPadding:
+        """Where each of ``rows`` starts (an idle row is all padding but its last slot)."""
+        pad = [self.prompt_len - (len(self.prompts[i]) if i >= 0 else 1) for i in rows]
         return LeftPadding(torch.tensor(pad, dtype=torch.long, device=device), self.max_seq_len)
 
     def slots(self, round_: int) -> tuple[int, int]:
@@ -111,7 +119,10 @@ class PromptBatch:
 
 
 class Tracker:
-    """Each sequence's new tokens so far, and which have finished (the same on every rank)."""
+    """Each sequence's new tokens, which have finished, and which row each holds now.
+
+    Every rank keeps one and feeds it the same tokens, so all agree on the layout.
+    """
 
     def __init__(
         self, batch: PromptBatch, sampling: Sampling, on_token: SequenceCallback | None = None
@@ -121,20 +132,20 @@ class Tracker:
         self.on_token = on_token
         self.out: list[list[int]] = [[] for _ in batch.prompts]
         self.done = [b == 0 for b in batch.budgets]
-        self.next_round = [0] * batch.num_microbatches
-        self.last: dict[int, Tensor] = {}  # microbatch -> its newest tokens (size,)
+        self.rounds = [0] * len(batch.prompts)  # rounds recorded per sequence
+        self.last = [0] * len(batch.prompts)  # each sequence's newest token
+        # prompt index of each row of each microbatch (-1: idle row)
+        self.layout = [batch.rows(mb) for mb in range(batch.num_microbatches)]
 
     def add(self, mb: int, round_: int, tokens: Tensor) -> None:
         """Record round ``round_``'s tokens (size,) of microbatch ``mb``; repeats are ignored."""
-        if round_ < self.next_round[mb]:
-            return
-        assert round_ == self.next_round[mb], f"round {round_} of microbatch {mb} came early"
-        self.next_round[mb] += 1
-        self.last[mb] = tokens
         s = self.sampling
-        for i, token in zip(self.batch.rows(mb), tokens.tolist(), strict=True):
-            if i < 0 or self.done[i]:
+        for i, token in zip(self.layout[mb], tokens.tolist(), strict=True):
+            if i < 0 or self.done[i] or round_ < self.rounds[i]:
                 continue
+            assert round_ == self.rounds[i], f"round {round_} of sequence {i} came early"
+            self.rounds[i] += 1
+            self.last[i] = token
             if s.stop_at_eot and s.eot_id is not None and token == s.eot_id:
                 self.done[i] = True
                 continue
@@ -143,11 +154,34 @@ class Tracker:
                 self.on_token(i, token)
             self.done[i] = len(self.out[i]) >= self.batch.budgets[i]
 
-    def finished(self, mb: int) -> bool:
-        """True once every sequence of microbatch ``mb`` has finished."""
-        return all(i < 0 or self.done[i] for i in self.batch.rows(mb))
+    def newest(self, mb: int, device: torch.device) -> Tensor:
+        """The newest token of each row of microbatch ``mb``: (size, 1), the next round's input."""
+        return torch.tensor([[self.last[i] if i >= 0 else 0] for i in self.layout[mb]],
+                            device=device)
 
-    def rounds_left(self, mbs: Sequence[int]) -> int:
-        """Rounds until every unfinished sequence of ``mbs`` has used its budget."""
-        return max((self.batch.budgets[i] - len(self.out[i]) for mb in mbs
-                    for i in self.batch.rows(mb) if i >= 0 and not self.done[i]), default=0)
+    def regroup(self, max_microbatches: int) -> list[list[tuple[int, int]]] | None:
+        """Lay the unfinished sequences out again, or None if the layout stays as it is.
+
+        They keep their order, in at most ``max_microbatches`` microbatches of one
+        size; the last is filled with idle rows (copies of a live row's slot, whose
+        tokens are ignored). Returns, per new row, its (old microbatch, old row).
+        """
+        where = {i: (mb, r) for mb, rows in enumerate(self.layout) for r, i in enumerate(rows)
+                 if i >= 0 and not self.done[i]}
+        live = list(where)
+        if not any(i >= 0 and self.done[i] for rows in self.layout for i in rows):
+            return None  # nobody finished since the last layout
+        if not live:
+            self.layout = []
+            return []
+        m = min(max_microbatches, len(live))
+        size = -(-len(live) // m)
+        rows = [live[k:k + size] for k in range(0, len(live), size)]
+        rows[-1] += [-1] * (size - len(rows[-1]))
+        self.layout = rows
+        return [[where[i if i >= 0 else live[0]] for i in mb_rows] for mb_rows in rows]
+
+    def rounds_left(self) -> int:
+        """Rounds until every unfinished sequence has used its budget."""
+        return max((self.batch.budgets[i] - len(self.out[i]) for rows in self.layout
+                    for i in rows if i >= 0 and not self.done[i]), default=0)

@@ -16,7 +16,8 @@ timeouts naming the action, NCCL-semantics mode, recorded timelines)::
 With several microbatches the ring is full: rank 0 runs microbatch B's round
 while rank 1 runs A's. A *segment* is a number of rounds run as one schedule;
 between segments every rank knows every token (the relay at a segment's end), so
-all drop the microbatches whose sequences have finished, and stop together.
+all lay the unfinished sequences out again the same way (finished ones leave
+their rows, the KV caches follow), and stop together.
 This module only builds stages and schedules: every tensor between ranks moves
 through :class:`~conveyor.runtime.executor.Executor`.
 
@@ -184,52 +185,51 @@ class PipelinedGenerator:
         """
         m = microbatches or self.pp
         batch = PromptBatch(prompts, max_new_tokens, self.cfg, m)
-        tracker = Tracker(batch, sampling, on_token)
-        run = _Run(self, batch, tracker, sampling)
+        run = _Run(self, batch, Tracker(batch, sampling, on_token), sampling)
         self.timeline = []
-        active = [mb for mb in range(batch.num_microbatches) if not tracker.finished(mb)]
         rounds_done, t0 = 0, time.perf_counter()
-        while active:
-            rounds = min(segment_rounds, tracker.rounds_left(active))
-            self._segment(run, active, rounds_done, rounds, t0)
+        while True:
+            run.regroup(m)  # finished sequences leave their rows
+            if not run.tracker.layout:
+                return run.tracker.out
+            rounds = min(segment_rounds, run.tracker.rounds_left())
+            self._segment(run, rounds_done, rounds, t0)
             rounds_done += rounds
-            active = [mb for mb in active if not tracker.finished(mb)]
-        return tracker.out
 
-    def _segment(self, run: _Run, active: list[int], first_round: int, rounds: int,
-                 t0: float) -> None:
-        """Run ``rounds`` rounds of the ``active`` microbatches as one schedule."""
+    def _segment(self, run: _Run, first_round: int, rounds: int, t0: float) -> None:
+        """Run ``rounds`` rounds of every microbatch of the current layout as one schedule."""
+        layout = run.tracker.layout
         seg = GenerationSegment(self.pp, rounds)
-        schedule = lower(generation_segment(self.pp, rounds, len(active)))
-        stages = {v: _VirtualStage(run, seg, v, first_round, active)
+        schedule = lower(generation_segment(self.pp, rounds, len(layout)))
+        stages = {v: _VirtualStage(run, seg, v, first_round)
                   for v in schedule.placement.stages_of(self.stage)}
         if self.p2p is not None:
             # the same groups for every segment: only the virtual stages change
             self.p2p.stage_ranks = [self._stage_ranks[seg.model_stage(v)]
                                     for v in range(seg.num_stages)]
             self.p2p.num_stages = seg.num_stages
-            self.p2p.signature = lambda b: self._signature(run.batch, seg, first_round, b)
+            size = len(layout[0])
+            self.p2p.signature = lambda b: self._signature(run.batch, size, seg, first_round, b)
         executor = Executor(schedule, self.stage, stages, self.p2p, train=False)  # type: ignore[arg-type]
         executor.record = self.record
-        inputs = [torch.empty(0)] * len(active)  # only stage 0 reads tokens
+        inputs = [torch.empty(0)] * len(layout)  # only stage 0 reads tokens
         if self.stage == 0:
-            inputs = [run.batch.tokens(mb, self.device) if first_round == 0
-                      else run.tracker.last[mb].view(-1, 1) for mb in active]
+            inputs = [run.batch.tokens(rows, self.device) if first_round == 0
+                      else run.tracker.newest(mb, self.device) for mb, rows in enumerate(layout)]
         start = time.perf_counter() - t0
-        executor.run(StepInputs(inputs, [torch.empty(0)] * len(active)))
+        executor.run(StepInputs(inputs, [torch.empty(0)] * len(layout)))
         self.timeline += [TimedAction(t.rank, t.action, t.start + start, t.end + start,
                                       t.ready + start) for t in executor.timeline]
 
-    def _signature(self, batch: PromptBatch, seg: GenerationSegment, first_round: int,
-                   boundary: int) -> Signature:
+    def _signature(self, batch: PromptBatch, size: int, seg: GenerationSegment,
+                   first_round: int, boundary: int) -> Signature:
         """What crosses the cut after virtual stage ``boundary`` of a segment."""
         kind = seg.crossing(boundary)
         if kind == HIDDEN:
             round_ = first_round + (seg.round_of(boundary) or 0)
-            length = batch.slots(round_)[1]
-            return boundary_signature(self.cfg, batch.size, length, boundary)
+            return boundary_signature(self.cfg, size, batch.slots(round_)[1], boundary)
         width = 1 if kind == NEXT else seg.rounds
-        return {"tokens": TensorSpec((batch.size, width), torch.long, grad=False)}
+        return {"tokens": TensorSpec((size, width), torch.long, grad=False)}
 
 
 class _Run:
@@ -238,15 +238,25 @@ class _Run:
     def __init__(self, gen: PipelinedGenerator, batch: PromptBatch, tracker: Tracker,
                  sampling: Sampling) -> None:
         self.gen, self.batch, self.tracker, self.sampling = gen, batch, tracker, sampling
-        self.stacks = [CachedBlocks(gen.blocks, gen.cfg, batch.size, batch.cache_len, gen.device,
-                                    padding=batch.padding(mb, gen.device))
-                       for mb in range(batch.num_microbatches)]
-        self.generators: list[list[torch.Generator | None]] = []
+        self.stacks = [CachedBlocks(gen.blocks, gen.cfg, len(rows), batch.cache_len, gen.device,
+                                    padding=batch.padding(rows, gen.device))
+                       for rows in tracker.layout]
+        # one generator per sequence, on the rank that samples (none for greedy)
+        self.generators: dict[int, torch.Generator] = {}
         if gen.stage == gen.pp - 1 and sampling.temperature > 0:
-            self.generators = [
-                [torch.Generator(device=gen.device).manual_seed(sampling.seed)
-                 for _ in batch.rows(mb)] for mb in range(batch.num_microbatches)]
+            self.generators = {i: torch.Generator(device=gen.device).manual_seed(sampling.seed)
+                               for i in range(len(batch.prompts))}
         self.segment_tokens: dict[int, Tensor] = {}  # microbatch -> (size, rounds), last rank
+
+    def regroup(self, max_microbatches: int) -> None:
+        """Drop finished sequences' rows; the others' caches follow them to their new rows."""
+        picks = self.tracker.regroup(max_microbatches)
+        if picks is not None:
+            self.stacks = [CachedBlocks.gather(self.stacks, rows) for rows in picks]
+
+    def generators_of(self, mb: int) -> list[torch.Generator | None]:
+        """Each row's generator (None: greedy, or an idle row)."""
+        return [self.generators.get(i) for i in self.tracker.layout[mb]]
 
 
 class _VirtualStage:
@@ -255,43 +265,41 @@ class _VirtualStage:
     Duck-types the executor's StageRunner for forward-only steps.
     """
 
-    def __init__(self, run: _Run, seg: GenerationSegment, v: int, first_round: int,
-                 active: list[int]) -> None:
-        self.run, self.seg, self.v, self.active = run, seg, v, active
+    def __init__(self, run: _Run, seg: GenerationSegment, v: int, first_round: int) -> None:
+        self.run, self.seg, self.v = run, seg, v
         self.first_round = first_round
         self.local_round = seg.round_of(v)
         self.is_last_model_stage = seg.model_stage(v) == seg.num_ranks - 1
 
     def forward(self, mb: int, inputs: Tensor | dict[str, Tensor], targets: object, *,
                 train: bool = False) -> dict[str, Tensor]:
-        """Run this round on schedule microbatch ``mb`` (= the ``mb``-th active one)."""
+        """Run this round (or relay) on microbatch ``mb`` of the current layout."""
         del targets, train
-        real, tracker = self.active[mb], self.run.tracker
+        tracker = self.run.tracker
         if self.local_round is None:  # relay: learn the segment's tokens, pass them on
-            self._learn(real, inputs["tokens"])  # type: ignore[index]
+            self._learn(mb, inputs["tokens"])  # type: ignore[index]
             return {"tokens": inputs["tokens"]}  # type: ignore[index]
         round_ = self.first_round + self.local_round
         if isinstance(inputs, Tensor):
-            x = inputs  # the segment's first input on rank 0: prompts or last tokens
+            x = inputs  # the segment's first input on rank 0: prompts or newest tokens
         elif "tokens" in inputs:  # the previous round's tokens, back from the last rank
-            tracker.add(real, round_ - 1, inputs["tokens"].view(-1))
+            tracker.add(mb, round_ - 1, inputs["tokens"].view(-1))
             x = inputs["tokens"]
         else:
             x = inputs["hidden"]
         start, _ = self.run.batch.slots(round_)
-        y = self.run.stacks[real](x, start)
+        y = self.run.stacks[mb](x, start)
         if not self.is_last_model_stage:
             return {"hidden": y}
-        gens = self.run.generators[real] if self.run.generators else [None] * len(y)
-        tokens = self.run.sampling.sample(y, gens)  # (size,)
-        tracker.add(real, round_, tokens)
+        tokens = self.run.sampling.sample(y, self.run.generators_of(mb))  # (size,)
+        tracker.add(mb, round_, tokens)
         if self.local_round == 0:
-            self.run.segment_tokens[real] = torch.empty(len(tokens), self.seg.rounds,
-                                                        dtype=torch.long, device=tokens.device)
-        self.run.segment_tokens[real][:, self.local_round] = tokens
+            self.run.segment_tokens[mb] = torch.empty(len(tokens), self.seg.rounds,
+                                                      dtype=torch.long, device=tokens.device)
+        self.run.segment_tokens[mb][:, self.local_round] = tokens
         if self.local_round < self.seg.rounds - 1:
             return {"tokens": tokens.view(-1, 1)}
-        return {"tokens": self.run.segment_tokens.pop(real)}
+        return {"tokens": self.run.segment_tokens.pop(mb)}
 
     def _learn(self, mb: int, tokens: Tensor) -> None:
         for k in range(tokens.shape[1]):
