@@ -329,7 +329,8 @@ def generate_pipelined(
     """Continue one prompt with this rank's ``blocks`` as stage ``mesh.pp_rank`` (collective).
 
     Every pipeline rank calls this with the same prompt and settings and gets the
-    new token ids; ``on_token`` sees each token on rank 0 (and on the last rank).
+    new token ids; ``on_token`` sees each token as this rank learns it (rank 0 and
+    the last rank at once, the others at the end of each segment).
     """
     sampling = Sampling(temperature, top_k, top_p, seed, stop_at_eot, eot_id)
     gen = PipelinedGenerator(blocks, cfg, mesh, timeout_s=timeout_s)
