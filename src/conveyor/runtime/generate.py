@@ -54,7 +54,7 @@ WeightLoader = Callable[[Sequence[str]], Mapping[str, Tensor]]
 """Given global tensor names, return those tensors (e.g. a checkpoint reader)."""
 
 SEGMENT_ROUNDS = 16
-"""Rounds per schedule: finished microbatches leave, and all may stop, between segments."""
+"""Rounds per schedule: between two, finished sequences leave their rows and all may stop."""
 
 
 def weight_sources(cfg: ModelConfig, blocks: Mapping[int, nn.Module]) -> dict[str, str]:
@@ -155,8 +155,7 @@ class PipelinedGenerator:
                 "the first rank must hold the embedding (block 0) and the last the head, "
                 "e.g. from build_stage"
             )
-        param = next(next(iter(self.blocks.values())).parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = next(next(iter(self.blocks.values())).parameters()).device
         self.p2p: P2P | None = None
         if mesh is not None and self.pp > 1:
             ring = lower(generation_segment(self.pp, 2, 1))  # uses every link of any segment
