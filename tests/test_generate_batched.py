@@ -93,10 +93,13 @@ def test_sequences_stop_at_their_end_token_and_stream_in_order() -> None:
     assert any(len(e) < 6 for e in expected)
     gen = PipelinedGenerator(dict(enumerate(model.blocks)), GPT2)
     seen: list[tuple[int, int]] = []
+    finished: list[int] = []
     got = gen.generate(PROMPTS, 6, replace(GREEDY, eot_id=eot), microbatches=2,
-                       on_token=lambda i, t: seen.append((i, t)), segment_rounds=2)
+                       on_token=lambda i, t: seen.append((i, t)), on_done=finished.append,
+                       segment_rounds=2)
     assert got == expected
     assert [[t for i, t in seen if i == k] for k in range(len(PROMPTS))] == expected
+    assert sorted(finished) == list(range(len(PROMPTS)))
 
 
 # -- pipelined ---------------------------------------------------------------------------

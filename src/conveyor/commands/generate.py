@@ -234,9 +234,8 @@ def _generate(job: _Job) -> tuple[list[list[int]], list[TimedAction]]:
     for first in range(0, len(job.prompt_ids), job.batch_size):
         wave = job.prompt_ids[first:first + job.batch_size]
         results += gen.generate(wave, job.max_new_tokens, job.sampling,
-                                microbatches=job.microbatches)
+                                microbatches=job.microbatches, on_done=lambda _i: bar.update())
         timeline += gen.timeline
-        bar.update(len(wave))
     bar.close()
     return results, timeline
 

@@ -125,13 +125,18 @@ class Tracker:
     """
 
     def __init__(
-        self, batch: PromptBatch, sampling: Sampling, on_token: SequenceCallback | None = None
+        self, batch: PromptBatch, sampling: Sampling, on_token: SequenceCallback | None = None,
+        on_done: Callable[[int], None] | None = None,
     ) -> None:
         self.batch = batch
         self.sampling = sampling
         self.on_token = on_token
+        self.on_done = on_done  # called with a prompt's index once it has finished
         self.out: list[list[int]] = [[] for _ in batch.prompts]
-        self.done = [b == 0 for b in batch.budgets]
+        self.done = [False] * len(batch.prompts)
+        for i, budget in enumerate(batch.budgets):
+            if budget == 0:
+                self._finish(i)
         self.rounds = [0] * len(batch.prompts)  # rounds recorded per sequence
         self.last = [0] * len(batch.prompts)  # each sequence's newest token
         # prompt index of each row of each microbatch (-1: idle row)
@@ -147,12 +152,18 @@ class Tracker:
             self.rounds[i] += 1
             self.last[i] = token
             if s.stop_at_eot and s.eot_id is not None and token == s.eot_id:
-                self.done[i] = True
+                self._finish(i)
                 continue
             self.out[i].append(token)
             if self.on_token is not None:
                 self.on_token(i, token)
-            self.done[i] = len(self.out[i]) >= self.batch.budgets[i]
+            if len(self.out[i]) >= self.batch.budgets[i]:
+                self._finish(i)
+
+    def _finish(self, i: int) -> None:
+        self.done[i] = True
+        if self.on_done is not None:
+            self.on_done(i)
 
     def newest(self, mb: int, device: torch.device) -> Tensor:
         """The newest token of each row of microbatch ``mb``: (size, 1), the next round's input."""

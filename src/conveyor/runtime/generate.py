@@ -174,17 +174,19 @@ class PipelinedGenerator:
         *,
         microbatches: int | None = None,
         on_token: SequenceCallback | None = None,
+        on_done: Callable[[int], None] | None = None,
         segment_rounds: int = SEGMENT_ROUNDS,
     ) -> list[list[int]]:
         """The new token ids of every prompt; ``on_token(prompt, id)`` as they arrive here.
 
+        ``on_done(prompt)`` is called once a prompt has finished, as this rank learns it.
         ``microbatches`` defaults to the pipeline depth, the fewest that keep the ring
         full (each more costs an action per stage and round). Same
         stopping rules and errors as :func:`conveyor.generation.generate`.
         """
         m = microbatches or self.pp
         batch = PromptBatch(prompts, max_new_tokens, self.cfg, m)
-        run = _Run(self, batch, Tracker(batch, sampling, on_token), sampling)
+        run = _Run(self, batch, Tracker(batch, sampling, on_token, on_done), sampling)
         self.timeline = []
         rounds_done, t0 = 0, time.perf_counter()
         while True:
