@@ -68,7 +68,8 @@ def register(sub: Any) -> None:
     what.add_argument("--prompts-file", type=Path,
                       help=".txt (one prompt a line) or .jsonl ({\"prompt\": ...} a line)")
     p.add_argument("--output", type=Path, default=None,
-                   help="write results here as JSON lines (default: stdout for a prompts file)")
+                   help="write results here as JSON lines (unset: stdout for a prompts file, "
+                   "streamed text for a prompt)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature; 0 always picks the most likely token")
@@ -81,7 +82,8 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=32,
                    help="prompts of a file generated together (their KV caches held at once)")
     p.add_argument("--microbatches", type=int, default=None,
-                   help="microbatches a batch is split into (default: pp)")
+                   help="microbatches a batch is split into (unset: pp, the fewest that keep "
+                   "every stage busy)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to use instead of the one the checkpoint names")
     p.add_argument("--timeout", type=float, default=300.0,
