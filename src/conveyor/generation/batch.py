@@ -29,7 +29,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..models.layers import LeftPadding
 from .decoding import check_prompt, context_budget
-from .sampling import check_sampling, sample_next
+from .sampling import GenerationError, check_sampling, sample_next
 
 __all__ = ["PromptBatch", "Sampling", "Tracker"]
 
@@ -80,7 +80,7 @@ class PromptBatch:
         num_microbatches: int,
     ) -> None:
         if not prompts:
-            raise ValueError("no prompts to generate from; pass at least one")
+            raise GenerationError("no prompts to generate from; pass at least one")
         self.prompts = [check_prompt(p, cfg) for p in prompts]
         self.budgets = [context_budget(len(p), max_new_tokens, cfg.max_seq_len)
                         for p in self.prompts]
