@@ -36,6 +36,7 @@ from .stage import StageRunner
 
 __all__ = ["BatchError", "Pipeline", "NCCL_SEMANTICS_ENV"]
 
+
 class BatchError(ValueError):
     """A batch given to ``train_step``/``eval_step`` does not fit the pipeline."""
 
