@@ -18,7 +18,9 @@ tokens of the batch / wall seconds, median over repeats), latency_median_s and
 latency_p90_s (seconds between consecutive tokens of one sequence, where they are
 sampled, over every sequence and repeat), ttft_s (median time to a sequence's
 first token), wall_s_all, others_cpu (share of the cores other processes used
-during the case: above a few percent the numbers measure the neighbours too) and
+during the case, as ``sim_accuracy.py`` counts it: above a few percent the numbers
+measure the neighbours too; it reads 0 where the ranks' own threads spin while they
+wait, so read load_1m beside it) and
 load_1m (on this shared 2-core machine other agents' load comes and goes: compare
 within one run, and read ``wall_s_all``), oversubscribed (more threads than cores:
 pp=4 here). Pipelined conveyor cases also carry the simulator's prediction of the same
