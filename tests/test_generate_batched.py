@@ -79,9 +79,9 @@ def test_prompt_batch_pads_left_and_fills_the_last_microbatch() -> None:
 def test_batched_equals_each_prompt_alone_on_one_rank(cfg: ModelConfig) -> None:
     model = Transformer(cfg, seed=3)
     gen = PipelinedGenerator(dict(enumerate(model.blocks)), cfg)
-    for sampling in (GREEDY, SAMPLED):
+    for sampling, runs in ((GREEDY, ((1, 16), (2, 3), (5, 4))), (SAMPLED, ((2, 3),))):
         expected = _alone(model, sampling, 10)
-        for m, rounds in ((1, 16), (2, 3), (5, 4)):
+        for m, rounds in runs:
             assert gen.generate(PROMPTS, 10, sampling, microbatches=m,
                                 segment_rounds=rounds) == expected, (sampling, m, rounds)
 
@@ -113,7 +113,7 @@ def _pipelined_cases(pp: int) -> list[tuple[str, list[list[int]], list[list[int]
         reference = Transformer(cfg, seed=3)
         blocks = build_stage(cfg, uniform(cfg.num_blocks, pp), mesh.pp_rank, seed=3)
         gen = PipelinedGenerator(blocks, cfg, mesh, timeout_s=60, emulate_nccl=nccl)
-        for m in (2, pp + 1):
+        for m in ((2, 3) if pp == 2 else (3,)):  # as many as ranks, more; fewer
             got = gen.generate(PROMPTS, 8, sampling, microbatches=m, segment_rounds=3)
             out.append((f"{cfg.flavour} T={sampling.temperature} nccl={nccl} m={m}",
                         got, _alone(reference, sampling, 8)))
