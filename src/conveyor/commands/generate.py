@@ -9,7 +9,8 @@ schedules on the executor (:mod:`conveyor.runtime.generate`).
 One ``--prompt`` is printed, then each new piece of text as soon as it is
 complete. A ``--prompts-file`` (``.txt``: one prompt per line, blank lines
 skipped; ``.jsonl``: one ``{"prompt": ...}`` object per line) is generated
-``--batch-size`` prompts at a time in ``--microbatches`` microbatches, with a
+``--batch-size`` prompts at a time (the shortest first: a batch is padded to its
+longest prompt) in ``--microbatches`` microbatches, with a
 progress bar on stderr, and written as JSON lines (``--output``, else stdout).
 Generation stops after ``--max-new-tokens``, at the end-of-text token, or when the
 model's ``max_seq_len`` positions are full (a note on stderr says so).
@@ -21,6 +22,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -233,11 +235,19 @@ def _generate(job: _Job) -> tuple[list[list[int]], list[TimedAction]]:
         return results, gen.timeline
     bar = tqdm(total=len(job.prompts), unit="prompt", dynamic_ncols=True, file=sys.stderr,
                disable=stage != 0)
-    for first in range(0, len(job.prompt_ids), job.batch_size):
-        wave = job.prompt_ids[first:first + job.batch_size]
-        results += gen.generate(wave, job.max_new_tokens, job.sampling,
-                                microbatches=job.microbatches, on_done=lambda _i: bar.update())
-        timeline += gen.timeline
+    # prompts of like length go together: a batch pads every prompt to its longest
+    order = sorted(range(len(job.prompt_ids)), key=lambda i: len(job.prompt_ids[i]))
+    results = [[] for _ in order]
+    t0 = time.perf_counter()
+    for first in range(0, len(order), job.batch_size):
+        wave = order[first:first + job.batch_size]
+        offset = time.perf_counter() - t0  # each wave's timeline starts at its own 0
+        new = gen.generate([job.prompt_ids[i] for i in wave], job.max_new_tokens, job.sampling,
+                           microbatches=job.microbatches, on_done=lambda _i: bar.update())
+        for i, tokens in zip(wave, new, strict=True):
+            results[i] = tokens
+        timeline += [replace(t, start=t.start + offset, end=t.end + offset,
+                             ready=t.ready + offset) for t in gen.timeline]
     bar.close()
     return results, timeline
 
