@@ -23,10 +23,11 @@ from conveyor.generation import (
     generate,
     sample_next,
 )
+from conveyor.generation.batch import Sampling
 from conveyor.models import HeadBlock, Transformer
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.partition import uniform
-from conveyor.runtime.generate import build_stage, generate_pipelined
+from conveyor.runtime.generate import PipelinedGenerator, build_stage, generate_pipelined
 from conveyor.runtime.launch import launch
 from conveyor.train.checkpoint import save_checkpoint
 
@@ -206,9 +207,10 @@ def test_pipelined_matches_single_process() -> None:
 def _rank0_stalls() -> None:
     mesh = Mesh.build(2)
     blocks = build_stage(GPT2, uniform(GPT2.num_blocks, 2), mesh.pp_rank)
+    gen = PipelinedGenerator(blocks, GPT2, mesh, timeout_s=2.0)
     if mesh.pp_rank == 0:
         time.sleep(120)  # a stuck first stage: never sends the prompt's hidden states
-    generate_pipelined(blocks, GPT2, mesh, PROMPT, 4, timeout_s=2.0)
+    gen.generate([PROMPT], 4, Sampling(temperature=0))
 
 
 @pytest.mark.multiprocess
@@ -216,8 +218,9 @@ def test_stalled_peer_times_out_with_a_message() -> None:
     start = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException) as err:
         launch(_rank0_stalls, 2, timeout_s=30)
-    assert "pipeline rank 1 (global rank 1) waiting for hidden states of positions 0..4 " \
-        "from global rank 0" in str(err.value)
+    # the executor names the receive it waited on, as in training
+    assert "rank 1 failed at step 0, action 1RECV_F0 (stage 1, microbatch 0)" in str(err.value)
+    assert "receiving activations of stage 1, microbatch 0" in str(err.value)
     assert time.monotonic() - start < 60
 
 
@@ -311,3 +314,64 @@ def test_cli_pipelined_prints_the_same_text(
     single = capfd.readouterr().out
     assert main([*args, "--pp", "2"]) == 0
     assert capfd.readouterr().out == single
+
+
+def test_cli_prompts_file_writes_json_lines(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cli_cfg(tokenizer)
+    out = _export_dir(tmp_path, tokenizer, cfg)
+    prompts = ["The quick", "café à", "def generate(model", "Pipelines pass activations"]
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join(prompts[:2]) + "\n\n" + "\n".join(prompts[2:]) + "\n")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    common = ["generate", "--checkpoint", str(out), "--temperature", "0", "--max-new-tokens", "6",
+              "--batch-size", "3", "--microbatches", "2"]
+    assert main([*common, "--prompts-file", str(txt), "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert main([*common, "--prompts-file", str(jsonl)]) == 0
+    from_stdout = capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert from_stdout.splitlines() == (tmp_path / "a.jsonl").read_text().splitlines()
+    model = Transformer(cfg, seed=2)
+    for i, (record, prompt) in enumerate(zip(records, prompts, strict=True)):
+        ids = tokenizer.encode(prompt)
+        new = generate(model, ids, 6, temperature=0, eot_id=tokenizer.eot_id)
+        assert record == {"index": i, "prompt": prompt, "new_tokens": len(new),
+                          "completion": tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]}
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("p.csv", "x\n", "must end in .txt"),
+    ("p.txt", "\n\n", "holds no prompt"),
+    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', 'p.jsonl:2 has no "prompt" string'),
+    ("p.jsonl", "{nope\n", "p.jsonl:1 is not JSON"),
+])
+def test_cli_bad_prompts_file_is_one_line(
+    tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str],
+    name: str, text: str, message: str,
+) -> None:
+    out = _export_dir(tmp_path, tokenizer, _cli_cfg(tokenizer))
+    (tmp_path / name).write_text(text)
+    args = ["generate", "--checkpoint", str(out), "--prompts-file", str(tmp_path / name)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.multiprocess
+def test_cli_pipelined_prompts_file_matches_one_process_and_traces(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    out = _export_dir(tmp_path, tokenizer, _cli_cfg(tokenizer))
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("The quick\ncafé à la\nfox\n")
+    common = ["generate", "--checkpoint", str(out), "--prompts-file", str(txt), "--seed", "5",
+              "--max-new-tokens", "5", "--timeout", "60"]
+    assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    trace = tmp_path / "trace.json"
+    assert main([*common, "--pp", "2", "--output", str(tmp_path / "two.jsonl"),
+                 "--trace", str(trace)]) == 0
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    names = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"}
+    assert {"F0 s0", "F0 s1", "F0 s2"} <= names  # stage 2 is round 1 on rank 0: the ring

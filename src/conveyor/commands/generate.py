@@ -1,60 +1,77 @@
-"""``conveyor generate``: continue a prompt with a trained or exported model, streaming text.
+"""``conveyor generate``: continue prompts with a trained or exported model.
 
 ``--checkpoint`` takes a checkpoint directory, a run directory (its latest
 checkpoint) or an exported model directory (config.json + model.safetensors).
 With ``--pp 1`` the model runs in this process; with more, one pipeline stage per
-spawned rank, each loading only its own blocks. The prompt is printed, then each
-new piece of text as soon as it is complete. Generation stops after
-``--max-new-tokens``, at the end-of-text token, or when the model's
-``max_seq_len`` positions are full (a note on stderr says so).
+spawned rank, each loading only its own blocks; both run the same generation
+schedules on the executor (:mod:`conveyor.runtime.generate`).
+
+One ``--prompt`` is printed, then each new piece of text as soon as it is
+complete. A ``--prompts-file`` (``.txt``: one prompt per line, blank lines
+skipped; ``.jsonl``: one ``{"prompt": ...}`` object per line) is generated
+``--batch-size`` prompts at a time (the shortest first: a batch is padded to its
+longest prompt) in ``--microbatches`` microbatches, with a
+progress bar on stderr, and written as JSON lines (``--output``, else stdout).
+Generation stops after ``--max-new-tokens``, at the end-of-text token, or when the
+model's ``max_seq_len`` positions are full (a note on stderr says so).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import safetensors
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from ..config import ConfigError, ModelConfig
 from ..data.tokenizer import Tokenizer, load_tokenizer
-from ..generation import TextStream, check_prompt, check_sampling, context_budget, generate
-from ..models import Transformer
+from ..generation import GenerationError, TextStream, check_prompt, context_budget
+from ..generation.batch import Sampling
 from ..parallel.layout import resolve_partition
 from ..parallel.mesh import Mesh
-from ..runtime.generate import build_stage, generate_pipelined, load_block_weights
+from ..runtime.generate import PipelinedGenerator, build_stage
 from ..runtime.launch import default_backend, launch
+from ..schedules.validate import TimedAction
+from ..sim.render import write_chrome_trace
 from ..train.checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
 from ..train.export import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
-    load_exported,
     model_config_from,
     read_exported_config,
 )
 
-__all__ = ["register"]
+__all__ = ["register", "read_prompts"]
 
 
 def register(sub: Any) -> None:
     """Add ``generate`` to the CLI."""
     p = sub.add_parser(
         "generate",
-        help="continue a prompt with a trained or exported model",
+        help="continue a prompt (or a file of prompts) with a trained or exported model",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="checkpoint dir, run dir (latest checkpoint) or exported model dir")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to continue, streamed to stdout")
+    what.add_argument("--prompts-file", type=Path,
+                      help=".txt (one prompt a line) or .jsonl ({\"prompt\": ...} a line)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="write results here as JSON lines (unset: stdout for a prompts file, "
+                   "streamed text for a prompt)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature; 0 always picks the most likely token")
@@ -64,10 +81,17 @@ def register(sub: Any) -> None:
                    help="sample among the most likely tokens holding this mass (1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--pp", type=int, default=1, help="pipeline ranks to split the model over")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="prompts of a file generated together (their KV caches held at once)")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="microbatches a batch is split into (unset: pp, the fewest that keep "
+                   "every stage busy)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to use instead of the one the checkpoint names")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a pipeline rank waits for a peer before giving up")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write every rank's executor actions as a Chrome/Perfetto trace here")
     p.set_defaults(run=_run)
 
 
@@ -92,16 +116,16 @@ class _Job:
     """Everything a rank needs to generate."""
 
     source: _Source
-    prompt: str
-    prompt_ids: list[int]
+    prompts: list[str]
+    prompt_ids: list[list[int]]
     max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    eot_id: int
+    sampling: Sampling
     pp: int
+    batch_size: int
+    microbatches: int | None
     timeout_s: float
+    stream: bool  # print one prompt's text as it comes
+    trace: bool
 
 
 def _read_safetensors(path: Path, names: Sequence[str]) -> dict[str, Tensor]:
@@ -131,17 +155,47 @@ def _tokenizer(source: _Source) -> Tokenizer:
     return load_tokenizer(source.tokenizer)
 
 
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a .txt (one a line, blank lines skipped) or .jsonl file; GenerationError if bad."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise GenerationError(f"--prompts-file {path} must end in .txt (one prompt a line) or "
+                              '.jsonl (one {"prompt": "..."} a line)')
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise GenerationError(f"cannot read --prompts-file {path} ({err}); pass a UTF-8 "
+                              "text file") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GenerationError(f"{path}:{n} is not JSON ({err.msg}); write one "
+                                  '{"prompt": "..."} object per line') from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str):
+            raise GenerationError(f'{path}:{n} has no "prompt" string; write one '
+                                  '{"prompt": "..."} object per line')
+        prompts.append(prompt)
+    if not prompts:
+        raise GenerationError(f"--prompts-file {path} holds no prompt; write one per line")
+    return prompts
+
+
 class _Printer:
     """Writes the prompt, then each completed piece of text, to stdout at once."""
 
     def __init__(self, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> None:
         self.stream = TextStream(tokenizer.decode, prompt_ids)
-        self.prompt = prompt
+        self._write(prompt)
 
-    def start(self) -> None:
-        self._write(self.prompt)
-
-    def __call__(self, token: int) -> None:
+    def __call__(self, index: int, token: int) -> None:
+        del index  # one prompt
         self._write(self.stream.push(token))
 
     def close(self) -> None:
@@ -160,63 +214,98 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _sampling(job: _Job) -> dict[str, Any]:
-    return dict(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed,
-                stop_at_eot=True, eot_id=job.eot_id)
-
-
-def _single(job: _Job, tokenizer: Tokenizer) -> list[int]:
-    src = job.source
-    if src.exported:
-        model, _ = load_exported(src.weights.parent)
-    else:
-        model = Transformer(src.cfg, seed=0)
-        load_block_weights(src.cfg, dict(enumerate(model.blocks)), src.loader())
-    model = model.to(_device()).eval()
-    printer = _Printer(tokenizer, job.prompt, job.prompt_ids)
-    printer.start()
-    tokens = generate(model, job.prompt_ids, job.max_new_tokens, on_token=printer,
-                      **_sampling(job))
-    printer.close()
-    return tokens
-
-
-def _rank(job: _Job) -> list[int]:
-    """One pipeline rank: build and load this stage's blocks, then generate."""
-    mesh = Mesh.build(job.pp, device_type=_device().type)
+def _generate(job: _Job) -> tuple[list[list[int]], list[TimedAction]]:
+    """One pipeline rank (or the only process at pp 1): load this stage, generate every prompt."""
+    mesh = Mesh.build(job.pp, device_type=_device().type) if job.pp > 1 else None
+    stage = 0 if mesh is None else mesh.pp_rank
     cfg = job.source.cfg
     partition = resolve_partition(cfg, job.pp)  # weights load by name: any split works
-    blocks = build_stage(cfg, partition, mesh.pp_rank, load=job.source.loader(), device=_device())
-    printer = None
-    if mesh.pp_rank == 0:
-        printer = _Printer(_tokenizer(job.source), job.prompt, job.prompt_ids)
-        printer.start()
-    tokens = generate_pipelined(blocks, cfg, mesh, job.prompt_ids, job.max_new_tokens,
-                                on_token=printer, timeout_s=job.timeout_s, **_sampling(job))
-    if printer is not None:
-        printer.close()
-    return tokens
+    blocks = build_stage(cfg, partition, stage, load=job.source.loader(), device=_device())
+    gen = PipelinedGenerator(blocks, cfg, mesh, timeout_s=job.timeout_s)
+    gen.record = job.trace
+    results: list[list[int]] = []
+    timeline: list[TimedAction] = []
+    if job.stream:
+        printer = _Printer(_tokenizer(job.source), job.prompts[0], job.prompt_ids[0]) \
+            if stage == 0 else None
+        results = gen.generate(job.prompt_ids, job.max_new_tokens, job.sampling,
+                               microbatches=1, on_token=printer)
+        if printer is not None:
+            printer.close()
+        return results, gen.timeline
+    bar = tqdm(total=len(job.prompts), unit="prompt", dynamic_ncols=True, file=sys.stderr,
+               disable=stage != 0)
+    # prompts of like length go together: a batch pads every prompt to its longest
+    order = sorted(range(len(job.prompt_ids)), key=lambda i: len(job.prompt_ids[i]))
+    results = [[] for _ in order]
+    t0 = time.perf_counter()
+    for first in range(0, len(order), job.batch_size):
+        wave = order[first:first + job.batch_size]
+        offset = time.perf_counter() - t0  # each wave's timeline starts at its own 0
+        new = gen.generate([job.prompt_ids[i] for i in wave], job.max_new_tokens, job.sampling,
+                           microbatches=job.microbatches, on_done=lambda _i: bar.update())
+        for i, tokens in zip(wave, new, strict=True):
+            results[i] = tokens
+        timeline += [replace(t, start=t.start + offset, end=t.end + offset,
+                             ready=t.ready + offset) for t in gen.timeline]
+    bar.close()
+    return results, timeline
 
 
-def _run(args: argparse.Namespace) -> int:
-    check_sampling(args.temperature, args.top_k, args.top_p)
-    source = _open_source(args.checkpoint, args.tokenizer)
-    cfg = source.cfg
+def _write_results(out: TextIO, job: _Job, results: list[list[int]], tokenizer: Tokenizer) -> None:
+    for i, (prompt, ids, new) in enumerate(zip(job.prompts, job.prompt_ids, results, strict=True)):
+        completion = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
+        record = {"index": i, "prompt": prompt, "completion": completion, "new_tokens": len(new)}
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _check_sizes(args: argparse.Namespace, cfg: ModelConfig) -> None:
     if not 1 <= args.pp <= cfg.num_blocks:
         raise ConfigError(f"--pp {args.pp} must be between 1 and {cfg.num_blocks} (the "
                           f"model's embedding + {cfg.n_layers} layers + head)")
+    for name in ("batch_size", "microbatches"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1")
+
+
+def _run(args: argparse.Namespace) -> int:
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    source = _open_source(args.checkpoint, args.tokenizer)
+    cfg = source.cfg
+    _check_sizes(args, cfg)
+    prompts = [args.prompt] if args.prompts_file is None else read_prompts(args.prompts_file)
     tokenizer = _tokenizer(source)
-    prompt_ids = check_prompt(tokenizer.encode(args.prompt), cfg)
-    budget = context_budget(len(prompt_ids), args.max_new_tokens, cfg.max_seq_len)
-    job = _Job(source, args.prompt, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-               args.top_p, args.seed, tokenizer.eot_id, args.pp, args.timeout)
+    ids = [check_prompt(tokenizer.encode(p), cfg) for p in prompts]
+    stream = args.prompts_file is None and args.output is None
+    job = _Job(source, prompts, ids, args.max_new_tokens,
+               replace(sampling, eot_id=tokenizer.eot_id), args.pp,
+               args.batch_size, args.microbatches, args.timeout, stream, args.trace is not None)
     if args.pp == 1:
-        tokens: list[int] | None = _single(job, tokenizer)
+        results, timeline = _generate(job)
+        timelines = {0: timeline}
     else:
-        results = launch(_rank, args.pp, job, backend=default_backend(), timeout_s=args.timeout)
-        tokens = results.get(0)  # None on the other ranks under torchrun
-    if tokens is not None and budget < args.max_new_tokens and len(tokens) == budget:
-        print(f"conveyor generate: stopped after {budget} new tokens: the prompt's "
-              f"{len(prompt_ids)} tokens and these fill max_seq_len={cfg.max_seq_len}",
+        out = launch(_generate, args.pp, job, backend=default_backend(), timeout_s=args.timeout)
+        if 0 not in out:
+            return 0  # another rank under torchrun: rank 0 reports
+        results, timelines = out[0][0], {r: tl for r, (_, tl) in out.items()}
+    if not stream:
+        if args.output is None:
+            _write_results(sys.stdout, job, results, tokenizer)
+        else:
+            with args.output.open("w", encoding="utf-8") as f:
+                _write_results(f, job, results, tokenizer)
+    if args.trace is not None:
+        print(f"conveyor generate: wrote {write_chrome_trace({'generate': timelines}, args.trace)}",
               file=sys.stderr)
+    budgets = [context_budget(len(i), args.max_new_tokens, cfg.max_seq_len) for i in ids]
+    full = [n for n, (b, r) in enumerate(zip(budgets, results, strict=True))
+            if b < args.max_new_tokens and len(r) == b]
+    if full and len(prompts) == 1:
+        print(f"conveyor generate: stopped after {budgets[0]} new tokens: the prompt's "
+              f"{len(ids[0])} tokens and these fill max_seq_len={cfg.max_seq_len}",
+              file=sys.stderr)
+    elif full:
+        print(f"conveyor generate: {len(full)} of {len(prompts)} prompts stopped early: their "
+              f"tokens filled max_seq_len={cfg.max_seq_len}", file=sys.stderr)
     return 0

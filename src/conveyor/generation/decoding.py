@@ -12,6 +12,7 @@ full (:func:`context_budget` tells how many new tokens fit).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..log import get_logger
 from ..models import EmbeddingBlock, HeadBlock, KVCache, Transformer, TransformerBlock
+from ..models.layers import LeftPadding
 from .sampling import GenerationError, check_sampling, sample_next
 
 __all__ = [
@@ -77,20 +79,47 @@ class CachedBlocks:
         batch_size: int,
         max_len: int,
         device: torch.device | None = None,
+        padding: LeftPadding | None = None,
     ) -> None:
         self.blocks = dict(sorted(blocks.items()))
+        self.padding = padding  # rows of unequal prompts, left-padded to one length
         dtype = next(next(iter(self.blocks.values())).parameters()).dtype
         self.caches = {
             i: KVCache.from_config(cfg, batch_size, max_len, dtype=dtype, device=device)
             for i, b in self.blocks.items()
             if isinstance(b, TransformerBlock)
         }
+        for cache in self.caches.values():
+            cache.padding = padding
+
+    @classmethod
+    def gather(cls, stacks: Sequence[CachedBlocks], picks: Sequence[tuple[int, int]]
+               ) -> CachedBlocks:
+        """Stacks over the same blocks whose row r is row ``picks[r][1]`` of ``stacks[picks[r][0]]``.
+
+        Caches and padding move with their rows: how sequences change microbatch.
+        """
+        first = stacks[picks[0][0]]
+        out = cls.__new__(cls)
+        out.blocks = first.blocks
+        out.padding = None
+        if first.padding is not None:
+            pad = torch.stack([stacks[m].padding.pad[r] for m, r in picks])  # type: ignore[union-attr]
+            out.padding = LeftPadding(pad, first.padding.max_seq_len)
+        out.caches = {}
+        for i, cache in first.caches.items():
+            new = copy.copy(cache)
+            new.k = torch.stack([stacks[m].caches[i].k[r] for m, r in picks])
+            new.v = torch.stack([stacks[m].caches[i].v[r] for m, r in picks])
+            new.padding = out.padding
+            out.caches[i] = new
+        return out
 
     def __call__(self, x: Tensor, start_pos: int) -> Tensor:
-        """Run the blocks in order on positions ``start_pos..``, filling the caches."""
+        """Run the blocks in order on slots ``start_pos..``, filling the caches."""
         for i, block in self.blocks.items():
             if isinstance(block, EmbeddingBlock):
-                x = block(x, start_pos)  # (B, T, D)
+                x = block(x, start_pos, self.padding)  # (B, T, D)
             elif isinstance(block, TransformerBlock):
                 x = block(x, self.caches[i], start_pos)  # (B, T, D)
             else:

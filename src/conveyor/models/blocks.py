@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
-from conveyor.models.layers import Attention, KVCache, make_mlp, make_norm
+from conveyor.models.layers import Attention, KVCache, LeftPadding, make_mlp, make_norm
 from conveyor.models.linear import Linear
 
 __all__ = [
@@ -53,16 +53,20 @@ class EmbeddingBlock(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.flavour == "gpt2" else None
 
-    def forward(self, tokens: Tensor, start_pos: int = 0) -> Tensor:
-        """Token ids (B, T) at positions start_pos.. -> hidden states (B, T, D)."""
+    def forward(
+        self, tokens: Tensor, start_pos: int = 0, padding: LeftPadding | None = None
+    ) -> Tensor:
+        """Token ids (B, T) at positions start_pos.. (slots, under ``padding``) -> (B, T, D)."""
         T = tokens.shape[1]
-        if start_pos + T > self.max_seq_len:
+        if padding is None and start_pos + T > self.max_seq_len:
             raise ValueError(
                 f"start_pos={start_pos} + sequence length {T} exceeds max_seq_len="
                 f"{self.max_seq_len}; use shorter sequences or raise max_seq_len"
             )
         x = self.tok(tokens)  # (B, T, D)
-        if self.pos is not None:
+        if self.pos is not None and padding is not None:
+            x = x + self.pos(padding.positions(start_pos, T))  # (B, T, D)
+        elif self.pos is not None:
             positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
             x = x + self.pos(positions)  # (T, D) broadcast over B
         return x

@@ -6,6 +6,7 @@ pipelines or initialisation; :mod:`conveyor.models.blocks` sets the weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from conveyor.config import ModelConfig
 from conveyor.models.linear import Linear
 
-__all__ = ["make_norm", "Rotary", "KVCache", "Attention", "GeluMLP", "SwiGLU", "make_mlp"]
+__all__ = ["make_norm", "Rotary", "LeftPadding", "KVCache", "Attention", "GeluMLP", "SwiGLU", "make_mlp"]
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -47,12 +48,54 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor, start_pos: int = 0) -> Tensor:
-        """Rotate ``x`` (B, heads, T, head_dim) for positions start_pos..start_pos+T-1."""
+    def forward(self, x: Tensor, start_pos: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Rotate ``x`` (B, heads, T, head_dim) for positions start_pos.., or per row ``positions`` (B, T)."""
+        if positions is not None:
+            cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, head_dim)
+            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+            return x * cos + _rotate_half(x) * sin
         T = x.shape[-2]
         cos = self.cos[start_pos : start_pos + T].to(x.dtype)  # (T, head_dim)
         sin = self.sin[start_pos : start_pos + T].to(x.dtype)
         return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class LeftPadding:
+    """A batch of prompts of unequal lengths, each row left-padded to one length.
+
+    Row ``b`` has ``pad[b]`` pad slots before its first token, so slot ``j`` of it
+    is position ``j - pad[b]``; its keys are only its own slots from ``pad[b]`` on.
+    Batched decoding then computes, row by row, what each prompt alone computes.
+    """
+
+    pad: Tensor
+    """Pad slots before each row's first token, (B,) int64."""
+    max_seq_len: int
+    """Positions are clamped below this (rows past their own end compute garbage)."""
+    _memo: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+    def positions(self, start: int, T: int) -> Tensor:
+        """Positions (B, T) of slots start..start+T-1 (pad slots get 0)."""
+        return self._get(start, T)[0]
+
+    def mask(self, start: int, T: int) -> Tensor:
+        """Which keys (slots 0..start+T-1) each of slots start.. attends to: (B, 1, T, L) bool."""
+        return self._get(start, T)[1]
+
+    def _get(self, start: int, T: int) -> tuple[Tensor, Tensor]:
+        # every layer of a microbatch asks for the same slots: build them once
+        if (start, T) not in self._memo:
+            self._memo.clear()
+            slots = torch.arange(start, start + T, device=self.pad.device)  # (T,)
+            keys = torch.arange(start + T, device=self.pad.device)  # (L,)
+            positions = (slots[None, :] - self.pad[:, None]).clamp(0, self.max_seq_len - 1)
+            causal = keys[None, :] <= slots[:, None]  # (T, L)
+            real = keys[None, :] >= self.pad[:, None]  # (B, L)
+            # a pad slot sees itself: a query with no key at all would give NaN
+            mask = (causal & real[:, None, :]) | (keys[None, :] == slots[:, None])
+            self._memo[(start, T)] = (positions, mask[:, None])  # (B, T), (B, 1, T, L)
+        return self._memo[(start, T)]
 
 
 class KVCache:
@@ -72,6 +115,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.padding: LeftPadding | None = None  # set for left-padded batches of prompts
 
     @classmethod
     def from_config(
@@ -137,6 +181,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
+        padding = None if kv_cache is None else kv_cache.padding
         if kv_cache is None:
             if self.recompute_core and torch.is_grad_enabled():
                 y = checkpoint(self._core, q, k, v, start_pos, use_reentrant=False)
@@ -144,10 +189,13 @@ class Attention(nn.Module):
                 y = self._core(q, k, v, start_pos)
         else:
             if self.rotary is not None:
-                q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
+                positions = None if padding is None else padding.positions(start_pos, T)
+                q, k = self.rotary(q, start_pos, positions), self.rotary(k, start_pos, positions)
             k, v = kv_cache.update(k, v, start_pos)  # (B, kv_heads, L, head_dim), L = start+T
             mask = None
-            if T > 1:
+            if padding is not None:
+                mask = padding.mask(start_pos, T)  # (B, 1, T, L)
+            elif T > 1:
                 # is_causal aligns to the top-left corner, wrong when L > T; mask explicitly
                 L = k.shape[2]
                 query_pos = torch.arange(start_pos, start_pos + T, device=x.device)

@@ -15,7 +15,6 @@ chunks under ZeRO-1) like any other module's.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import torch
@@ -33,26 +32,16 @@ from ..parallel.sharded import TensorParallel, reduce_sequence_parallel_grads
 from ..parallel.tp_blocks import build_tp_blocks, tp_owners
 from ..parallel.zero import ZeroShards
 from ..schedules import Kind, Schedule, lower, validate
-from .comm import P2P, link_of
+from .comm import P2P
 from .executor import Executor, StepInputs
-from .nccl_semantics import NcclSemantics
+from .links import NCCL_SEMANTICS_ENV, connect, nccl_semantics_requested
 from .stage import StageRunner
-from .transport import TorchTransport
 
 __all__ = ["BatchError", "Pipeline", "NCCL_SEMANTICS_ENV"]
-
-NCCL_SEMANTICS_ENV = "CONVEYOR_NCCL_SEMANTICS"
-"""Set to 1 to run point-to-point traffic under NCCL's rules on gloo (a test mode)."""
 
 
 class BatchError(ValueError):
     """A batch given to ``train_step``/``eval_step`` does not fit the pipeline."""
-
-
-def _nccl_semantics(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    return os.environ.get(NCCL_SEMANTICS_ENV, "0") not in ("", "0")
 
 
 class Pipeline:
@@ -129,7 +118,7 @@ class Pipeline:
         if model.tie_embeddings:
             self._tie(placement.rank_of(0), placement.rank_of(self.schedule.num_stages - 1))
         lowered = lower(self.schedule)
-        self.p2p = self._make_p2p(lowered, timeout_s, _nccl_semantics(emulate_nccl))
+        self.p2p = self._make_p2p(lowered, timeout_s, nccl_semantics_requested(emulate_nccl))
         self.executor = Executor(
             lowered, mesh.pp_rank, self.stages, self.p2p, meter=self.meter
         )
@@ -183,24 +172,7 @@ class Pipeline:
 
     def _make_p2p(self, lowered: Schedule, timeout_s: float, emulate: bool) -> P2P:
         """Point-to-point groups for every link the schedule uses, warmed up collectively."""
-        mesh, placement = self.mesh, self.schedule.placement
-        stage_pp = [placement.rank_of(s) for s in range(placement.num_stages)]
-        links = [link_of(a, stage_pp) for acts in lowered.actions.values() for a in acts
-                 if a.kind in (Kind.SEND_F, Kind.SEND_B)]
-        groups = mesh.link_groups(links)  # collective: every rank, the same links
-        if emulate and self.device.type != "cpu":
-            raise ValueError("NCCL semantics are emulated on the CPU (gloo); use device='cpu'")
-        key = ("transport", emulate)
-        if key not in mesh.cache:
-            mesh.cache[key] = NcclSemantics(timeout_s) if emulate else TorchTransport(self.device, timeout_s)
-        transport = mesh.cache[key]
-        me = mesh.rank
-        mine = {k: g for k, g in groups.items() if me in k[:2]}
-        for link in sorted(mine):  # one global order: no two ranks wait on each other
-            transport.warm_up(mine[link])
-        stage_ranks = [mesh.pp_ranks[r] for r in stage_pp]
-        health = mesh.cache.setdefault(("p2p-health", emulate), {})
-        return P2P(mine, stage_ranks, transport, self.device, timeout_s, health)
+        return connect(self.mesh, lowered, self.device, timeout_s, emulate)
 
     def _tie(self, emb_rank: int, head_rank: int) -> None:
         first = self.stages.get(0)
