@@ -13,6 +13,7 @@ import torch
 
 from conveyor.config import ModelConfig, ParallelConfig
 from conveyor.models import Transformer
+from conveyor.models.objective import IGNORE_INDEX
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.zero import ZeroShards
 from conveyor.runtime.launch import launch
@@ -56,6 +57,9 @@ class Case:
     """MiB per data-parallel grad bucket (0: the per-parameter all-reduce after the step)."""
     zero: int = 0
     """1: ZeRO-1, the optimizer steps each dp rank's chunks and parameters are all-gathered."""
+    ragged: bool = False
+    """Ignore (-100) a different number of targets in each sequence, so microbatches and
+    replicas hold different target counts."""
 
     @property
     def world(self) -> int:
@@ -99,18 +103,27 @@ class Case:
         flags += [f"bucket{self.bucket_mb:g}"] * (self.bucket_mb != ParallelConfig.dp_bucket_mb)
         flags += [f"zero{self.zero}"] * (self.zero > 0)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
+        flags += ["ragged"] * self.ragged
         return f"{self.schedule}-" + "-".join(flags)
 
 
 def batches(
-    size: int = BATCH, vocab: int = BASE.vocab_size
+    size: int = BATCH, vocab: int = BASE.vocab_size, ragged: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed sequence of (inputs, targets) global batches, one per step."""
+    """A fixed sequence of (inputs, targets) global batches, one per step.
+
+    ``ragged``: sequence i of step k ignores its first (3i + 5k) % SEQ targets, so every
+    microbatch counts a different number of targets (the first sequence all of them).
+    """
     g = torch.Generator().manual_seed(1234)
     out = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         t = torch.randint(0, vocab, (size, SEQ + 1), generator=g)
-        out.append((t[:, :-1], t[:, 1:]))
+        x, y = t[:, :-1], t[:, 1:].clone()
+        if ragged:
+            for i in range(size):
+                y[i, : (3 * i + 5 * step) % SEQ] = IGNORE_INDEX
+        out.append((x, y))
     return out
 
 
@@ -135,7 +148,7 @@ def reference(case: Case) -> Result:
     model = Transformer(case.model, seed=0)
     opt = make_optimizer(list(model.parameters()))
     losses = []
-    data = batches(case.batch, case.vocab)
+    data = batches(case.batch, case.vocab, case.ragged)
     with torch.no_grad():
         eval_loss = model.loss(*data[0]).item()
     for x, y in data:
@@ -166,7 +179,7 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
                 if case.zero else None)
         opt = make_optimizer(pipe.parameters() if zero is None
                              else [p for _, p in zero.named_shards()])
-        data = batches(case.batch, case.vocab)
+        data = batches(case.batch, case.vocab, case.ragged)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
         losses = []
         for x, y in data:

@@ -16,6 +16,10 @@ Tensor parallelism (parameters compared as the logical tensors gathered over tp)
 tp=2 and tp=4 at pp=1; pp=2 x tp=2 with every schedule; tied embeddings, Llama with
 GQA (2 kv heads over tp=2: one per rank), recomputation, sequence parallelism, NCCL
 semantics; pp=1 x dp=2 x tp=2; and pp=2 x dp=2 x tp=2 (8 ranks) with 1F1B and ZB-V.
+
+Ragged targets (a different number of ignored targets in every sequence, so microbatches
+and replicas count different target totals): the loss is normalised by the global count,
+at pp 1 and 2, under dp=2 and under tp=2 (vocabulary-parallel cross-entropy).
 """
 
 from __future__ import annotations
@@ -123,9 +127,24 @@ def _tp_cases(world: int) -> list[Case]:
     return cases
 
 
+def _ragged_cases(world: int) -> list[Case]:
+    """Microbatches (and dp replicas) holding different target counts: global normalisation."""
+    if world == 1:
+        return [Case("1f1b", 1, 4, ragged=True)]
+    if world == 2:
+        return [Case("1f1b", 2, 4, ragged=True, tied=True),
+                Case("zb-v", 2, 2, ragged=True, flavour="llama", nccl=True),
+                Case("1f1b", 1, 2, tp=2, ragged=True, vocab=61)]  # vocabulary-parallel CE
+    if world == 4:
+        return [Case("interleaved-1f1b", 2, 2, dp=2, ragged=True),
+                Case("1f1b", 2, 4, tp=2, ragged=True, tied=True, nccl=True)]
+    return []
+
+
 WORLDS = (1, 2, 3, 4, 8)
 # by world size: one spawned group each
-CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)}.values())
+CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)
+                  + _ragged_cases(w)}.values())
          for w in WORLDS}
 
 
@@ -139,8 +158,9 @@ def _results(world: int) -> dict | Exception:
 
 
 @cache
-def _reference(flavour: str, tied: bool, batch: int, vocab: int) -> tuple:
-    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab))
+def _reference(flavour: str, tied: bool, batch: int, vocab: int, ragged: bool) -> tuple:
+    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab,
+                          ragged=ragged))
 
 
 @pytest.mark.parametrize("case", [c for world in WORLDS for c in CASES[world]], ids=str)
@@ -151,4 +171,5 @@ def test_matches_single_process(case: Case) -> None:
         pytest.fail(f"group of {world} ranks failed: {results}")
     got = results[str(case)]
     assert set(got) == set(range(world))
-    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab))
+    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab,
+                                            case.ragged))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from conveyor.config import ModelConfig
 from conveyor.models.layers import Attention, KVCache, make_mlp, make_norm
 from conveyor.models.linear import Linear
+from conveyor.models.objective import IGNORE_INDEX, cross_entropy_sum
 
 __all__ = [
     "EmbeddingBlock",
@@ -95,16 +96,19 @@ class HeadBlock(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
         self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # what turns this head's logits into the loss: replaced when the logits are
-        # split over ranks (parallel.tp_blocks: vocabulary-parallel cross-entropy)
-        self.criterion: Callable[[Tensor, Tensor], Tensor] = lm_loss
+        # what turns this head's logits into the summed loss: replaced when the logits
+        # are split over ranks (parallel.tp_blocks: vocabulary-parallel cross-entropy)
+        self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden states (B, T, D) -> logits (B, T, V)."""
         return self.proj(self.norm(x))
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy of ``forward``'s logits against targets (B, T)."""
+        """Summed next-token cross-entropy of ``forward``'s logits against targets (B, T).
+
+        Targets equal to -100 are left out; the pipeline divides by the global target count.
+        """
         return self.criterion(logits, targets)
 
 
@@ -119,8 +123,9 @@ def tie_weights(embedding: EmbeddingBlock, head: HeadBlock) -> None:
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over all positions, computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+    """Mean next-token cross-entropy over the counted targets (not -100), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                           ignore_index=IGNORE_INDEX)
 
 
 # Projections that write into the residual stream get GPT-2's 1/sqrt(2*n_layers)

@@ -24,6 +24,7 @@ from ..config import ModelConfig, ParallelConfig
 from ..memory import ActivationMeter
 from ..models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
 from ..models.boundary import Signature, boundary_signature
+from ..models.objective import target_counts
 from ..parallel.data import GradBuckets
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
@@ -291,6 +292,12 @@ class Pipeline:
             return [c.to(self.device, non_blocking=True) for c in shard.chunk(m)]
 
         mbs_in, mbs_tgt = split(tokens), split(targets)
+        # every replica divides by its share of the global count: averaged over dp, the
+        # grads and the loss are the global batch's sums over its global target count
+        denominators = {k: max(c, 1) / dp for k, c in target_counts(targets).items()}
+        last = self.stages.get(self.schedule.num_stages - 1)
+        if last is not None:
+            last.denominators = denominators
         batch, seq = mbs_in[0].shape
         bounds = self.partition.bounds
         signatures: dict[int, Signature] = {}

@@ -3,8 +3,10 @@
 Between stages the graph is cut: a stage's input is a fresh leaf tensor, so the
 backward of a stage ends at its input's ``.grad``, which is what goes to the
 previous stage. The last stage turns logits into the microbatch's share of the
-step loss (mean over its tokens divided by the number of microbatches), so the
-summed gradients equal those of the whole batch in one process.
+step loss: its summed per-target losses over the target count of the whole global
+batch (``denominators``, set by the pipeline before each step; see
+``models.objective``), so the summed gradients equal those of the whole batch in one
+process however many targets each microbatch holds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..memory import ActivationMeter, count_saved_bytes, weight_storages
 from ..models import EmbeddingBlock, HeadBlock
 from ..models.linear import WeightGradStore, attach_weight_grad_store
+from ..models.objective import normalise, target_counts
 
 __all__ = ["StageRunner"]
 
@@ -57,6 +60,10 @@ class StageRunner:
         self._saved_by_shape: dict[tuple[int, ...], int] = {}
         self._weights = weight_storages(blocks.values())
         self.losses: list[Tensor] = []
+        # per loss term, what the last stage divides its sums by: the term's target count
+        # over the global batch, per data-parallel replica. None: each microbatch's own
+        # count times the microbatch count (right when every microbatch counts alike)
+        self.denominators: dict[str, float] | None = None
         # stages of one rank share a meter: the rank's peak is not the sum of theirs
         self.meter = meter or ActivationMeter()
 
@@ -102,8 +109,8 @@ class StageRunner:
                 assert targets is not None, "last stage needs targets"
                 head = next(reversed(self.blocks.values()))
                 assert isinstance(head, HeadBlock)
-                # the head's own loss: plain or vocabulary-parallel cross-entropy
-                out = head.loss(out, targets) / self.num_microbatches
+                # the head's own summed loss: plain or vocabulary-parallel cross-entropy
+                out = normalise(head.loss(out, targets), self._denominators(targets))
         if self.is_last:
             self.losses.append(out.detach())
         if train:
@@ -113,6 +120,12 @@ class StageRunner:
             self._saved[mb] = self._saved_by_shape[shape]
             self.meter.add(self._saved[mb])
         return {"loss" if self.is_last else "hidden": out.detach()}
+
+    def _denominators(self, targets: Tensor) -> dict[str, float]:
+        if self.denominators is not None:
+            return self.denominators
+        m = self.num_microbatches
+        return {k: max(c, 1) * m for k, c in target_counts(targets).items()}
 
     def backward(
         self, mb: int, grads: dict[str, Tensor] | None, *, defer_weights: bool = False
