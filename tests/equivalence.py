@@ -9,10 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from conveyor.config import ModelConfig, ParallelConfig
-from conveyor.models import Transformer
+from conveyor.data.family_batches import mlm_batch, span_corruption_batch
+from conveyor.data.mlm import BertSpecials
+from conveyor.data.spans import T5Specials
+from conveyor.models import SequentialModel, Transformer
 from conveyor.models.objective import IGNORE_INDEX
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.zero import ZeroShards
@@ -60,6 +64,11 @@ class Case:
     ragged: bool = False
     """Ignore (-100) a different number of targets in each sequence, so microbatches and
     replicas hold different target counts."""
+    family: str = "gpt"
+    """'bert' (masked LM + NSP) or 't5' (span corruption, 3 + 3 layers) instead of the decoder."""
+    partition: str = "uniform"
+    """How blocks split into stages (``params`` puts T5's last encoder layer, bridge and
+    first decoder layer on one stage)."""
 
     @property
     def world(self) -> int:
@@ -69,9 +78,11 @@ class Case:
     @property
     def model(self) -> ModelConfig:
         """The model config of this case."""
-        extra = {"n_kv_heads": 2} if self.flavour == "llama" else {}
+        extra: dict = {"n_kv_heads": 2} if self.flavour == "llama" and self.family == "gpt" else {}
+        if self.family == "t5":
+            extra["n_layers"] = 3
         return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied,
-                       vocab_size=self.vocab, **extra)
+                       vocab_size=self.vocab, family=self.family, **extra)
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -81,7 +92,7 @@ class Case:
             schedule="1f1b" if self.custom else self.schedule,
             microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
-            dp_bucket_mb=self.bucket_mb, zero=self.zero,
+            dp_bucket_mb=self.bucket_mb, zero=self.zero, partition=self.partition,
         )
 
     def built_schedule(self) -> Schedule | None:
@@ -93,7 +104,8 @@ class Case:
         return Schedule.build(self.schedule, self.microbatches, place, acts)
 
     def __str__(self) -> str:
-        flags = [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
+        flags = [self.family] * (self.family != "gpt")
+        flags += [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
         flags += ["recompute"] * self.recompute + ["tied"] * self.tied
         flags += [f"v{self.virtual_stages}"] * (self.virtual_stages is not None) + [f"dp{self.dp}"] * (
             self.dp > 1
@@ -103,7 +115,7 @@ class Case:
         flags += [f"bucket{self.bucket_mb:g}"] * (self.bucket_mb != ParallelConfig.dp_bucket_mb)
         flags += [f"zero{self.zero}"] * (self.zero > 0)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
-        flags += ["ragged"] * self.ragged
+        flags += ["ragged"] * self.ragged + [self.partition] * (self.partition != "uniform")
         return f"{self.schedule}-" + "-".join(flags)
 
 
@@ -127,6 +139,36 @@ def batches(
     return out
 
 
+def family_batches(family: str, size: int, vocab: int) -> list[tuple[dict, dict]]:
+    """Fixed (inputs, targets) batches of the encoder or encoder-decoder objective, one per step.
+
+    Rows of random ids; T5's rows are cut to random lengths, so both families' batches
+    hold padding and a different number of targets in every microbatch.
+    """
+    rng = np.random.default_rng(1234)
+    out = []
+    for step in range(STEPS):
+        idx = np.arange(step * size, (step + 1) * size)
+        if family == "bert":
+            specials = BertSpecials(vocab - 4)
+            rows = rng.integers(0, specials.base, (STEPS * size, SEQ))
+            out.append(mlm_batch(rows, idx, SEQ, specials, seed=1234, salt=step))
+        else:
+            t5 = T5Specials(vocab - 6, sentinels=4)
+            rows = rng.integers(0, t5.base, (STEPS * size, SEQ - 3))
+            for r, length in enumerate(rng.integers(6, SEQ - 3, STEPS * size)):
+                rows[r, length:] = t5.pad
+            out.append(span_corruption_batch(rows, idx, SEQ, SEQ // 2, t5, seed=1234, salt=step))
+    return out
+
+
+def case_batches(case: Case) -> list:
+    """The batches ``case`` trains on: its family's objective."""
+    if case.family == "gpt":
+        return batches(case.batch, case.vocab, case.ragged)
+    return family_batches(case.family, case.batch, case.vocab)
+
+
 def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """SGD with momentum: linear in the grads, so parameters check the grads themselves.
 
@@ -145,10 +187,11 @@ stage-microbatches as (measured by the runtime meter, predicted by the validator
 def reference(case: Case) -> Result:
     """Losses and final parameters of the single-process model on the same batches."""
     torch.manual_seed(0)
-    model = Transformer(case.model, seed=0)
+    model = Transformer(case.model, seed=0) if case.family == "gpt" else SequentialModel(
+        case.model, seed=0)
     opt = make_optimizer(list(model.parameters()))
     losses = []
-    data = batches(case.batch, case.vocab, case.ragged)
+    data = case_batches(case)
     with torch.no_grad():
         eval_loss = model.loss(*data[0]).item()
     for x, y in data:
@@ -179,7 +222,7 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
                 if case.zero else None)
         opt = make_optimizer(pipe.parameters() if zero is None
                              else [p for _, p in zero.named_shards()])
-        data = batches(case.batch, case.vocab, case.ragged)
+        data = case_batches(case)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
         losses = []
         for x, y in data:

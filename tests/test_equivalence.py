@@ -141,10 +141,35 @@ def _ragged_cases(world: int) -> list[Case]:
     return []
 
 
+def _family_cases(world: int) -> list[Case]:
+    """BERT (masked LM + NSP) and T5 (span corruption) at pp 1, 2 and 4 with gpipe, 1f1b,
+    interleaved 1F1B and ZB-V; T5 split so that one stage holds its last encoder layer,
+    the bridge and its first decoder layer (partition ``params``)."""
+    out = []
+    for family, flavour in (("bert", "gpt2"), ("t5", "llama")):
+        part = "params" if family == "t5" else "uniform"
+        if world == 1:
+            out.append(Case("1f1b", 1, 4, family=family, flavour=flavour))
+        if world == 2:
+            out += [Case("gpipe", 2, 4, family=family, flavour=flavour, partition=part),
+                    Case("1f1b", 2, 2, family=family, flavour=flavour, tied=True),
+                    Case("interleaved-1f1b", 2, 4, family=family, flavour=flavour, recompute=True),
+                    Case("zb-v", 2, 4, family=family, flavour=flavour, tied=True, nccl=True,
+                         partition=part)]
+        if world == 4:
+            out += [Case("gpipe", 4, 2, family=family, flavour=flavour, tied=True),
+                    Case("1f1b", 4, 4, family=family, flavour=flavour, partition=part),
+                    Case("interleaved-1f1b", 4, 4, family=family, flavour=flavour, nccl=True),
+                    Case("zb-v", 4, 8, family=family, flavour=flavour, tied=True),
+                    Case("1f1b", 2, 4, dp=2, family=family, flavour=flavour, partition=part,
+                         nccl=True)]
+    return out
+
+
 WORLDS = (1, 2, 3, 4, 8)
 # by world size: one spawned group each
 CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)
-                  + _ragged_cases(w)}.values())
+                  + _ragged_cases(w) + _family_cases(w)}.values())
          for w in WORLDS}
 
 
@@ -158,9 +183,10 @@ def _results(world: int) -> dict | Exception:
 
 
 @cache
-def _reference(flavour: str, tied: bool, batch: int, vocab: int, ragged: bool) -> tuple:
+def _reference(flavour: str, tied: bool, batch: int, vocab: int, ragged: bool,
+               family: str) -> tuple:
     return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab,
-                          ragged=ragged))
+                          ragged=ragged, family=family))
 
 
 @pytest.mark.parametrize("case", [c for world in WORLDS for c in CASES[world]], ids=str)
@@ -172,4 +198,4 @@ def test_matches_single_process(case: Case) -> None:
     got = results[str(case)]
     assert set(got) == set(range(world))
     assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab,
-                                            case.ragged))
+                                            case.ragged, case.family))

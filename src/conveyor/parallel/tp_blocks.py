@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from conveyor.config import ConfigError, ModelConfig
 from conveyor.models import EmbeddingBlock, HeadBlock, build_blocks
+from conveyor.models.families import family_of
 from conveyor.models.layers import Attention
 from conveyor.parallel.collectives import Group, split_seq, tp_size
 from conveyor.parallel.sharded import TensorParallel, mark_shard
@@ -49,6 +50,9 @@ def check_tensor_parallel(
     """Raise ConfigError naming the value and the fix if ``cfg`` cannot be split over ``tp``."""
     if tp == 1:
         return
+    if not family_of(cfg).tensor_parallel:
+        raise ConfigError(f"tensor parallelism (tp={tp}) is not supported for family="
+                          f"{cfg.family!r} yet; use tp=1 (pipeline and data parallelism work)")
     shard_heads(cfg.n_heads, cfg.kv_heads, cfg.head_dim, tp)  # heads and kv heads
     if cfg.ffn_dim % tp:
         raise ConfigError(
