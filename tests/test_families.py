@@ -174,3 +174,17 @@ def test_tensor_parallel_is_refused_for_encoder_families() -> None:
 def test_unknown_family_is_one_line() -> None:
     with pytest.raises(ConfigError, match="family='xlnet' is unknown"):
         ModelConfig(family="xlnet")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_profiler_replays_every_family(family: str) -> None:
+    from conveyor.sim.profile import profile_costs
+    from conveyor.sim.simulate import simulate
+
+    cfg = _cfg(family, n_layers=3)
+    layout = resolve_layout(cfg, ParallelConfig(pp=2, schedule="zb-v", microbatches=2),
+                            batch_size=4)
+    for part in (layout, layout.partition):  # replayed in schedule order; each stage alone
+        cost = profile_costs(cfg, part, microbatch_size=2, seq_len=16, repeats=1, warmup=0)
+        assert simulate(layout.schedule, cost).step_time > 0
+    assert not family_of(cfg).generates

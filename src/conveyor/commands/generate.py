@@ -28,6 +28,7 @@ from ..config import ConfigError, ModelConfig
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..generation import TextStream, check_prompt, check_sampling, context_budget, generate
 from ..models import Transformer
+from ..models.families import family_of
 from ..parallel.layout import resolve_partition
 from ..parallel.mesh import Mesh
 from ..runtime.generate import build_stage, generate_pipelined, load_block_weights
@@ -202,6 +203,9 @@ def _run(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     source = _open_source(args.checkpoint, args.tokenizer)
     cfg = source.cfg
+    if not family_of(cfg).generates:
+        raise ConfigError(f"this model is family={cfg.family!r}; `conveyor generate` continues "
+                          "text with a decoder (family 'gpt') only")
     if not 1 <= args.pp <= cfg.num_blocks:
         raise ConfigError(f"--pp {args.pp} must be between 1 and {cfg.num_blocks} (the "
                           f"model's embedding + {cfg.n_layers} layers + head)")

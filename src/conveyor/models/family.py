@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +48,12 @@ class Family:
     """Forward FLOPs of each block for one sequence of a given length."""
     activation_bytes: Callable[[ModelConfig, int, int], list[int]]
     """Bytes each block stashes for backward, per (batch, seq) microbatch, in fp32."""
+    example: Callable[[ModelConfig, int, int, torch.Generator], tuple[Any, Any]]
+    """Random (inputs, targets) of a (batch, seq) microbatch, every target counted (profiling)."""
     tensor_parallel: bool = False
     """Whether ``parallel.tp_blocks`` can shard its blocks (their layers carry tp plans)."""
+    generates: bool = False
+    """Whether ``conveyor generate`` can continue text with it (a decoder with KV caches)."""
 
 
 def _meta_blocks(cfg: ModelConfig, block: Callable[[ModelConfig, int], nn.Module]) -> list[nn.Module]:

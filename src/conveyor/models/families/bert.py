@@ -98,4 +98,13 @@ def _signature(cfg: ModelConfig, shapes: Shapes, after_block: int, *, tp: int = 
             "attention_mask": TensorSpec((batch, seq), torch.int64, grad=False)}
 
 
-BERT = Family("bert", _block, _signature, *estimate_costs(_block))
+def _example(cfg: ModelConfig, batch: int, seq: int, gen: torch.Generator) -> tuple[State, State]:
+    tokens = torch.randint(cfg.vocab_size, (batch, seq), generator=gen)
+    inputs = {"tokens": tokens, "segments": torch.zeros_like(tokens),
+              "attention_mask": torch.ones_like(tokens)}
+    targets = {"mlm": torch.randint(cfg.vocab_size, (batch, seq), generator=gen),
+               "nsp": torch.randint(NUM_SEGMENTS, (batch,), generator=gen)}
+    return inputs, targets
+
+
+BERT = Family("bert", _block, _signature, *estimate_costs(_block), _example)

@@ -7,7 +7,8 @@ cut carries ``hidden``. Objective: next-token cross-entropy summed over the targ
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
 from conveyor.models.blocks import (
@@ -39,5 +40,10 @@ def _signature(cfg: ModelConfig, shapes: Shapes, after_block: int, *, tp: int = 
                               sequence_parallel=sequence_parallel)
 
 
+def _example(cfg: ModelConfig, batch: int, seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    tokens = torch.randint(cfg.vocab_size, (batch, seq), generator=gen)
+    return tokens, torch.randint(cfg.vocab_size, (batch, seq), generator=gen)
+
+
 GPT = Family("gpt", _block, _signature, block_param_counts, block_forward_flops,
-             block_activation_bytes, tensor_parallel=True)
+             block_activation_bytes, _example, tensor_parallel=True, generates=True)

@@ -119,4 +119,14 @@ def _signature(cfg: ModelConfig, shapes: Shapes, after_block: int, *, tp: int = 
             "encoder_out": TensorSpec((batch, src, D), torch.float32), **masks}
 
 
-T5 = Family("t5", _block, _signature, *estimate_costs(_block))
+def _example(cfg: ModelConfig, batch: int, seq: int, gen: torch.Generator) -> tuple[State, State]:
+    # the decoder reads about what span corruption gives it: 15% noise, sentinels, eos
+    tgt = max(1, (3 * seq) // 10)
+    tokens = torch.randint(cfg.vocab_size, (batch, seq), generator=gen)
+    decoder = torch.randint(cfg.vocab_size, (batch, tgt), generator=gen)
+    inputs = {"tokens": tokens, "attention_mask": torch.ones_like(tokens),
+              "decoder_tokens": decoder, "decoder_mask": torch.ones_like(decoder)}
+    return inputs, {"lm": torch.randint(cfg.vocab_size, (batch, tgt), generator=gen)}
+
+
+T5 = Family("t5", _block, _signature, *estimate_costs(_block), _example)
