@@ -188,3 +188,17 @@ def test_profiler_replays_every_family(family: str) -> None:
         cost = profile_costs(cfg, part, microbatch_size=2, seq_len=16, repeats=1, warmup=0)
         assert simulate(layout.schedule, cost).step_time > 0
     assert not family_of(cfg).generates
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--family", "bert", "--seq-len", "4"], "use --seq-len >= 5"),
+    (["--family", "t5", "--vocab-size", "270"], "use --vocab-size >= 275"),
+])
+def test_family_flags_that_cannot_fit_fail_in_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conveyor.cli import main
+
+    assert main(["train", *argv, "--steps", "1", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -15,11 +15,13 @@ import numpy as np
 
 from conveyor.config import ModelConfig
 from conveyor.data.batches import get_batch
+from conveyor.data.errors import DataError
 from conveyor.data.family_batches import mlm_batch, span_corruption_batch
 from conveyor.data.mlm import BertSpecials
 from conveyor.data.spans import T5Specials
 
-__all__ = ["BatchMaker", "batch_maker", "packed_seq_len", "special_count", "span_target_len"]
+__all__ = ["BatchMaker", "batch_maker", "check_objective", "packed_seq_len", "special_count",
+           "span_target_len"]
 
 BatchMaker = Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]
 """(rows, row indices, salt) -> (inputs, targets) of one batch; the salt seeds its masks."""
@@ -30,6 +32,20 @@ SENTINELS = 16
 _SPECIALS = {"gpt": 0, "bert": BertSpecials(0).vocab_size, "t5": T5Specials(0, SENTINELS).vocab_size}
 # tokens an example adds around a packed row (which is max_seq_len - that + 1 long)
 _ADDED = {"gpt": 0, "bert": 4, "t5": 2}
+_MIN_SEQ = {"gpt": 1, "bert": 5, "t5": 4}  # bert: [CLS] a [SEP] b [SEP]; t5: a span and a row
+_TOKENIZER_MIN = 257  # train_tokenizer's floor: 256 byte tokens + the end-of-text token
+
+
+def check_objective(model: ModelConfig) -> None:
+    """DataError naming the flag if the family's examples do not fit the vocabulary or length."""
+    extra = special_count(model)
+    if model.vocab_size - extra < _TOKENIZER_MIN:
+        raise DataError(f"family={model.family!r} reserves {extra} special ids after the "
+                        f"tokenizer's {_TOKENIZER_MIN} or more; use --vocab-size >= "
+                        f"{_TOKENIZER_MIN + extra}")
+    if model.max_seq_len < _MIN_SEQ[model.family]:
+        raise DataError(f"seq_len={model.max_seq_len} is too short for family="
+                        f"{model.family!r} examples; use --seq-len >= {_MIN_SEQ[model.family]}")
 
 
 def special_count(model: ModelConfig) -> int:

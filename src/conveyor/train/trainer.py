@@ -29,7 +29,13 @@ from tqdm import tqdm
 
 from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, RunConfig, to_dict
 from ..data import DataError, PreparedData, Sampler, prepare_data
-from ..data.objectives import BatchMaker, batch_maker, packed_seq_len, special_count
+from ..data.objectives import (
+    BatchMaker,
+    batch_maker,
+    check_objective,
+    packed_seq_len,
+    special_count,
+)
 from ..data.tokenizer import load_tokenizer
 from ..log import get_logger
 from ..models import block_param_counts
@@ -72,6 +78,7 @@ def prepare(model: ModelConfig, data: DataConfig, *, seed: int, batch_size: int,
     The family's special ids (mask, sentinels) come after the tokenizer's, and its rows
     leave room for the tokens its examples add (``data.objectives``).
     """
+    check_objective(model)
     cache = Path(data.cache_dir) if data.cache_dir else Path(run_dir) / ".cache"
     prepared = prepare_data(
         list(data.paths) if data.paths is not None else None,
