@@ -143,15 +143,16 @@ def _ragged_cases(world: int) -> list[Case]:
 
 def _family_cases(world: int) -> list[Case]:
     """BERT (masked LM + NSP) and T5 (span corruption) at pp 1, 2 and 4 with gpipe, 1f1b,
-    interleaved 1F1B and ZB-V; T5 split so that one stage holds its last encoder layer,
-    the bridge and its first decoder layer (partition ``params``)."""
+    interleaved 1F1B and ZB-V, dp 2 and tp 2; T5 split so that one stage holds its last
+    encoder layer, the bridge and its first decoder layer (partition ``params``)."""
     out = []
     for family, flavour in (("bert", "gpt2"), ("t5", "llama")):
         part = "params" if family == "t5" else "uniform"
         if world == 1:
             out.append(Case("1f1b", 1, 4, family=family, flavour=flavour))
-        if world == 2:
-            out += [Case("gpipe", 2, 4, family=family, flavour=flavour, partition=part),
+        if world == 2:  # tensor parallelism: vocabulary-parallel heads, head-split attention
+            out += [Case("1f1b", 1, 2, tp=2, family=family, flavour=flavour, tied=True),
+                    Case("gpipe", 2, 4, family=family, flavour=flavour, partition=part),
                     Case("1f1b", 2, 2, family=family, flavour=flavour, tied=True),
                     Case("interleaved-1f1b", 2, 4, family=family, flavour=flavour, recompute=True),
                     Case("zb-v", 2, 4, family=family, flavour=flavour, tied=True, nccl=True,
@@ -162,7 +163,9 @@ def _family_cases(world: int) -> list[Case]:
                     Case("interleaved-1f1b", 4, 4, family=family, flavour=flavour, nccl=True),
                     Case("zb-v", 4, 8, family=family, flavour=flavour, tied=True),
                     Case("1f1b", 2, 4, dp=2, family=family, flavour=flavour, partition=part,
-                         nccl=True)]
+                         nccl=True),
+                    Case("zb-v", 2, 4, tp=2, family=family, flavour=flavour, partition=part,
+                         nccl=True, vocab=63)]  # vocabulary padded to 64
     return out
 
 

@@ -166,9 +166,10 @@ def test_span_corruption_round_trips() -> None:
         assert len(spans) >= 1
 
 
-def test_tensor_parallel_is_refused_for_encoder_families() -> None:
+def test_sequence_parallel_is_refused_for_encoder_families() -> None:
+    par = ParallelConfig(pp=1, tp=2, microbatches=1, sequence_parallel=True)
     with pytest.raises(ConfigError, match="family='bert'"):
-        resolve_layout(_cfg("bert"), ParallelConfig(pp=1, tp=2, microbatches=1))
+        resolve_layout(_cfg("bert"), par)
 
 
 def test_unknown_family_is_one_line() -> None:

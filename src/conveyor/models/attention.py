@@ -10,6 +10,7 @@ boundaries.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,22 @@ class MaskedAttention(nn.Module):
         self.relative = (RelativePositionBias(cfg.n_heads, bidirectional=not causal)
                          if relative_bias else None)
 
+    tp_plan: ClassVar[dict[str, str]] = {"q": "column", "kv": "column", "out": "row"}
+    """How tensor parallelism splits the linears (``parallel.tp_blocks``): heads by rank."""
+
+    def shard_heads(self, tp: int) -> dict[str, Tensor]:
+        """Keep n_heads / tp heads (tensor parallelism); the kv rows in shard order.
+
+        A plain split of the fused [k; v] rows would give rank 0 all of k: rank r's chunk
+        must be its own heads' [k_r; v_r]. Returns that order for ``kv``.
+        """
+        self.n_heads //= tp
+        width = self.n_heads * self.head_dim
+        full = width * tp
+        order = [torch.arange(start + r * width, start + (r + 1) * width)
+                 for r in range(tp) for start in (0, full)]
+        return {"kv": torch.cat(order)}
+
     def _heads(self, t: Tensor) -> Tensor:
         B, T, _ = t.shape
         return t.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
@@ -93,7 +110,7 @@ class MaskedAttention(nn.Module):
         B, T, D = x.shape
         source = memory if self.cross else x
         assert source is not None, "cross-attention needs the encoder output"
-        k, v = self.kv(source).split(D, dim=-1)
+        k, v = self.kv(source).chunk(2, dim=-1)  # this rank's heads only under tp
         q, k, v = self._heads(self.q(x)), self._heads(k), self._heads(v)
         allowed = attention_mask(key_mask, T, causal=self.causal)  # (B, 1, Tq, Tk)
         mask: Tensor = allowed
@@ -101,4 +118,4 @@ class MaskedAttention(nn.Module):
             bias = self.relative(T, k.shape[2], x.device).to(q.dtype)  # (1, heads, Tq, Tk)
             mask = bias.masked_fill(~allowed, float("-inf"))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Tq, hd)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))

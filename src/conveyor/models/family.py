@@ -50,8 +50,8 @@ class Family:
     """Bytes each block stashes for backward, per (batch, seq) microbatch, in fp32."""
     example: Callable[[ModelConfig, int, int, torch.Generator], tuple[Any, Any]]
     """Random (inputs, targets) of a (batch, seq) microbatch, every target counted (profiling)."""
-    tensor_parallel: bool = False
-    """Whether ``parallel.tp_blocks`` can shard its blocks (their layers carry tp plans)."""
+    sequence_parallel: bool = False
+    """Whether its boundaries can be split along the sequence under tensor parallelism."""
     generates: bool = False
     """Whether ``conveyor generate`` can continue text with it (a decoder with KV caches)."""
 

@@ -20,6 +20,8 @@ the causal mask replaced by the padding mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,6 +66,8 @@ class BertHead(NamedHead):
         self.transform = Linear(cfg.d_model, cfg.d_model)
         self.transform_norm = make_norm(cfg)
         self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # replaced by vocabulary-parallel cross-entropy when tp splits the logits
+        self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
         self.pooler = Linear(cfg.d_model, cfg.d_model)
         self.nsp = Linear(cfg.d_model, NUM_SEGMENTS)
 
@@ -76,7 +80,7 @@ class BertHead(NamedHead):
 
     def loss(self, out: State, targets: dict[str, Tensor]) -> dict[str, Tensor]:
         """Summed cross-entropy per term: ``mlm`` over masked positions, ``nsp`` if targeted."""
-        sums = {"mlm": cross_entropy_sum(out["logits"], targets["mlm"])}
+        sums = {"mlm": self.criterion(out["logits"], targets["mlm"])}
         if "nsp" in targets:
             sums["nsp"] = cross_entropy_sum(out["nsp_logits"], targets["nsp"])
         return sums

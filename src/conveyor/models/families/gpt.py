@@ -46,4 +46,4 @@ def _example(cfg: ModelConfig, batch: int, seq: int, gen: torch.Generator) -> tu
 
 
 GPT = Family("gpt", _block, _signature, block_param_counts, block_forward_flops,
-             block_activation_bytes, _example, tensor_parallel=True, generates=True)
+             block_activation_bytes, _example, sequence_parallel=True, generates=True)

@@ -27,6 +27,8 @@ follow the flavour (llama: RMSNorm and a gated MLP, as in T5 v1.1, without biase
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -82,6 +84,8 @@ class T5Head(NamedHead):
         super().__init__()
         self.norm = make_norm(cfg)
         self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # replaced by vocabulary-parallel cross-entropy when tp splits the logits
+        self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
 
     def forward(self, state: State) -> Tensor:
         """hidden (B, T, D) -> logits (B, T, V)."""
@@ -89,7 +93,7 @@ class T5Head(NamedHead):
 
     def loss(self, logits: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
         """The one term ``lm``: cross-entropy summed over the decoder's counted targets."""
-        return {"lm": cross_entropy_sum(logits, targets["lm"])}
+        return {"lm": self.criterion(logits, targets["lm"])}
 
 
 def _block(cfg: ModelConfig, index: int) -> nn.Module:
