@@ -203,3 +203,16 @@ def test_family_flags_that_cannot_fit_fail_in_one_line(
     assert main(["train", *argv, "--steps", "1", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize(("pp", "schedule"), [(2, "gpipe"), (2, "zb-v"), (4, "1f1b")])
+def test_equivalence_t5_split_puts_encoder_and_decoder_on_one_stage(pp: int, schedule: str) -> None:
+    # the T5 cases of test_equivalence use partition=params: check they cut where meant
+    cfg = _cfg("t5", n_layers=3)  # blocks: 0 embedding, 1-3 encoder, 4 bridge, 5-7 decoder, 8 head
+    layout = resolve_layout(cfg, ParallelConfig(pp=pp, schedule=schedule, microbatches=4,
+                                                partition="params"))
+    spans = layout.partition.bounds
+    if schedule == "gpipe":  # the cut right after the bridge: encoder_out crosses it
+        assert any(end == 5 for _, end in spans), spans
+    else:
+        assert any(start <= 3 and end >= 6 for start, end in spans), spans
