@@ -9,10 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from conveyor.config import ModelConfig, ParallelConfig
-from conveyor.models import Transformer
+from conveyor.data.family_batches import mlm_batch, span_corruption_batch
+from conveyor.data.mlm import BertSpecials
+from conveyor.data.spans import T5Specials
+from conveyor.models import SequentialModel, Transformer
+from conveyor.models.objective import IGNORE_INDEX
 from conveyor.parallel.mesh import Mesh
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
@@ -58,6 +63,14 @@ class Case:
     """1: ZeRO-1, the optimizer steps each dp rank's chunks and parameters are all-gathered."""
     compile: bool = False
     """``torch.compile`` every block of every stage."""
+    ragged: bool = False
+    """Ignore (-100) a different number of targets in each sequence, so microbatches and
+    replicas hold different target counts."""
+    family: str = "gpt"
+    """'bert' (masked LM + NSP) or 't5' (span corruption, 3 + 3 layers) instead of the decoder."""
+    partition: str = ParallelConfig.partition
+    """How blocks split into stages (``params`` puts T5's last encoder layer, bridge and
+    first decoder layer on one stage)."""
 
     @property
     def world(self) -> int:
@@ -67,9 +80,11 @@ class Case:
     @property
     def model(self) -> ModelConfig:
         """The model config of this case."""
-        extra = {"n_kv_heads": 2} if self.flavour == "llama" else {}
+        extra: dict = {"n_kv_heads": 2} if self.flavour == "llama" and self.family == "gpt" else {}
+        if self.family == "t5":
+            extra["n_layers"] = 3
         return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied,
-                       vocab_size=self.vocab, **extra)
+                       vocab_size=self.vocab, family=self.family, **extra)
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -80,6 +95,7 @@ class Case:
             microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
             dp_bucket_mb=self.bucket_mb, zero=self.zero, compile=self.compile,
+            partition=self.partition,
         )
 
     def built_schedule(self) -> Schedule | None:
@@ -91,7 +107,8 @@ class Case:
         return Schedule.build(self.schedule, self.microbatches, place, acts)
 
     def __str__(self) -> str:
-        flags = [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
+        flags = [self.family] * (self.family != "gpt")
+        flags += [self.flavour, f"pp{self.pp}", f"m{self.microbatches}"]
         flags += ["recompute" if self.recompute is True else f"recompute-{self.recompute}"
                   ] * bool(self.recompute) + ["tied"] * self.tied
         flags += [f"v{self.virtual_stages}"] * (self.virtual_stages is not None) + [f"dp{self.dp}"] * (
@@ -103,19 +120,59 @@ class Case:
         flags += [f"zero{self.zero}"] * (self.zero > 0)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
         flags += ["compiled"] * self.compile
+        flags += ["ragged"] * self.ragged
+        flags += [self.partition] * (self.partition != ParallelConfig.partition)
         return f"{self.schedule}-" + "-".join(flags)
 
 
 def batches(
-    size: int = BATCH, vocab: int = BASE.vocab_size
+    size: int = BATCH, vocab: int = BASE.vocab_size, ragged: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed sequence of (inputs, targets) global batches, one per step."""
+    """A fixed sequence of (inputs, targets) global batches, one per step.
+
+    ``ragged``: sequence i of step k ignores its first (3i + 5k) % SEQ targets, so every
+    microbatch counts a different number of targets (the first sequence all of them).
+    """
     g = torch.Generator().manual_seed(1234)
     out = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         t = torch.randint(0, vocab, (size, SEQ + 1), generator=g)
-        out.append((t[:, :-1], t[:, 1:]))
+        x, y = t[:, :-1], t[:, 1:].clone()
+        if ragged:
+            for i in range(size):
+                y[i, : (3 * i + 5 * step) % SEQ] = IGNORE_INDEX
+        out.append((x, y))
     return out
+
+
+def family_batches(family: str, size: int, vocab: int) -> list[tuple[dict, dict]]:
+    """Fixed (inputs, targets) batches of the encoder or encoder-decoder objective, one per step.
+
+    Rows of random ids; T5's rows are cut to random lengths, so both families' batches
+    hold padding and a different number of targets in every microbatch.
+    """
+    rng = np.random.default_rng(1234)
+    out = []
+    for step in range(STEPS):
+        idx = np.arange(step * size, (step + 1) * size)
+        if family == "bert":
+            specials = BertSpecials(vocab - 4)
+            rows = rng.integers(0, specials.base, (STEPS * size, SEQ))
+            out.append(mlm_batch(rows, idx, SEQ, specials, seed=1234, salt=step))
+        else:
+            t5 = T5Specials(vocab - 6, sentinels=4)
+            rows = rng.integers(0, t5.base, (STEPS * size, SEQ - 3))
+            for r, length in enumerate(rng.integers(6, SEQ - 3, STEPS * size)):
+                rows[r, length:] = t5.pad
+            out.append(span_corruption_batch(rows, idx, SEQ, SEQ // 2, t5, seed=1234, salt=step))
+    return out
+
+
+def case_batches(case: Case) -> list:
+    """The batches ``case`` trains on: its family's objective."""
+    if case.family == "gpt":
+        return batches(case.batch, case.vocab, case.ragged)
+    return family_batches(case.family, case.batch, case.vocab)
 
 
 def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -136,10 +193,11 @@ stage-microbatches as (measured by the runtime meter, predicted by the validator
 def reference(case: Case) -> Result:
     """Losses and final parameters of the single-process model on the same batches."""
     torch.manual_seed(0)
-    model = Transformer(case.model, seed=0)
+    model = Transformer(case.model, seed=0) if case.family == "gpt" else SequentialModel(
+        case.model, seed=0)
     opt = make_optimizer(list(model.parameters()))
     losses = []
-    data = batches(case.batch, case.vocab)
+    data = case_batches(case)
     with torch.no_grad():
         eval_loss = model.loss(*data[0]).item()
     for x, y in data:
@@ -168,7 +226,7 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
         zero = pipe.zero  # ZeRO-1 chunks (case.zero), their grads reduce-scattered
         opt = make_optimizer(pipe.parameters() if zero is None
                              else [p for _, p in zero.named_shards()])
-        data = batches(case.batch, case.vocab)
+        data = case_batches(case)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
         losses = []
         for x, y in data:

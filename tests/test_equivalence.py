@@ -16,6 +16,10 @@ Tensor parallelism (parameters compared as the logical tensors gathered over tp)
 tp=2 and tp=4 at pp=1; pp=2 x tp=2 with every schedule; tied embeddings, Llama with
 GQA (2 kv heads over tp=2: one per rank), recomputation, sequence parallelism, NCCL
 semantics; pp=1 x dp=2 x tp=2; and pp=2 x dp=2 x tp=2 (8 ranks) with 1F1B and ZB-V.
+
+Ragged targets (a different number of ignored targets in every sequence, so microbatches
+and replicas count different target totals): the loss is normalised by the global count,
+at pp 1 and 2, under dp=2 and under tp=2 (vocabulary-parallel cross-entropy).
 """
 
 from __future__ import annotations
@@ -129,9 +133,52 @@ def _tp_cases(world: int) -> list[Case]:
     return cases
 
 
+def _ragged_cases(world: int) -> list[Case]:
+    """Microbatches (and dp replicas) holding different target counts: global normalisation."""
+    if world == 1:
+        return [Case("1f1b", 1, 4, ragged=True)]
+    if world == 2:
+        return [Case("1f1b", 2, 4, ragged=True, tied=True),
+                Case("zb-v", 2, 2, ragged=True, flavour="llama", nccl=True),
+                Case("1f1b", 1, 2, tp=2, ragged=True, vocab=61)]  # vocabulary-parallel CE
+    if world == 4:
+        return [Case("interleaved-1f1b", 2, 2, dp=2, ragged=True),
+                Case("1f1b", 2, 4, tp=2, ragged=True, tied=True, nccl=True)]
+    return []
+
+
+def _family_cases(world: int) -> list[Case]:
+    """BERT (masked LM + NSP) and T5 (span corruption) at pp 1, 2 and 4 with gpipe, 1f1b,
+    interleaved 1F1B and ZB-V, dp 2 and tp 2; T5 split so that one stage holds its last
+    encoder layer, the bridge and its first decoder layer (partition ``params``)."""
+    out = []
+    for family, flavour in (("bert", "gpt2"), ("t5", "llama")):
+        part = "params" if family == "t5" else "uniform"
+        if world == 1:
+            out.append(Case("1f1b", 1, 4, family=family, flavour=flavour))
+        if world == 2:  # tensor parallelism: vocabulary-parallel heads, head-split attention
+            out += [Case("1f1b", 1, 2, tp=2, family=family, flavour=flavour, tied=True),
+                    Case("gpipe", 2, 4, family=family, flavour=flavour, partition=part),
+                    Case("1f1b", 2, 2, family=family, flavour=flavour, tied=True),
+                    Case("interleaved-1f1b", 2, 4, family=family, flavour=flavour, recompute=True),
+                    Case("zb-v", 2, 4, family=family, flavour=flavour, tied=True, nccl=True,
+                         partition=part)]
+        if world == 4:
+            out += [Case("gpipe", 4, 2, family=family, flavour=flavour, tied=True),
+                    Case("1f1b", 4, 4, family=family, flavour=flavour, partition=part),
+                    Case("interleaved-1f1b", 4, 4, family=family, flavour=flavour, nccl=True),
+                    Case("zb-v", 4, 8, family=family, flavour=flavour, tied=True),
+                    Case("1f1b", 2, 4, dp=2, family=family, flavour=flavour, partition=part,
+                         nccl=True),
+                    Case("zb-v", 2, 4, tp=2, family=family, flavour=flavour, partition=part,
+                         nccl=True, vocab=63)]  # vocabulary padded to 64
+    return out
+
+
 WORLDS = (1, 2, 3, 4, 8)
 # by world size: one spawned group each
-CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)}.values())
+CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)
+                  + _ragged_cases(w) + _family_cases(w)}.values())
          for w in WORLDS}
 
 
@@ -145,8 +192,10 @@ def _results(world: int) -> dict | Exception:
 
 
 @cache
-def _reference(flavour: str, tied: bool, batch: int, vocab: int) -> tuple:
-    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab))
+def _reference(flavour: str, tied: bool, batch: int, vocab: int, ragged: bool,
+               family: str) -> tuple:
+    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab,
+                          ragged=ragged, family=family))
 
 
 @pytest.mark.parametrize("case", [c for world in WORLDS for c in CASES[world]], ids=str)
@@ -157,4 +206,5 @@ def test_matches_single_process(case: Case) -> None:
         pytest.fail(f"group of {world} ranks failed: {results}")
     got = results[str(case)]
     assert set(got) == set(range(world))
-    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab))
+    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab,
+                                            case.ragged, case.family))

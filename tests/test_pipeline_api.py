@@ -18,7 +18,7 @@ from conveyor.runtime.executor import PipelineError
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import BatchError, Pipeline
 from conveyor.runtime.stage import StageRunner
-from equivalence import Case, batches, rel_diff
+from equivalence import Case, batches, family_batches, rel_diff
 
 pytestmark = pytest.mark.multiprocess
 
@@ -49,6 +49,24 @@ def _bad_batches(mesh: Mesh) -> list[str]:
         out.append("accepted")
     except BatchError as err:
         out.append(str(err))
+    return out
+
+
+def _bad_named_batches(mesh: Mesh) -> list[str]:
+    """A family's named inputs and targets that do not fit (bert at pp=2, m=4)."""
+    case = Case("1f1b", 2, 4, family="bert")
+    pipe = Pipeline(case.model, case.parallel, mesh, seed=0)
+    x, y = family_batches("bert", 8, case.vocab)[0]
+    long = {k: torch.cat([v, v], dim=1) for k, v in x.items()}
+    out = []
+    for inputs, targets in [({**x, "segments": x["segments"][:4]}, y),
+                            ({k: v[:6] for k, v in x.items()}, {k: v[:6] for k, v in y.items()}),
+                            (long, y), ({}, y)]:
+        try:
+            pipe.train_step(inputs, targets)
+            out.append("accepted")
+        except BatchError as err:
+            out.append(str(err))
     return out
 
 
@@ -128,7 +146,8 @@ def _send_peaks(mesh: Mesh) -> dict[str, int]:
 
 def _run() -> dict[str, object]:
     mesh = Mesh.build(2)
-    return {"bad": _bad_batches(mesh), "accumulate": _accumulate(mesh),
+    return {"bad": _bad_batches(mesh), "bad_named": _bad_named_batches(mesh),
+            "accumulate": _accumulate(mesh),
             "send_peaks": _send_peaks(mesh),
             "failed": _failed_step(mesh), "in_flight": _failed_in_flight()}
 
@@ -136,6 +155,14 @@ def _run() -> dict[str, object]:
 @cache
 def _results() -> dict[int, dict[str, object]]:
     return launch(_run, 2, timeout_s=60)
+
+
+def test_named_batches_that_do_not_fit_are_named_errors() -> None:
+    bad = _results()[0]["bad_named"]
+    assert "different batch sizes" in bad[0] and "inputs['segments']" in bad[0]
+    assert "batch of 6 sequences does not split evenly" in bad[1]
+    assert "longer than max_seq_len=16" in bad[2] and "inputs['tokens']" in bad[2]
+    assert "inputs are empty" in bad[3]
 
 
 def test_batches_that_do_not_fit_are_named_errors() -> None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from .schedules import SCHEDULES, ScheduleError, check_virtual_stages
 
 __all__ = [
+    "FAMILIES",
     "PARTITIONS",
     "RECOMPUTE_MODES",
     "ConfigError",
@@ -49,10 +50,17 @@ def _positive(obj: object, *names: str) -> None:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
+FAMILIES = ("gpt", "bert", "t5")
+"""Model families (``models.families`` lists each one's blocks, boundary and objective)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Shape of a decoder-only transformer."""
+    """Shape of a transformer: a decoder (gpt), an encoder (bert) or an encoder-decoder (t5)."""
 
+    family: Literal["gpt", "bert", "t5"] = "gpt"
+    """'gpt': causal LM; 'bert': encoder, masked LM + next sentence; 't5': encoder-decoder,
+    span corruption (n_layers encoder layers, then as many decoder layers)."""
     flavour: Literal["gpt2", "llama"] = "gpt2"
     """'gpt2': LayerNorm, GELU MLP, learned positions. 'llama': RMSNorm, SwiGLU, rotary."""
     vocab_size: int = 8192
@@ -79,6 +87,8 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family={self.family!r} is unknown; use one of {', '.join(FAMILIES)}")
         if self.flavour not in ("gpt2", "llama"):
             raise ConfigError(f"flavour={self.flavour!r} is unknown; use 'gpt2' or 'llama'")
         _positive(self, "vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len")
@@ -124,8 +134,12 @@ class ModelConfig:
 
     @property
     def num_blocks(self) -> int:
-        """Length of the flat block list: embedding + n_layers + head."""
-        return self.n_layers + 2
+        """Length of the flat block list: embedding + layers + head.
+
+        An encoder-decoder has n_layers encoder layers, a bridge (the encoder's final
+        norm) and n_layers decoder layers between its embedding and head.
+        """
+        return 2 * self.n_layers + 3 if self.family == "t5" else self.n_layers + 2
 
 
 @dataclass(frozen=True, kw_only=True)

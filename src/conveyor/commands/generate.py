@@ -38,6 +38,7 @@ from ..config import ConfigError, ModelConfig
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..generation import GenerationError, TextStream, check_prompt, context_budget
 from ..generation.batch import Sampling
+from ..models.families import family_of
 from ..parallel.layout import resolve_partition
 from ..parallel.mesh import Mesh
 from ..runtime.generate import PipelinedGenerator, build_stage
@@ -260,6 +261,9 @@ def _write_results(out: TextIO, job: _Job, results: list[list[int]], tokenizer: 
 
 
 def _check_sizes(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    if not family_of(cfg).generates:
+        raise ConfigError(f"this model is family={cfg.family!r}; `conveyor generate` continues "
+                          "text with a decoder (family 'gpt') only")
     if not 1 <= args.pp <= cfg.num_blocks:
         raise ConfigError(f"--pp {args.pp} must be between 1 and {cfg.num_blocks} (the "
                           f"model's embedding + {cfg.n_layers} layers + head)")

@@ -50,6 +50,8 @@ _METAVARS: dict[Any, str] = {int: "N", float: "X"}
 
 # (section, field, flag, argparse keywords, help)
 _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
+    ("model", "family", "--family", {"metavar": "NAME"}, "gpt (causal LM), bert (encoder: "
+     "masked LM + next sentence) or t5 (encoder-decoder: span corruption, --layers of each)"),
     ("model", "flavour", "--flavour", {"metavar": "NAME"}, "gpt2 (LayerNorm, GELU, learned positions) or "
      "llama (RMSNorm, SwiGLU, rotary)"),
     ("model", "n_layers", "--layers", {"type": int}, "transformer blocks"),

@@ -1,7 +1,8 @@
 """Data: corpora, byte-level BPE tokenizer, packing into rows, and a resumable sampler.
 
 Imports flow one way: errors and atomic are leaves; corpus <- tokenizer; packing and
-sampler stand alone; prepare uses them all. ``batches`` is the only module importing torch.
+sampler stand alone; prepare uses them all. ``batches`` and ``family_batches`` (masked
+LM, span corruption: ``mlm`` and ``spans`` build them in numpy) are the only modules importing torch.
 """
 
 from conveyor.data.batches import get_batch

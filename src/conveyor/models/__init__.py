@@ -1,18 +1,26 @@
-"""Decoder-only transformers as a flat list of blocks (embedding, layers, head)."""
+"""Transformer families as flat lists of blocks (embedding, layers, head).
+
+``models.families`` lists each family (gpt, bert, t5); ``build_blocks`` builds any of
+them; ``Transformer`` is the decoder's single-process model (with KV caches),
+``SequentialModel`` any family's.
+"""
 
 from conveyor.models.blocks import (
     EmbeddingBlock,
     HeadBlock,
     TransformerBlock,
+    lm_loss,
+    tie_weights,
+)
+from conveyor.models.build import (
     block_activation_bytes,
     block_forward_flops,
     block_param_counts,
     build_block,
     build_blocks,
-    lm_loss,
-    tie_weights,
 )
 from conveyor.models.layers import KVCache
+from conveyor.models.sequential import SequentialModel
 from conveyor.models.transformer import Transformer
 
 __all__ = [
@@ -20,6 +28,7 @@ __all__ = [
     "TransformerBlock",
     "HeadBlock",
     "KVCache",
+    "SequentialModel",
     "Transformer",
     "build_block",
     "build_blocks",

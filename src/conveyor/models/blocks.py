@@ -14,7 +14,7 @@ the full model. That is what lets a pipeline reproduce single-process training.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from conveyor.config import ModelConfig
 from conveyor.models.layers import Attention, KVCache, LeftPadding, make_mlp, make_norm
 from conveyor.models.linear import Linear
+from conveyor.models.objective import IGNORE_INDEX, cross_entropy_sum
 
 __all__ = [
     "EmbeddingBlock",
@@ -31,8 +32,7 @@ __all__ = [
     "HeadBlock",
     "tie_weights",
     "lm_loss",
-    "build_block",
-    "build_blocks",
+    "initialise",
     "block_param_counts",
     "block_forward_flops",
     "block_activation_bytes",
@@ -42,6 +42,8 @@ __all__ = [
 class EmbeddingBlock(nn.Module):
     """Token embedding, plus learned positions for gpt2 (llama uses rotary inside attention)."""
 
+    role: ClassVar[str] = "embedding"
+    """Where a block sits in its family's list: the runtime reads stage roles off it."""
     tied_param_name: ClassVar[str] = "tok.weight"
     """Name of the parameter shared with the head when embeddings are tied."""
 
@@ -75,6 +77,8 @@ class EmbeddingBlock(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
+    role: ClassVar[str] = "layer"
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm1 = make_norm(cfg)
@@ -92,6 +96,7 @@ class TransformerBlock(nn.Module):
 class HeadBlock(nn.Module):
     """Final norm and the linear LM head (no bias), and the loss of its logits."""
 
+    role: ClassVar[str] = "head"
     tied_param_name: ClassVar[str] = "proj.weight"
     """Name of the parameter shared with the embedding when embeddings are tied."""
 
@@ -99,37 +104,48 @@ class HeadBlock(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
         self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # what turns this head's logits into the loss: replaced when the logits are
-        # split over ranks (parallel.tp_blocks: vocabulary-parallel cross-entropy)
-        self.criterion: Callable[[Tensor, Tensor], Tensor] = lm_loss
+        # what turns this head's logits into the summed loss: replaced when the logits
+        # are split over ranks (parallel.tp_blocks: vocabulary-parallel cross-entropy)
+        self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden states (B, T, D) -> logits (B, T, V)."""
         return self.proj(self.norm(x))
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy of ``forward``'s logits against targets (B, T)."""
+        """Summed next-token cross-entropy of ``forward``'s logits against targets (B, T).
+
+        Targets equal to -100 are left out; the pipeline divides by the global target count.
+        """
         return self.criterion(logits, targets)
 
 
-def tie_weights(embedding: EmbeddingBlock, head: HeadBlock) -> None:
-    """Make the head's weight the very same Parameter as the embedding's token table."""
-    if embedding.tok.weight.shape != head.proj.weight.shape:
+def tie_weights(embedding: nn.Module, head: nn.Module) -> None:
+    """Make the head's tied weight the very same Parameter as the embedding's token table.
+
+    Each block names its side of the tie in its class's ``tied_param_name``.
+    """
+    src = embedding.get_parameter(type(embedding).tied_param_name)  # type: ignore[attr-defined]
+    path, _, attr = type(head).tied_param_name.rpartition(".")  # type: ignore[attr-defined]
+    owner = head.get_submodule(path)
+    if src.shape != getattr(owner, attr).shape:
         raise ValueError(
-            f"cannot tie embedding {tuple(embedding.tok.weight.shape)} to head "
-            f"{tuple(head.proj.weight.shape)}; both blocks must come from the same ModelConfig"
+            f"cannot tie embedding {tuple(src.shape)} to head "
+            f"{tuple(getattr(owner, attr).shape)}; both blocks must come from the same ModelConfig"
         )
-    head.proj.weight = embedding.tok.weight
+    setattr(owner, attr, src)
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over all positions, computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+    """Mean next-token cross-entropy over the counted targets (not -100), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                           ignore_index=IGNORE_INDEX)
 
 
 # Projections that write into the residual stream get GPT-2's 1/sqrt(2*n_layers)
 # scaling, so the residual's variance does not grow with depth
-_RESIDUAL_OUT = frozenset({"attn.out.weight", "mlp.down.weight", "mlp.w2.weight"})
+_RESIDUAL_OUT = frozenset({"attn.out.weight", "cross.out.weight", "mlp.down.weight",
+                           "mlp.w2.weight"})
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -143,13 +159,18 @@ def _token_embedding_weight(cfg: ModelConfig, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def _initialise(block: nn.Module, cfg: ModelConfig, index: int, seed: int) -> None:
+def initialise(block: nn.Module, cfg: ModelConfig, index: int, seed: int) -> None:
+    """Draw block ``index``'s weights from its own generator, seeded by ``(seed, index)`` alone.
+
+    A tied head's weight is the embedding's token table: every family's embedding block
+    registers that table first, so the head regenerates it as block 0's first draw.
+    """
     gen = _generator(seed, index)
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    tied_head = isinstance(block, HeadBlock) and cfg.tie_embeddings
+    tied_head = getattr(block, "role", None) == "head" and cfg.tie_embeddings
     # named_parameters follows registration order, so the draws are reproducible
     for name, param in block.named_parameters():
-        if tied_head and name == HeadBlock.tied_param_name:
+        if tied_head and name == type(block).tied_param_name:
             param.copy_(_token_embedding_weight(cfg, seed))
         elif name.endswith("bias"):
             param.zero_()
@@ -158,48 +179,6 @@ def _initialise(block: nn.Module, cfg: ModelConfig, index: int, seed: int) -> No
         else:
             std = residual_std if name in _RESIDUAL_OUT else cfg.init_std
             param.normal_(0.0, std, generator=gen)
-
-
-def build_block(cfg: ModelConfig, index: int, seed: int) -> nn.Module:
-    """Build block ``index`` of the flat list, initialised from ``(seed, index)`` only."""
-    if not 0 <= index < cfg.num_blocks:
-        raise ValueError(
-            f"block index {index} is out of range; n_layers={cfg.n_layers} gives blocks "
-            f"0..{cfg.num_blocks - 1} (embedding, layers, head)"
-        )
-    block: nn.Module
-    if index == 0:
-        block = EmbeddingBlock(cfg)
-    elif index == cfg.num_blocks - 1:
-        block = HeadBlock(cfg)
-    else:
-        block = TransformerBlock(cfg)
-    _initialise(block, cfg, index, seed)
-    return block
-
-
-def build_blocks(
-    cfg: ModelConfig,
-    seed: int,
-    indices: Iterable[int] | None = None,
-    transform: Callable[[nn.Module], nn.Module] | None = None,
-) -> list[nn.Module]:
-    """Build the given blocks (all by default), tying embedding and head when both are here.
-
-    ``transform`` rebuilds each block right after its full-size initialisation (e.g.
-    into its tensor-parallel shard), before the tie.
-    """
-    order = list(range(cfg.num_blocks)) if indices is None else list(indices)
-    blocks = [build_block(cfg, i, seed) for i in order]
-    if transform is not None:
-        blocks = [transform(b) for b in blocks]
-    head = cfg.num_blocks - 1
-    if cfg.tie_embeddings and 0 in order and head in order:
-        embedding_block, head_block = blocks[order.index(0)], blocks[order.index(head)]
-        assert isinstance(embedding_block, EmbeddingBlock)
-        assert isinstance(head_block, HeadBlock)
-        tie_weights(embedding_block, head_block)
-    return blocks
 
 
 def _qkv_width(cfg: ModelConfig) -> int:

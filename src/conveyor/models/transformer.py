@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
-from conveyor.models.blocks import build_blocks, lm_loss
+from conveyor.models.blocks import lm_loss
+from conveyor.models.build import build_blocks
 from conveyor.models.layers import KVCache
 
 __all__ = ["Transformer"]

@@ -10,9 +10,11 @@ What gets split is read off the layers, not off family names:
   sequence under SP), so q/k/v or gate/up share one backward all-reduce. Attention's
   fused qkv rows are taken in shard order (each rank: its q, k and v heads), and its
   head counts become the rank's;
-- the embedding block's token table becomes vocabulary-parallel (vocabulary padded
-  to a multiple of tp); the head block's projection becomes column-parallel over
-  the same padded rows, and its loss vocabulary-parallel cross-entropy;
+- the embedding block's token table (a block with role ``embedding``, any family)
+  becomes vocabulary-parallel (vocabulary padded to a multiple of tp); the head
+  block's projection becomes column-parallel over the same padded rows, and its
+  criterion vocabulary-parallel cross-entropy; a relative position bias keeps its
+  heads' columns;
 - norms and everything else stay replicated. Under sequence parallelism (SP) the
   norms see a sequence shard, so their grads are marked to be summed over tp.
 
@@ -24,10 +26,14 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conveyor.config import ConfigError, ModelConfig
-from conveyor.models import EmbeddingBlock, HeadBlock, build_blocks
+from conveyor.models import build_blocks
+from conveyor.models.attention import RelativePositionBias
+from conveyor.models.families import family_of
 from conveyor.models.layers import Attention
 from conveyor.parallel.collectives import Group, split_seq, tp_size
 from conveyor.parallel.sharded import TensorParallel, mark_shard
@@ -49,6 +55,9 @@ def check_tensor_parallel(
     """Raise ConfigError naming the value and the fix if ``cfg`` cannot be split over ``tp``."""
     if tp == 1:
         return
+    if sequence_parallel and not family_of(cfg).sequence_parallel:
+        raise ConfigError(f"sequence parallelism is not supported for family={cfg.family!r} "
+                          "yet (its boundaries carry whole sequences); drop sequence_parallel")
     shard_heads(cfg.n_heads, cfg.kv_heads, cfg.head_dim, tp)  # heads and kv heads
     if cfg.ffn_dim % tp:
         raise ConfigError(
@@ -70,7 +79,9 @@ class _EnterRegion:
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (to_tp_region(args[0], self.group, self.sequence_parallel), *args[1:])
+        # every float input: a cross-attention's memory enters too (its grad is summed)
+        return tuple(to_tp_region(a, self.group, self.sequence_parallel)
+                     if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
 class _SplitPositions:
@@ -83,19 +94,43 @@ class _SplitPositions:
         return split_seq(out, self.group, dim=0)  # (T, D) -> (T/tp, D)
 
 
+class HeadShardedTable(TensorParallel):
+    """A (rows, heads) lookup table split over tp by its columns: each rank its own heads'."""
+
+    def __init__(self, rows: int, heads: int, *, group: Group = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(rows, heads // tp_size(group), device=device))
+        mark_shard(self.weight, 1)
+
+    @classmethod
+    def from_full(cls, weight: Tensor, group: Group = None) -> HeadShardedTable:
+        """This rank's columns of the logical table (rows, heads)."""
+        layer = cls(weight.shape[0], weight.shape[1], group=group, device="meta")
+        layer._adopt({"weight": weight})
+        return layer
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Ids (...) -> (..., heads / tp)."""
+        return F.embedding(ids, self.weight)
+
+
 def _shard_planned(module: nn.Module, group: Group, sp: bool) -> None:
     plan: dict[str, str] = type(module).tp_plan  # type: ignore[attr-defined]
-    row_order = None
+    row_orders: dict[str, Tensor] = {}
+    tp = tp_size(group)
     if isinstance(module, Attention):
-        tp = tp_size(group)
         heads = shard_heads(module.n_heads, module.kv_heads, module.head_dim, tp)
-        row_order = qkv_row_order(module.n_heads, module.kv_heads, module.head_dim, tp)
+        row_orders["qkv"] = qkv_row_order(module.n_heads, module.kv_heads, module.head_dim, tp)
         module.n_heads, module.kv_heads = heads.n_heads, heads.kv_heads
+    elif hasattr(module, "shard_heads"):  # a layer that keeps its heads' rows itself
+        row_orders = module.shard_heads(tp)
     for name, how in plan.items():
         plain = getattr(module, name)
         layer: nn.Module
         if how == "column":
-            order = row_order if name == "qkv" else None
+            order = row_orders.get(name)
             layer = ColumnParallelLinear.from_full(
                 plain.weight, plain.bias, group, row_order=order, input_is_prepared=True,
                 sequence_parallel=sp,
@@ -119,16 +154,19 @@ def shard_block(
     check_tensor_parallel(cfg, tp_size(group))
     sp = sequence_parallel
     for module in list(block.modules()):  # a snapshot: children are replaced below
-        if isinstance(module, EmbeddingBlock):
+        role = getattr(module, "role", None)  # every family's token table and vocab head
+        if role == "embedding":
             module.tok = VocabParallelEmbedding.from_full(module.tok.weight, group,
                                                           sequence_parallel=sp)
-            if sp and module.pos is not None:
+            if sp and getattr(module, "pos", None) is not None:
                 module.pos.register_forward_hook(_SplitPositions(group))
-        elif isinstance(module, HeadBlock):
+        elif role == "head":
             module.proj = ColumnParallelLinear.from_full(
                 module.proj.weight, None, group, pad_out=True, sequence_parallel=sp
             )
             module.criterion = VocabParallelLMLoss(group, cfg.vocab_size)
+        elif isinstance(module, RelativePositionBias):
+            module.table = HeadShardedTable.from_full(module.table.weight, group)
         elif hasattr(type(module), "tp_plan"):
             _shard_planned(module, group, sp)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):

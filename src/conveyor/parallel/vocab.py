@@ -165,17 +165,18 @@ def vocab_parallel_cross_entropy(
 
 
 class VocabParallelLMLoss:
-    """Mean next-token cross-entropy from each rank's vocabulary columns (an LM head's loss)."""
+    """Summed cross-entropy from each rank's vocabulary columns (an LM head's criterion)."""
 
     def __init__(self, group: Group, vocab_size: int) -> None:
         self.group, self.vocab_size = group, vocab_size
 
     def __call__(self, logits_shard: Tensor, targets: Tensor) -> Tensor:
-        """Logits (B, T, V_padded/tp) and targets (B, T) -> the mean over tokens, replicated."""
-        loss_sum, count = vocab_parallel_cross_entropy(
-            logits_shard, targets, self.group, self.vocab_size
-        )
-        return loss_sum / count
+        """Logits (B, T, V_padded/tp) and targets (B, T) -> the sum over counted tokens, replicated.
+
+        The pipeline divides it by the global batch's target count (``models.objective``).
+        """
+        loss_sum, _ = vocab_parallel_cross_entropy(logits_shard, targets, self.group, self.vocab_size)
+        return loss_sum
 
     def __repr__(self) -> str:
         return f"VocabParallelLMLoss(vocab_size={self.vocab_size}, tp={tp_size(self.group)})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -49,10 +50,13 @@ class PipelineError(RuntimeError):
 
 @dataclass
 class StepInputs:
-    """Per-microbatch tokens (for the first stage) and targets (for the last)."""
+    """Per-microbatch inputs (for the first stage) and targets (for the last).
 
-    inputs: list[Tensor]
-    targets: list[Tensor]
+    Each is a tensor (a decoder's tokens and targets) or a dict of named tensors.
+    """
+
+    inputs: list[Any]
+    targets: list[Any]
 
 
 @dataclass
@@ -235,7 +239,7 @@ class Executor:
         self._note(key, t0, time.perf_counter())
         return posted.tensors
 
-    def _input(self, a: Action, state: _StepState, data: StepInputs) -> dict[str, Tensor] | Tensor:
+    def _input(self, a: Action, state: _StepState, data: StepInputs) -> Any:
         if a.stage == 0:
             return data.inputs[a.microbatch]
         return self._take(state, Action(a.stage, Kind.RECV_F, a.microbatch))

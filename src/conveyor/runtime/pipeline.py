@@ -15,7 +15,8 @@ chunks under ZeRO-1) like any other module's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,10 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ActivationMeter
-from ..models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
-from ..models.boundary import Signature, boundary_signature
+from ..models import build_blocks, tie_weights
+from ..models.boundary import Signature
+from ..models.families import family_of
+from ..models.objective import Targets, target_counts
 from ..parallel.data import GradBuckets
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
@@ -42,6 +45,18 @@ __all__ = ["BatchError", "Pipeline", "NCCL_SEMANTICS_ENV"]
 
 class BatchError(ValueError):
     """A batch given to ``train_step``/``eval_step`` does not fit the pipeline."""
+
+
+Inputs = Tensor | Mapping[str, Tensor]
+"""A decoder's token ids, or another family's named inputs (see ``models.families``)."""
+
+
+def _named(x: Inputs, what: str) -> Mapping[str, Tensor]:
+    if isinstance(x, Tensor):
+        return {what: x}
+    if not x:
+        raise BatchError(f"{what} are empty; pass the family's named tensors")
+    return {f"{what}[{k!r}]": t for k, t in x.items()}
 
 
 class Pipeline:
@@ -179,20 +194,17 @@ class Pipeline:
         last = self.stages.get(self.schedule.num_stages - 1)
         if emb_rank == head_rank:
             if first is not None and last is not None:
-                emb = next(iter(first.blocks.values()))
-                head = next(reversed(last.blocks.values()))
-                assert isinstance(emb, EmbeddingBlock) and isinstance(head, HeadBlock)
-                tie_weights(emb, head)
+                tie_weights(next(iter(first.blocks.values())), next(reversed(last.blocks.values())))
             return
         # Two copies, initialised equal; summing their grads keeps them equal under any
         # elementwise optimizer, exactly as one shared weight would train.
         self.tied_group = self.mesh.pipeline_pair_group(emb_rank, head_rank)
         if first is not None:
             emb = next(iter(first.blocks.values()))
-            self._tied_param = emb.get_parameter(EmbeddingBlock.tied_param_name)
+            self._tied_param = emb.get_parameter(type(emb).tied_param_name)
         elif last is not None:
             head = next(reversed(last.blocks.values()))
-            self._tied_param = head.get_parameter(HeadBlock.tied_param_name)
+            self._tied_param = head.get_parameter(type(head).tied_param_name)
 
     # -- parameters ------------------------------------------------------------------
 
@@ -264,25 +276,40 @@ class Pipeline:
 
     # -- steps -----------------------------------------------------------------------
 
-    def _microbatches(self, tokens: Tensor, targets: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _microbatches(self, tokens: Inputs, targets: Targets) -> tuple[list[Any], list[Any]]:
         """This replica's microbatches; sets the boundary shapes they imply."""
         self._check_batch(tokens, targets)
         dp, m = self.mesh.dp, self.num_microbatches
 
-        def split(t: Tensor) -> list[Tensor]:
+        def split_one(t: Tensor) -> list[Tensor]:
             shard = t.chunk(dp)[self.mesh.dp_rank]
             return [c.to(self.device, non_blocking=True) for c in shard.chunk(m)]
 
+        def split(x: Inputs) -> list[Any]:
+            if isinstance(x, Tensor):
+                return split_one(x)
+            parts = {k: split_one(t) for k, t in x.items()}
+            return [{k: p[i] for k, p in parts.items()} for i in range(m)]
+
         mbs_in, mbs_tgt = split(tokens), split(targets)
-        batch, seq = mbs_in[0].shape
+        # every replica divides by its share of the global count: averaged over dp, the
+        # grads and the loss are the global batch's sums over its global target count
+        denominators = {k: max(c, 1) / dp for k, c in target_counts(targets).items()}
+        last = self.stages.get(self.schedule.num_stages - 1)
+        if last is not None:
+            last.denominators = denominators
+        first = mbs_in[0]
+        shapes = ({"tokens": tuple(first.shape)} if isinstance(first, Tensor)
+                  else {k: tuple(t.shape) for k, t in first.items()})
         bounds = self.partition.bounds
         signatures: dict[int, Signature] = {}
+        family = family_of(self.model_cfg)
 
         def signature(boundary: int) -> Signature:
             if boundary not in signatures:
                 last_block = bounds[boundary][1] - 1
-                signatures[boundary] = boundary_signature(
-                    self.model_cfg, batch, seq, last_block, tp=self.mesh.tp,
+                signatures[boundary] = family.signature(
+                    self.model_cfg, shapes, last_block, tp=self.mesh.tp,
                     sequence_parallel=self.sequence_parallel,
                 )
             return signatures[boundary]
@@ -290,8 +317,11 @@ class Pipeline:
         self.p2p.signature = signature
         return mbs_in, mbs_tgt
 
-    def _check_batch(self, tokens: Tensor, targets: Tensor) -> None:
+    def _check_batch(self, tokens: Inputs, targets: Targets) -> None:
         dp, m = self.mesh.dp, self.num_microbatches
+        if not isinstance(tokens, Tensor) or not isinstance(targets, Tensor):
+            self._check_named_batch(tokens, targets)
+            return
         if tokens.dim() != 2 or tokens.shape != targets.shape:
             raise BatchError(
                 f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} must both be "
@@ -313,7 +343,27 @@ class Pipeline:
             raise BatchError(f"sequence length {seq} does not split over tp={self.mesh.tp} "
                              f"(sequence parallelism); use a multiple of {self.mesh.tp}")
 
-    def train_step(self, tokens: Tensor, targets: Tensor) -> float:
+    def _check_named_batch(self, inputs: Inputs, targets: Targets) -> None:
+        """Named inputs and targets: one batch size, splitting into dp x microbatches."""
+        named = {**_named(inputs, "inputs"), **_named(targets, "targets")}
+        sizes = {name: t.shape[0] if t.dim() else 0 for name, t in named.items()}
+        n = next(iter(sizes.values()), 0)
+        dp, m = self.mesh.dp, self.num_microbatches
+        if len(set(sizes.values())) != 1:
+            raise BatchError(f"inputs and targets hold different batch sizes {sizes}; every "
+                             "tensor's first dim is the batch")
+        if n == 0 or n % (dp * m):
+            raise BatchError(
+                f"batch of {n} sequences does not split evenly into dp={dp} x microbatches={m}; "
+                f"use a batch size that is a multiple of {dp * m}"
+            )
+        long = [name for name, t in named.items()
+                if t.dim() == 2 and t.shape[1] > self.model_cfg.max_seq_len]
+        if long:
+            raise BatchError(f"{long} are longer than max_seq_len={self.model_cfg.max_seq_len}; "
+                             "use shorter sequences")
+
+    def train_step(self, tokens: Inputs, targets: Targets) -> float:
         """Forward and backward of the global batch; grads accumulate; returns the batch loss.
 
         Grads from earlier steps (no ``zero_grad`` between calls) are set aside while this
@@ -342,7 +392,7 @@ class Pipeline:
         return self._reduce_loss()
 
     @torch.no_grad()
-    def eval_step(self, tokens: Tensor, targets: Tensor) -> float:
+    def eval_step(self, tokens: Inputs, targets: Targets) -> float:
         """Forward-only loss of a batch (no grads, nothing stashed), known to every rank."""
         mbs_in, mbs_tgt = self._microbatches(tokens, targets)
         self.eval_executor.run(StepInputs(mbs_in, mbs_tgt))

@@ -3,23 +3,26 @@
 Between stages the graph is cut: a stage's input is a fresh leaf tensor, so the
 backward of a stage ends at its input's ``.grad``, which is what goes to the
 previous stage. The last stage turns logits into the microbatch's share of the
-step loss (mean over its tokens divided by the number of microbatches), so the
-summed gradients equal those of the whole batch in one process.
+step loss: its summed per-target losses over the target count of the whole global
+batch (``denominators``, set by the pipeline before each step; see
+``models.objective``), so the summed gradients equal those of the whole batch in one
+process however many targets each microbatch holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import ActivationMeter, count_saved_bytes, weight_storages
-from ..models import EmbeddingBlock, HeadBlock
 from ..models.layers import Attention
 from ..models.linear import WeightGradStore, attach_weight_grad_store
+from ..models.objective import Targets, normalise, target_counts
 
 __all__ = ["StageRunner"]
 
@@ -41,8 +44,12 @@ class StageRunner:
     ) -> None:
         self.stage = stage
         self.blocks = blocks  # global block index -> module, in order
-        self.is_first = isinstance(next(iter(blocks.values())), EmbeddingBlock)
-        self.is_last = isinstance(next(reversed(blocks.values())), HeadBlock)
+        # roles come from the blocks (see models.family), never from their classes
+        first, last = next(iter(blocks.values())), next(reversed(blocks.values()))
+        self.is_first = getattr(first, "role", None) == "embedding"
+        self.is_last = getattr(last, "role", None) == "head"
+        # named blocks take the boundary's dict; tensor blocks its one tensor, ``hidden``
+        self.named_io = bool(getattr(first, "named_io", False))
         self.num_microbatches = num_microbatches
         # True: each transformer block is checkpointed; "selective": only attention cores
         self.recompute = recompute
@@ -66,9 +73,13 @@ class StageRunner:
         self._saved: dict[int, int] = {}  # bytes autograd saved in each stashed forward
         # What a forward saves depends only on the input's shape: count it through
         # autograd's hooks once per shape, then reuse the number (the hooks cost time).
-        self._saved_by_shape: dict[tuple[int, ...], int] = {}
+        self._saved_by_shape: dict[tuple[Any, ...], int] = {}
         self._weights = weight_storages(blocks.values())
         self.losses: list[Tensor] = []
+        # per loss term, what the last stage divides its sums by: the term's target count
+        # over the global batch, per data-parallel replica. None: each microbatch's own
+        # count times the microbatch count (right when every microbatch counts alike)
+        self.denominators: dict[str, float] | None = None
         # stages of one rank share a meter: the rank's peak is not the sum of theirs
         self.meter = meter or ActivationMeter()
 
@@ -78,32 +89,40 @@ class StageRunner:
             for name, p in block.named_parameters():
                 yield f"blocks.{idx}.{name}", p
 
-    def _run_blocks(self, x: Tensor) -> Tensor:
+    def _run_blocks(self, x: Any) -> Any:
         for block in self.blocks.values():
-            if self.recompute is True and not isinstance(block, (EmbeddingBlock, HeadBlock)):
+            if self.recompute is True and getattr(block, "role", None) == "layer":
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         return x
 
+    def _stage_input(self, inputs: Any, train: bool) -> Any:
+        """The first block's argument: the data on the first stage, else the received tensors.
+
+        Received float tensors become leaves that collect their grads (what goes back).
+        """
+        if self.is_first:
+            return inputs
+        if not self.named_io and set(inputs) != {"hidden"}:
+            raise ValueError(f"stage {self.stage} expects boundary tensors ['hidden'], "
+                             f"got {sorted(inputs)}")
+        if train:
+            for t in inputs.values():
+                if t.is_floating_point():
+                    t.requires_grad_(True)
+        return dict(inputs) if self.named_io else inputs["hidden"]
+
     def forward(
-        self, mb: int, inputs: Tensor | dict[str, Tensor], targets: Tensor | None, *,
-        train: bool = True,
+        self, mb: int, inputs: Any, targets: Targets | None, *, train: bool = True,
     ) -> dict[str, Tensor]:
         """Run the stage on microbatch ``mb``: the boundary tensors to send, or ``{"loss"}``.
 
-        ``inputs`` are the token ids on the first stage, else the boundary tensors.
+        ``inputs`` are the microbatch's data on the first stage (a decoder's token ids,
+        a dict of named inputs for other families), else the boundary tensors.
         """
-        if isinstance(inputs, Tensor):
-            x = inputs
-        else:
-            if set(inputs) != {"hidden"}:
-                raise ValueError(f"stage {self.stage} expects boundary tensors ['hidden'], "
-                                 f"got {sorted(inputs)}")
-            x = inputs["hidden"]
-            if train:
-                x.requires_grad_(True)
-        shape = tuple(x.shape)
+        x = self._stage_input(inputs, train)
+        shape = _shape_key(x)
         measure = train and shape not in self._saved_by_shape
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -113,9 +132,8 @@ class StageRunner:
             if self.is_last:
                 assert targets is not None, "last stage needs targets"
                 head = next(reversed(self.blocks.values()))
-                assert isinstance(head, HeadBlock)
-                # the head's own loss: plain or vocabulary-parallel cross-entropy
-                out = head.loss(out, targets) / self.num_microbatches
+                # the head's own summed loss: plain or vocabulary-parallel cross-entropy
+                out = normalise(head.loss(out, targets), self._denominators(targets))
         if self.is_last:
             self.losses.append(out.detach())
         if train:
@@ -124,7 +142,17 @@ class StageRunner:
             self._stash[mb] = (None if self.is_first else x, out)
             self._saved[mb] = self._saved_by_shape[shape]
             self.meter.add(self._saved[mb])
-        return {"loss" if self.is_last else "hidden": out.detach()}
+        if self.is_last:
+            return {"loss": out.detach()}
+        if isinstance(out, Mapping):
+            return {k: t.detach() for k, t in out.items()}
+        return {"hidden": out.detach()}
+
+    def _denominators(self, targets: Targets) -> dict[str, float]:
+        if self.denominators is not None:
+            return self.denominators
+        m = self.num_microbatches
+        return {k: max(c, 1) * m for k, c in target_counts(targets).items()}
 
     def backward(
         self, mb: int, grads: dict[str, Tensor] | None, *, defer_weights: bool = False
@@ -136,20 +164,24 @@ class StageRunner:
         stay counted until then.
         """
         x, out = self._stash.pop(mb)
-        grad = None if self.is_last or grads is None else grads["hidden"]
+        outs, grad_outs = _backward_pairs(out, None if self.is_last else grads)
         if defer_weights:
             if self.weight_store is None:
                 raise RuntimeError(f"stage {self.stage} runs an I action but was built without "
                                    "split backward; build it with split_backward=True")
             with self.weight_store.collect(mb):
-                torch.autograd.backward(out, grad)
+                torch.autograd.backward(outs, grad_outs)
         else:
             self.meter.release(self._saved.pop(mb))
-            torch.autograd.backward(out, grad)
+            torch.autograd.backward(outs, grad_outs)
         if x is None:
             return None
-        assert x.grad is not None
-        return {"hidden": x.grad}
+        if isinstance(x, Tensor):
+            assert x.grad is not None
+            return {"hidden": x.grad}
+        # a received tensor no block of this stage used still owes its sender a grad: zero
+        return {k: t.grad if t.grad is not None else torch.zeros_like(t)
+                for k, t in x.items() if t.is_floating_point()}
 
     def reset(self) -> None:
         """Forget everything a (failed) step left: stashed graphs, losses, deferred W work."""
@@ -174,3 +206,27 @@ class StageRunner:
         out, self.losses = self.losses, []
         return out
 
+
+
+def _shape_key(x: Any) -> tuple[Any, ...]:
+    """What a forward's saved bytes depend on: its input shapes."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape)
+    return tuple(sorted((k, tuple(t.shape)) for k, t in x.items()))
+
+
+def _backward_pairs(
+    out: Any, grads: Mapping[str, Tensor] | None
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The outputs to run backward from and their grads: the loss, or each boundary tensor.
+
+    A boundary tensor passed through unchanged is the received leaf itself: the grad
+    from downstream lands in it beside those of this stage's own uses (a decoder
+    stage's cross-attentions add theirs to ``encoder_out``'s), and the sum goes back.
+    """
+    if grads is None:
+        return [out], [None]
+    if isinstance(out, Tensor):
+        return [out], [grads["hidden"]]
+    pairs = [(out[k], g) for k, g in grads.items() if out[k].requires_grad]
+    return [t for t, _ in pairs], [g for _, g in pairs]

@@ -55,8 +55,8 @@ from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
 from conveyor.memory import ActivationMeter
-from conveyor.models import EmbeddingBlock, HeadBlock, build_blocks, tie_weights
-from conveyor.models.boundary import boundary_signature
+from conveyor.models import build_blocks, tie_weights
+from conveyor.models.families import family_of
 from conveyor.parallel.layout import Layout
 from conveyor.parallel.partition import Partition
 from conveyor.schedules import Kind
@@ -126,22 +126,40 @@ def _params(blocks: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 @dataclass(frozen=True)
 class _Data:
-    """Random stand-ins for what a stage gets: tokens, targets, boundary tensors."""
+    """Random stand-ins for what a stage gets: its family's inputs, targets, boundary tensors."""
 
     cfg: ModelConfig
     microbatch_size: int
     seq_len: int
     seed: int
+    partition: Partition | None = None
+    """Where the cuts are (what crosses one may depend on it); None: after block 0."""
 
-    def tokens(self, mb: int) -> Tensor:
+    def _example(self, mb: int) -> tuple[Any, Any]:
         gen = torch.Generator().manual_seed(self.seed * 1000 + mb)
-        return torch.randint(self.cfg.vocab_size, (self.microbatch_size, self.seq_len),
-                             generator=gen)
+        return family_of(self.cfg).example(self.cfg, self.microbatch_size, self.seq_len, gen)
 
-    def boundary(self) -> dict[str, Tensor]:
-        # a fresh buffer per message, as the runtime receives into
-        sig = boundary_signature(self.cfg, self.microbatch_size, self.seq_len, 0)
-        return {name: torch.randn(spec.shape).to(spec.dtype) for name, spec in sig.items()}
+    def tokens(self, mb: int) -> Any:
+        return self._example(mb)[0]
+
+    def targets(self, mb: int) -> Any:
+        return self._example(mb)[1]
+
+    def cut(self, stage: int, *, before: bool) -> int:
+        """The block after which the cut into (before) or out of ``stage`` lies."""
+        if self.partition is None:
+            return 0
+        start, end = self.partition.bounds[stage]
+        return start - 1 if before else end - 1
+
+    def boundary(self, after_block: int = 0) -> dict[str, Tensor]:
+        # a fresh buffer per message, as the runtime receives into; masks all ones
+        first = self.tokens(0)
+        shapes = ({"tokens": tuple(first.shape)} if isinstance(first, Tensor)
+                  else {k: tuple(t.shape) for k, t in first.items()})
+        sig = family_of(self.cfg).signature(self.cfg, shapes, after_block)
+        return {name: torch.randn(spec.shape).to(spec.dtype) if spec.dtype.is_floating_point
+                else torch.ones(spec.shape, dtype=spec.dtype) for name, spec in sig.items()}
 
 
 def _factory(cfg: ModelConfig, partition: Partition, runner: StageFactory | None, seed: int,
@@ -181,8 +199,8 @@ def profile_stage(
     how the runtime builds it: F and B are timed on that one, I and W on a split one.
     """
     out = into if into is not None else RankProfile()
-    targets = data.tokens(10**6) if last else None
-    grads = None if last else data.boundary()
+    targets = data.targets(10**6) if last else None
+    grads = None if last else data.boundary(data.cut(stage, before=False))
     plain = make_runner(split) if set(kinds) & {"F", "B"} else None
     split_runner = (plain if split and plain is not None else make_runner(True)) \
         if set(kinds) & {"I", "W"} else None
@@ -192,7 +210,7 @@ def profile_stage(
         for r, mine in ((plain, "FB"), (split_runner, "FIW")):
             if r is None:
                 continue
-            inputs: Any = data.tokens(mb) if first else data.boundary()
+            inputs: Any = data.tokens(mb) if first else data.boundary(data.cut(stage, before=True))
             live = r.meter.live_by.get("stash", 0)
             t0 = clock()
             r.forward(mb, inputs, targets)
@@ -245,19 +263,17 @@ class RankReplay:
         self.split = {p.stage for p in sched.parts() if p.kind is Kind.I}
         self.make = _factory(cfg, layout.partition, runner, seed, sched.num_microbatches,
                              recompute, autocast_dtype)
-        self.data = _Data(cfg, microbatch_size, seq_len, seed)
+        self.data = _Data(cfg, microbatch_size, seq_len, seed, layout.partition)
         self.meter = ActivationMeter()  # stages of one rank share a meter, as in the runtime
         self.stages = sched.placement.stages_of(rank)
         blocks = {s: build_blocks(cfg, seed, list(layout.partition.blocks_of(s)))
                   for s in self.stages}
         if cfg.tie_embeddings and 0 in blocks and self.last in blocks and self.last != 0:
-            emb, head = blocks[0][0], blocks[self.last][-1]
-            assert isinstance(emb, EmbeddingBlock) and isinstance(head, HeadBlock)
-            tie_weights(emb, head)  # one table on this rank, as Pipeline ties it
+            tie_weights(blocks[0][0], blocks[self.last][-1])  # one table on this rank, as Pipeline ties it
         self.runners = {s: self.make(s, s in self.split, self.meter, blocks[s])
                         for s in self.stages}
         self.params = [p for s in self.stages for p in _params(blocks[s])]
-        self.targets = {m: self.data.tokens(10**6 + m) for m in range(sched.num_microbatches)}
+        self.targets = {m: self.data.targets(10**6 + m) for m in range(sched.num_microbatches)}
         self.profile = RankProfile(param_bytes={
             s: sum(p.numel() * p.element_size() for p in _params(blocks[s])) for s in self.stages})
 
@@ -283,7 +299,8 @@ class RankReplay:
                 r = runners[s]
                 if a.kind is Kind.F:
                     inputs: Any = (data.tokens(m) if s == 0
-                                   else local.pop(("F", s, m), None) or data.boundary())
+                                   else local.pop(("F", s, m), None)
+                                   or data.boundary(data.cut(s, before=True)))
                     live = self.meter.live_by.get("stash", 0)
                     t0 = clock()
                     out_f = r.forward(m, inputs, self.targets[m] if s == last else None)
@@ -293,7 +310,8 @@ class RankReplay:
                         local[("F", s + 1, m)] = {k: t.detach() for k, t in out_f.items()}
                 elif a.kind.is_backward:
                     grads = (None if s == last
-                             else local.pop(("B", s, m), None) or data.boundary())
+                             else local.pop(("B", s, m), None)
+                             or data.boundary(data.cut(s, before=False)))
                     t0 = clock()
                     grad_in = r.backward(m, grads, defer_weights=a.kind is Kind.I)
                     seconds = clock() - t0
@@ -385,9 +403,10 @@ def costs_from_profiles(
             raise CostError(f"no {kind} timings for stages {missing}; profile every stage")
         return tuple(statistics.median(merged.times[(s, kind)]) for s in range(n))
 
-    sizes = [sum(t.nbytes for t in boundary_signature(
-        cfg, microbatch_size, seq_len, partition.bounds[s][1] - 1).values())
-        for s in range(n - 1)]
+    data = _Data(cfg, microbatch_size, seq_len, 0, partition)
+    sizes = [sum(t.numel() * t.element_size()
+                 for t in data.boundary(data.cut(s, before=False)).values())
+             for s in range(n - 1)]
     message = max(sizes, default=0)
     if message == 0:  # a single stage sends nothing; size the message as a hidden state
         message = microbatch_size * seq_len * cfg.d_model * 4
@@ -459,7 +478,7 @@ def profile_costs(
         how.insert(0, f"{layout.schedule_name} replayed per rank, median over {repeats} steps")
     else:
         make = _factory(cfg, part, runner, seed, 1, recompute, autocast_dtype)
-        data = _Data(cfg, microbatch_size, seq_len, seed)
+        data = _Data(cfg, microbatch_size, seq_len, seed, part)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # each pipeline rank runs on one thread
         try:

@@ -28,7 +28,14 @@ import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from ..config import ConfigError, DataConfig, ModelConfig, ParallelConfig, RunConfig, to_dict
-from ..data import DataError, PreparedData, Sampler, get_batch, prepare_data
+from ..data import DataError, PreparedData, Sampler, prepare_data
+from ..data.objectives import (
+    BatchMaker,
+    batch_maker,
+    check_objective,
+    packed_seq_len,
+    special_count,
+)
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..log import get_logger
 from ..models import block_param_counts
@@ -70,13 +77,16 @@ def prepare(model: ModelConfig, data: DataConfig, *, seed: int, batch_size: int,
             run_dir: str, tokenizer: Tokenizer | None = None) -> PreparedData:
     """Read, tokenize and split the corpus; DataError unless a batch (and a val batch) fit.
 
-    ``tokenizer``: the one to use (a model's given by --init) instead of training one.
+    ``tokenizer``: the one to use (a model's given by --init) instead of training one. The
+    family's special ids (mask, sentinels) come after the tokenizer's, and its rows leave
+    room for the tokens its examples add (``data.objectives``).
     """
+    check_objective(model)
     cache = Path(data.cache_dir) if data.cache_dir else Path(run_dir) / ".cache"
     prepared = prepare_data(
-        list(data.paths) if data.paths is not None else None, vocab_size=model.vocab_size,
-        seq_len=model.max_seq_len, val_fraction=data.val_fraction, cache_dir=cache, seed=seed,
-        tokenizer=tokenizer,
+        list(data.paths) if data.paths is not None else None,
+        vocab_size=model.vocab_size - special_count(model), seq_len=packed_seq_len(model),
+        val_fraction=data.val_fraction, cache_dir=cache, seed=seed, tokenizer=tokenizer,
     )
     Sampler(len(prepared.train), batch_size, seed, seq_len=model.max_seq_len)  # raises if too small
     if data.val_fraction > 0 and len(prepared.val) < batch_size:
@@ -95,6 +105,9 @@ def _resolve_layout(run: RunConfig) -> Layout:
         return resolve_layout(run.model, par, batch_size=run.train.batch_size)
     from ..sim.block_profile import profile_block_costs
 
+    if run.model.family != "gpt":
+        raise ConfigError(f"partition_costs='profile' times decoder blocks only; family="
+                          f"{run.model.family!r} uses partition_costs='analytic'")
     par.check_against(run.model, run.train.batch_size)  # before spending the seconds
     t0 = time.perf_counter()
     mbs = run.train.batch_size // (par.dp * par.microbatches)
@@ -224,13 +237,17 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def val_batches(val: np.ndarray, batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+_VAL_SALT = 1 << 40  # validation masks never coincide with a training step's
+
+
+def val_batches(val: np.ndarray, batch_size: int, n: int, make: BatchMaker) -> list[tuple[Any, Any]]:
     """The first ``n`` whole batches of the validation rows: the same set at every evaluation."""
     count = min(n, len(val) // batch_size)
-    return [get_batch(val, np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(count)]
+    return [make(val, np.arange(i * batch_size, (i + 1) * batch_size), _VAL_SALT + i)
+            for i in range(count)]
 
 
-def _evaluate(pipe: Pipeline, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _evaluate(pipe: Pipeline, batches: list[tuple[Any, Any]]) -> float:
     return sum(pipe.eval_step(x, y) for x, y in batches) / len(batches)
 
 
@@ -257,8 +274,10 @@ class _Trainer:
             self.opt = build_optimizer(self.zero.named_shards(), lr=self.cfg.lr,
                                        weight_decay=self.cfg.weight_decay, ndims=self.zero.ndims())
         self.sampler = Sampler(len(train), self.cfg.batch_size, self.cfg.seed)
-        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches) \
-            if run.data.val_fraction > 0 else []
+        # the family's objective; its masks are seeded by (seed, step), so resumes agree
+        self.make_batch = batch_maker(run.model, self.cfg.seed)
+        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches,
+                               self.make_batch) if run.data.val_fraction > 0 else []
         self.step, self.elapsed0 = 0, 0.0
         self.tokens_per_step = self.cfg.batch_size * run.model.max_seq_len
         self.metrics = MetricsWriter(run_dir / METRICS_FILE) if self.rank == 0 else None
@@ -302,7 +321,7 @@ class _Trainer:
         lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
         set_lr(self.opt, lr)
         t0 = time.perf_counter()
-        x, y = get_batch(self.rows, next(self.sampler))
+        x, y = self.make_batch(self.rows, next(self.sampler), self.step)
         self.pipe.zero_grad()
         traced = cfg.trace and self.step + 1 == cfg.steps
         self.pipe.executor.record = traced
@@ -446,7 +465,7 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     n = batches or int(train["eval_batches"])
     with _user_errors_of_ranks():
         results = launch(eval_worker, par.world_size, model, par, layout, ckpt, prepared.val,
-                         batch, n)
+                         batch, n, int(train["seed"]))
     loss = results[min(results)]
     return {"checkpoint": str(ckpt), "step": int(meta["step"]), "val_loss": loss,
             "val_ppl": perplexity(loss), "batches": min(n, len(prepared.val) // batch),
@@ -454,11 +473,14 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
 
 
 def eval_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: Path,
-                val: np.ndarray, batch_size: int, n: int) -> float:
-    """Mean validation loss of ``ckpt`` on this rank's share of the pipeline."""
+                val: np.ndarray, batch_size: int, n: int, seed: int = 0) -> float:
+    """Mean validation loss of ``ckpt`` on this rank's share of the pipeline.
+
+    ``seed`` is the run's: masked objectives draw the validation masks from it.
+    """
     device = _device()
     mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
     pipe = Pipeline(model, par, mesh, layout=layout, device=device)
     load_params(pipe, ckpt)
-    return _evaluate(pipe, val_batches(val, batch_size, n))
+    return _evaluate(pipe, val_batches(val, batch_size, n, batch_maker(model, seed)))
 

@@ -1,0 +1,83 @@
+"""Encoder and decoder layers that read and write named tensors (encoder, encoder-decoder).
+
+Both are pre-norm residual blocks over the stream ``hidden``. The encoder layer attends
+bidirectionally under the padding mask ``attention_mask``; the decoder layer attends
+causally to itself under ``decoder_mask`` and then, through cross-attention, to
+``encoder_out`` under ``attention_mask``. Every other tensor of the state passes through
+untouched, so a cut between any two layers carries the same names.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from conveyor.config import ModelConfig
+from conveyor.models.attention import MaskedAttention
+from conveyor.models.layers import make_mlp, make_norm
+
+__all__ = ["DecoderLayer", "EncoderLayer", "NamedBlock", "NamedEmbedding", "NamedHead", "State"]
+
+State = dict[str, Tensor]
+"""A microbatch's named tensors as they flow through named blocks."""
+
+
+class NamedBlock(nn.Module):
+    """A block that maps a dict of named tensors to the next (see ``models.family``)."""
+
+    role: ClassVar[str] = "layer"
+    named_io: ClassVar[bool] = True
+
+
+class NamedEmbedding(NamedBlock):
+    """A family's first block; its token table ``tok`` is registered first (a tied head redraws it)."""
+
+    role: ClassVar[str] = "embedding"
+    tied_param_name: ClassVar[str] = "tok.weight"
+
+
+class NamedHead(NamedBlock):
+    """A family's last block: its ``loss`` sums each term over its targets."""
+
+    role: ClassVar[str] = "head"
+    tied_param_name: ClassVar[str] = "proj.weight"
+
+
+class EncoderLayer(NamedBlock):
+    """hidden + attn(norm1(hidden)) under the padding mask, then + mlp(norm2(.))."""
+
+    def __init__(self, cfg: ModelConfig, *, relative_bias: bool = False) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = MaskedAttention(cfg, causal=False, relative_bias=relative_bias)
+        self.norm2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, state: State) -> State:
+        """Reads hidden (B, T, D) and attention_mask (B, T); writes hidden."""
+        x = state["hidden"]
+        x = x + self.attn(self.norm1(x), state["attention_mask"])
+        x = x + self.mlp(self.norm2(x))
+        return {**state, "hidden": x}
+
+
+class DecoderLayer(NamedBlock):
+    """Causal self-attention, cross-attention to encoder_out, MLP; each pre-norm and residual."""
+
+    def __init__(self, cfg: ModelConfig, *, relative_bias: bool = False) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = MaskedAttention(cfg, causal=True, relative_bias=relative_bias)
+        self.norm_cross = make_norm(cfg)
+        self.cross = MaskedAttention(cfg, causal=False, cross=True)
+        self.norm2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, state: State) -> State:
+        """Reads hidden (B, T, D), decoder_mask (B, T), encoder_out (B, S, D), attention_mask (B, S)."""
+        x = state["hidden"]
+        x = x + self.attn(self.norm1(x), state["decoder_mask"])
+        x = x + self.cross(self.norm_cross(x), state["attention_mask"], state["encoder_out"])
+        x = x + self.mlp(self.norm2(x))
+        return {**state, "hidden": x}
