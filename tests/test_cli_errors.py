@@ -79,7 +79,7 @@ def test_corpus_smaller_than_one_batch(tmp_path: Path, capsys: pytest.CaptureFix
         (["--schedule", "forward-only"], ["cannot train"]),
         (["--partition", "even"], ["partition='even' is unknown", "uniform, params, cost"]),
         (["--heads", "3"], ["d_model=32 is not divisible by n_heads=3"]),
-        (["--lr", "0"], ["lr=0.0 must be a number > 0"]),
+        (["--lr", "0"], ["lr=0.0 must be a finite number > 0"]),
         (["--val-fraction", "1.5"], ["val_fraction=1.5 must be in [0, 1)"]),
         (["--name", "a/b"], ["plain directory name"]),
     ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,15 @@ def _positive(obj: object, *names: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True) -> None:
+    # inf and nan are refused too: an infinite lr or epsilon trains NaN without a word
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value < low if inclusive else value <= low):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +108,8 @@ class ModelConfig:
                 )
         if self.d_ff is not None:
             _positive(self, "d_ff")
+        for name in ("norm_eps", "rope_theta", "init_std"):  # each gives NaN from step 0 at <= 0
+            _number(self, name, inclusive=False)
 
     @property
     def head_dim(self) -> int:
@@ -226,14 +238,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True) -> None:
-    value = getattr(obj, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value != value or (value < low if inclusive else value <= low):
-        bound = f">= {low:g}" if inclusive else f"> {low:g}"
-        raise ConfigError(f"{name}={value!r} must be a number {bound}")
-
-
 def _non_negative(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -253,8 +257,8 @@ class TrainConfig:
     """Peak learning rate, reached after the warmup."""
     min_lr: float = 3e-4
     """Learning rate at the end of the cosine decay."""
-    warmup: int = 50
-    """Steps of linear warmup from lr/warmup to lr."""
+    warmup: int | None = None
+    """Steps of linear warmup from lr/warmup to lr, fewer than steps; None: min(50, steps // 10)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay of matrices (norms and biases are not decayed)."""
     grad_clip: float = 1.0
@@ -278,11 +282,22 @@ class TrainConfig:
     name: str | None = None
     """Name of this run's subdirectory; None: the start time (YYYYmmdd-HHMMSS)."""
     resume: str | None = None
-    """Checkpoint (or run directory: its latest) to continue from, in a new run directory."""
+    """Checkpoint (or run directory: its latest) to continue from, in a new run directory;
+    'auto': the newest intact checkpoint of this run's directory (run_dir/name), else start."""
+    timeout: float = 300.0
+    """Seconds a rank waits for a peer (pipeline messages, collectives, checkpoint saves)."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "eval_batches")
-        _non_negative(self, "warmup", "eval_every", "checkpoint_every", "keep", "seed")
+        _non_negative(self, "eval_every", "checkpoint_every", "keep", "seed")
+        if self.warmup is not None:
+            _non_negative(self, "warmup")
+            if self.warmup >= self.steps and self.warmup > 0:
+                raise ConfigError(
+                    f"warmup={self.warmup} must be below steps={self.steps}, or the learning "
+                    f"rate never reaches lr; pass --warmup below {self.steps}"
+                )
+        _number(self, "timeout", inclusive=False)
         _number(self, "lr", inclusive=False)
         _number(self, "min_lr")
         _number(self, "weight_decay")
@@ -307,6 +322,14 @@ class TrainConfig:
             )
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
             raise ConfigError(f"resume={self.resume!r} must be a checkpoint or run directory")
+        if self.resume == "auto" and self.name is None:
+            raise ConfigError("resume='auto' continues the run named by --name; pass --name "
+                              "(the same on every restart)")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warmup actually used: ``warmup``, or min(50, steps // 10) when None."""
+        return min(50, self.steps // 10) if self.warmup is None else self.warmup
 
 
 @dataclass(frozen=True, kw_only=True)

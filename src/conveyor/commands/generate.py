@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
-from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 from ..generation import TextStream, check_prompt, check_sampling, context_budget, generate
 from ..models import Transformer
 from ..parallel.layout import resolve_partition
@@ -41,6 +41,7 @@ from ..train.export import (
     model_config_from,
     read_exported_config,
 )
+from .checks import positive
 
 __all__ = ["register"]
 
@@ -124,6 +125,19 @@ def _open_source(path: Path, tokenizer: Path | None) -> _Source:
     return _Source(cfg, ckpt, False, tokenizer or (Path(named) if named else None))
 
 
+def _own_tokenizer(path: Path) -> Path | None:
+    """The tokenizer the model came with (what --tokenizer replaces), if it names one."""
+    return _open_source(path, None).tokenizer
+
+
+def _check_finite(model: torch.nn.Module, where: Path) -> None:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{where}: weights are not finite (NaN or inf) in {bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; the run "
+                              "diverged: generate from an earlier checkpoint")
+
+
 def _tokenizer(source: _Source) -> Tokenizer:
     if source.tokenizer is None:
         raise CheckpointError("the checkpoint names no tokenizer; pass --tokenizer "
@@ -172,6 +186,7 @@ def _single(job: _Job, tokenizer: Tokenizer) -> list[int]:
     else:
         model = Transformer(src.cfg, seed=0)
         load_block_weights(src.cfg, dict(enumerate(model.blocks)), src.loader())
+    _check_finite(model, src.weights)
     model = model.to(_device()).eval()
     printer = _Printer(tokenizer, job.prompt, job.prompt_ids)
     printer.start()
@@ -200,12 +215,15 @@ def _rank(job: _Job) -> list[int]:
 
 def _run(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
+    positive(args.max_new_tokens, "--max-new-tokens")
+    positive(args.timeout, "--timeout", integer=False)
     source = _open_source(args.checkpoint, args.tokenizer)
     cfg = source.cfg
     if not 1 <= args.pp <= cfg.num_blocks:
         raise ConfigError(f"--pp {args.pp} must be between 1 and {cfg.num_blocks} (the "
                           f"model's embedding + {cfg.n_layers} layers + head)")
     tokenizer = _tokenizer(source)
+    check_tokenizer_fits(tokenizer, source.tokenizer, cfg.vocab_size, _own_tokenizer(args.checkpoint))
     prompt_ids = check_prompt(tokenizer.encode(args.prompt), cfg)
     budget = context_budget(len(prompt_ids), args.max_new_tokens, cfg.max_seq_len)
     job = _Job(source, args.prompt, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,

@@ -92,7 +92,8 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "batch_size", "--batch-size", {"type": int}, "sequences per step (global batch)"),
     ("train", "lr", "--lr", {"type": float}, "peak learning rate of AdamW"),
     ("train", "min_lr", "--min-lr", {"type": float}, "learning rate at the end of the cosine decay"),
-    ("train", "warmup", "--warmup", {"type": int}, "steps of linear learning-rate warmup"),
+    ("train", "warmup", "--warmup", {"type": int},
+     "steps of linear learning-rate warmup, fewer than --steps (None: min(50, steps/10))"),
     ("train", "weight_decay", "--weight-decay", {"type": float},
      "decoupled weight decay of matrices (not of norms and biases)"),
     ("train", "grad_clip", "--grad-clip", {"type": float},
@@ -109,11 +110,16 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "trace", "--trace", {"action": _BOOL},
      "record every action of the last step on every rank into timeline.json and a "
      "Chrome/Perfetto trace.json; `conveyor trace RUN` draws it beside its simulation"),
+    ("train", "timeout", "--timeout", {"type": float, "metavar": "SECONDS"},
+     "seconds a rank waits for a peer (pipeline messages, collectives, checkpoint saves) "
+     "before the run fails naming what it waited for"),
     ("train", "run_dir", "--run-dir", {"metavar": "DIR"}, "directory holding one subdirectory per run"),
     ("train", "name", "--name", {"metavar": "NAME"}, "this run's subdirectory (None: the start time)"),
     ("train", "resume", "--resume", {"metavar": "RUN_DIR_OR_CKPT"},
      "continue from a checkpoint, or a run directory's latest one, in a new run directory; "
-     "model, data, batch size and seed come from the checkpoint, other flags override"),
+     "model, data, batch size and seed come from the checkpoint, other flags override. "
+     "'auto' (with --name, for restarts such as torchrun --max-restarts): continue the run "
+     "--name in place from its newest intact checkpoint, or start it if it has none"),
     ("data", "paths", "--data", {"nargs": "+", "action": "extend", "metavar": "PATH"},
      "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field "
      "(None: the source files of this Python's standard library, "
@@ -191,7 +197,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
             overrides[section][field] = value
     base = {s: to_dict(c) for s, c in _DEFAULTS.items()}
     resume = overrides["train"].get("resume")
-    if resume is not None:
+    if resume is not None and resume != "auto":  # auto: the same flags as the first start
         base = _checkpoint_config(Path(resume))
     merged = {s: {**base[s], **overrides[s]} for s in base}
     return RunConfig.from_dict(merged, "--config" if args.config is None else str(args.config))

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from ..log import get_logger, setup_logging
 
-__all__ = ["RankDied", "launch", "default_backend", "under_torchrun", "free_port"]
+__all__ = ["Preempted", "RankDied", "launch", "default_backend", "under_torchrun", "free_port"]
 
 log = get_logger(__name__)
 
@@ -151,3 +151,11 @@ def launch(
 
 class RankDied(RuntimeError):
     """A rank process ended without reporting an error (killed by a signal, or exited)."""
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM/SIGINT (after saving what it could); exits 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["METRICS_FILE", "MetricsWriter", "eval_rows", "perplexity", "read_metrics", "train_rows"]
 
 METRICS_FILE = "metrics.jsonl"
+_NUMBERS = ("loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss", "val_ppl")
 
 
 class MetricsWriter:
@@ -51,9 +52,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and "step" in row:
+        if isinstance(row, dict) and _well_formed(row):
             rows.append(row)
     return rows
+
+
+def _well_formed(row: dict[str, Any]) -> bool:
+    """An integer step and numbers where the reports expect them."""
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        return False
+    return all(isinstance(row[k], (int, float)) and not isinstance(row[k], bool)
+               for k in _NUMBERS if k in row)
 
 
 def train_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

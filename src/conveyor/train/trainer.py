@@ -40,7 +40,9 @@ from ..runtime.pipeline import Pipeline
 from ..sim.render import write_chrome_trace
 from ..sim.timeline_io import save_timeline
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
+from .checkpoint_files import check_checkpoint, newest_intact
 from .clip import clip_global_grad_norm
+from .export import param_shapes
 from .metrics import METRICS_FILE, MetricsWriter, perplexity
 from .optim import build_optimizer, lr_at, set_lr
 from .rundir import TIMELINE_FILE, TOKENIZER_FILE, TRACE_FILE, create_run_dir
@@ -90,15 +92,22 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     # decided here, once, before anything is read or spawned: every rank gets this Layout
     layout = resolve_layout(run.model, run.parallel, batch_size=run.train.batch_size)
     ckpt, meta = None, None
-    if run.train.resume is not None:
+    auto = run.train.resume == "auto"
+    if auto:  # an elastic restart: this run's own newest intact checkpoint, or a fresh start
+        assert run.train.name is not None  # TrainConfig refuses 'auto' without a name
+        ckpt = newest_intact(Path(run.train.run_dir) / run.train.name)
+    elif run.train.resume is not None:
         ckpt = resolve_checkpoint(Path(run.train.resume))
+    if ckpt is not None:
         meta = read_meta(ckpt)
         _check_resumable(run, ckpt, meta)
+        check_checkpoint(ckpt, param_shapes(run.model))
     data = prepare(run.model, run.data, seed=run.train.seed, batch_size=run.train.batch_size,
                    run_dir=run.train.run_dir)
     if meta is not None and meta.get("tokenizer_path"):
         _check_same_tokenizer(data, Path(meta["tokenizer_path"]))
-    run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None)
+    run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None,
+                             reuse=auto)
     world = layout.world_size
     n_params = sum(block_param_counts(run.model)) - (
         run.model.vocab_size * run.model.d_model if run.model.tie_embeddings else 0
@@ -112,7 +121,7 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
     with _user_errors_of_ranks():
         return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
-                      threads_per_rank=threads)
+                      threads_per_rank=threads, timeout_s=run.train.timeout)
 
 
 @contextlib.contextmanager
@@ -198,7 +207,7 @@ class _Trainer:
         par = run.parallel
         self.mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
         self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
-                             device=device,
+                             device=device, timeout_s=self.cfg.timeout,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
         # ZeRO-1: the optimizer steps this dp rank's chunks; the rest are all-gathered
         self.zero = (ZeroShards(self.pipe.named_parameters(), self.mesh.dp_group, par.dp,
@@ -245,7 +254,8 @@ class _Trainer:
 
     def train_step(self) -> float:
         cfg = self.cfg
-        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
+        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+                   total=cfg.steps)
         set_lr(self.opt, lr)
         t0 = time.perf_counter()
         x, y = get_batch(self.rows, next(self.sampler))
@@ -376,6 +386,7 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     except (KeyError, TypeError) as err:
         raise ConfigError(f"checkpoint {ckpt} has no usable model/data/train config ({err}); "
                           "evaluate a checkpoint written by `conveyor train`") from None
+    check_checkpoint(ckpt, param_shapes(model))
     batch = batch_size or int(train["batch_size"])
     layout = resolve_layout(model, par, batch_size=batch)
     if data.val_fraction == 0:
