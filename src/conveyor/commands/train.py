@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..config import (
     to_dict,
 )
 from ..log import setup_logging
+from ..runtime.launch import Preempted
 from ..schedules import SCHEDULES
 
 __all__ = ["register", "DEFAULT_MODEL", "load_toml", "build_run_config"]
@@ -228,10 +230,19 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     run = build_run_config(args)
     results = run_training(run)
-    if int(os.environ.get("RANK", "0")) != 0 or not results:
+    if not results:
         return 0
     summary = results[min(results)]
     run_dir = Path(summary["run_dir"])
+    if summary.get("preempted"):  # every rank leaves with the same status
+        signum = int(summary["preempted"])
+        again = (f"--resume auto --name {run.train.name}" if run.train.resume == "auto"
+                 else f"--resume {run_dir}")
+        raise Preempted(f"stopped by {signal.Signals(signum).name} at step {summary['steps']} of "
+                        f"{run.train.steps}; saved {summary['checkpoint']}; continue with "
+                        f"`conveyor train {again}`", signum)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
 
     table = summarize(read_metrics(run_dir / METRICS_FILE)).table(
         extra=[("checkpoint", summary["checkpoint"]), ("next", f"conveyor report {run_dir}")]

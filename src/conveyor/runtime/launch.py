@@ -4,16 +4,26 @@ Locally, one process per rank is spawned with one compute thread each (two
 threads per rank on a 2-core machine oversubscribe and run ~35% slower). If any
 rank raises, ``torch.multiprocessing`` terminates the others and re-raises the
 failure here, so no peer is left waiting.
+
+Signals: the ranks run in a process group of their own, so a terminal's Ctrl-C
+reaches the launcher alone, which forwards SIGINT/SIGTERM to every rank once (they
+stop at the next step boundary, see ``preempt``); a second signal kills the ranks
+and raises ``Preempted`` at once. A rank whose launcher dies is killed by the
+kernel (``PR_SET_PDEATHSIG``), so no rank outlives its parent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import os
 import pickle
+import signal
 import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -68,8 +78,10 @@ def _worker(
     timeout_s: float,
     threads: int,
     results: Any,
+    parent: int,
     args: tuple[Any, ...],
 ) -> None:
+    _detach_from_terminal(parent)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -91,6 +103,48 @@ def _worker(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _detach_from_terminal(parent: int) -> None:
+    """Own process group (Ctrl-C goes to the launcher, which forwards it); die with the parent."""
+    os.setpgrp()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _forward_signals(pids: list[int]) -> Iterator[list[int]]:
+    """While spawned ranks run: SIGINT/SIGTERM go on to them once; a second one kills them.
+
+    Yields the list of signals received (empty if none).
+    """
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handle(signum: int, _frame: Any) -> None:
+        got.append(signum)
+        name = signal.Signals(signum).name
+        if len(got) == 1:
+            log.warning("%s: asking the ranks to stop after this step and save a checkpoint; "
+                        "signal again to abort without one", name)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum if len(got) == 1 else signal.SIGKILL)
+        if len(got) > 1:
+            raise Preempted(f"aborted by a second {name}: the ranks were killed without "
+                            "saving; resume from the last checkpoint", signum)
+
+    old = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def launch(
@@ -124,7 +178,8 @@ def launch(
     port = free_port()
     context = mp.start_processes(
         _worker,
-        args=(fn, world_size, port, backend, timeout_s, threads_per_rank, results, args),
+        args=(fn, world_size, port, backend, timeout_s, threads_per_rank, results, os.getpid(),
+              args),
         nprocs=world_size,
         join=False,
         start_method="spawn",
@@ -137,14 +192,22 @@ def launch(
             out[rank] = value
 
     # Drain while joining: a large result would otherwise fill the pipe and block its rank.
-    try:
-        while not context.join(timeout=0.05):
-            drain()
-    except mp.ProcessExitedException as err:  # killed, or exited without raising
-        how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
-        raise RankDied(
-            f"rank {err.error_index} (pid {err.error_pid}) died: {how}; the other ranks were stopped"
-        ) from err
+    with _forward_signals(context.pids()) as got:
+        try:
+            while not context.join(timeout=0.05):
+                drain()
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+            if got:  # a rank without a stop handler ended on the forwarded signal
+                name = signal.Signals(got[0]).name
+                raise Preempted(f"stopped by {name} before a step boundary; nothing was "
+                                "saved since the last checkpoint", got[0]) from err
+            if isinstance(err, mp.ProcessRaisedException):
+                raise
+            how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
+            raise RankDied(
+                f"rank {err.error_index} (pid {err.error_pid}) died: {how}; the other ranks "
+                "were stopped"
+            ) from err
     drain()
     return out
 

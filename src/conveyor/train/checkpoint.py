@@ -180,7 +180,15 @@ def _gather(obj: Any, group: dist.ProcessGroup | None, world: int) -> list[Any]:
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj, group=group)
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    except RuntimeError as err:  # gloo's timeout or a closed connection: a peer is stuck or gone
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"saving a checkpoint: rank {dist.get_rank()} waited for the other ranks and gave up "
+            f"({first[:200]}); a rank stalled or died (raise --timeout if saves are slow); "
+            "earlier checkpoints are untouched"
+        ) from None
     return out
 
 

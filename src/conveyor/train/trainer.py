@@ -37,6 +37,7 @@ from ..parallel.mesh import Mesh
 from ..parallel.zero import ZeroShards
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
+from ..runtime.preempt import StopRequest
 from ..sim.render import write_chrome_trace
 from ..sim.timeline_io import save_timeline
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
@@ -230,6 +231,8 @@ class _Trainer:
         self.last_ckpt: Path | None = None
         self.bar: tqdm | None = None
         self.t_start = time.perf_counter()
+        self.stop = StopRequest()
+        self.device = device
 
     def restore(self, ckpt: Path) -> None:
         meta = read_meta(ckpt)
@@ -332,7 +335,7 @@ class _Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        start = self.step
+        start, preempted = self.step, 0
         self.t_start = time.perf_counter()
         if self.rank == 0:
             self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
@@ -348,8 +351,14 @@ class _Trainer:
             last = self.step == cfg.steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self.evaluate()
-            if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            saved = last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+            if saved:
                 self.save()
+            if not last and (signum := self.stop.agreed(self.device)):
+                if not saved:
+                    self.save()
+                preempted = signum
+                break
         if self.bar is not None:
             self.bar.close()
         if self.metrics is not None:
@@ -358,7 +367,7 @@ class _Trainer:
             "rank": self.rank, "start_step": start, "steps": self.step, "losses": self.losses,
             "evals": self.evals, "tokens_per_s": float(np.median(self.speeds)),
             "elapsed_s": self.elapsed(), "run_dir": str(self.run_dir),
-            "checkpoint": str(self.last_ckpt),
+            "checkpoint": str(self.last_ckpt), "preempted": preempted,
         }
 
 
