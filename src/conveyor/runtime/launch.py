@@ -56,17 +56,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _init(rank: int, world_size: int, backend: str, timeout_s: float, threads: int) -> None:
+LOOPBACK = "127.0.0.1"
+
+
+def _loopback_store(rank: int, world_size: int, port: int,
+                    timeout: datetime.timedelta) -> dist.TCPStore:
+    """The rendezvous store of a local run, listening on loopback only.
+
+    torch's TCPStore server listens on every address of the host; here rank 0 binds
+    the socket to 127.0.0.1 itself and hands it over, so nothing off this machine
+    can reach the (unauthenticated) store.
+    """
+    if rank != 0:
+        return dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((LOOPBACK, port))
+    sock.listen(world_size * 4)
+    return dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=sock.detach())
+
+
+def _init(rank: int, world_size: int, backend: str, timeout_s: float, threads: int,
+          local_port: int | None = None) -> None:
     torch.set_num_threads(threads)
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    dist.init_process_group(
-        backend,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = None
+    if local_port is not None:  # a local run: every socket on loopback
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(var, _loopback_interface())
+        store = _loopback_store(rank, world_size, local_port, timeout)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                            store=store)
+
+
+def _loopback_interface() -> str:
+    """The name of the loopback network interface ('lo' on Linux)."""
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return next((n for n in names if n.startswith("lo")), "lo")
 
 
 def _worker(
@@ -83,13 +112,13 @@ def _worker(
 ) -> None:
     _detach_from_terminal(parent)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=LOOPBACK,
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
-    _init(rank, world_size, backend, timeout_s, threads)
+    _init(rank, world_size, backend, timeout_s, threads, local_port=port)
     try:
         out = fn(*args)
         # Plain pickle bytes: torch's queue would pass tensors as shared-memory handles
