@@ -63,7 +63,9 @@ def test_all_binary_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_corpus_smaller_than_one_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "small.txt").write_text("the pipeline sends activations forward. " * 30)
-    _fails(_train(tmp_path, "--data", str(tmp_path / "small.txt"), "--batch-size", "64",
+    (tmp_path / "other.txt").write_text("gradients flow back. " * 5)
+    _fails(_train(tmp_path, "--data", str(tmp_path / "small.txt"), str(tmp_path / "other.txt"),
+                  "--batch-size", "64",
                   "--microbatches", "4"), capsys, "corpus too small", "--batch-size",
            log_lines=True)
 
@@ -114,8 +116,10 @@ def test_resume_from_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_existing_run_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = "the pipeline sends activations forward while gradients flow back.\n" * 400
     (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text)
     (tmp_path / "runs" / "taken").mkdir(parents=True)
-    _fails(_train(tmp_path, "--data", str(tmp_path / "a.txt"), "--name", "taken"), capsys,
+    _fails(_train(tmp_path, "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
+                  "--name", "taken"), capsys,
            "already exists", "--name", log_lines=True)
 
 

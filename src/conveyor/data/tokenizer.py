@@ -39,6 +39,8 @@ class Tokenizer:
         eot_id = hf.token_to_id(eot)
         if eot_id is None:
             raise DataError(f"tokenizer has no {eot} token; retrain it with train_tokenizer")
+        # a literal "<|endoftext|>" in user text is text: only packing puts real end tokens
+        hf.encode_special_tokens = True
         self.hf = hf
         self.eot = eot
         self.eot_id: int = eot_id
@@ -49,7 +51,7 @@ class Tokenizer:
         return int(self.hf.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
+        """Token ids of ``text``; special-token strings in it are encoded as plain text."""
         return list(self.hf.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> Iterator[list[int]]:
