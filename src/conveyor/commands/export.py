@@ -15,6 +15,7 @@ from typing import Any
 from ..data.tokenizer import check_tokenizer_fits, load_tokenizer
 from ..models.hf_families import family_of
 from ..train.checkpoint import read_meta, resolve_checkpoint
+from ..train.checkpoint_files import checkpoint_tokenizer
 from ..train.export import TOKENIZER_FILE, is_exported, read_model, write_export
 from ..train.hf_io import DEFAULT_MAX_SHARD_SIZE, parse_size, write_hf
 from .checks import output_dir
@@ -49,8 +50,8 @@ def _own_tokenizer(path: Path) -> Path | None:
     if is_exported(path):
         own = path / TOKENIZER_FILE
         return own if own.is_file() else None
-    named = read_meta(resolve_checkpoint(path)).get("tokenizer_path")
-    return Path(named) if named else None
+    ckpt = resolve_checkpoint(path)
+    return checkpoint_tokenizer(ckpt, read_meta(ckpt))
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from ..parallel.mesh import Mesh
 from ..runtime.generate import build_stage, generate_pipelined, load_block_weights
 from ..runtime.launch import default_backend, launch
 from ..train.checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
+from ..train.checkpoint_files import checkpoint_tokenizer
 from ..train.export import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -121,8 +122,7 @@ def _open_source(path: Path, tokenizer: Path | None) -> _Source:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     cfg = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
-    named = meta.get("tokenizer_path")
-    return _Source(cfg, ckpt, False, tokenizer or (Path(named) if named else None))
+    return _Source(cfg, ckpt, False, tokenizer or checkpoint_tokenizer(ckpt, meta))
 
 
 def _own_tokenizer(path: Path) -> Path | None:

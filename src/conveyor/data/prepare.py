@@ -31,6 +31,8 @@ class PreparedData:
     """Validation rows, shape (n_val, seq_len + 1)."""
     skipped: int
     """Number of files skipped as binary or not UTF-8."""
+    fingerprint: str = ""
+    """sha256 of the corpus text (``Corpus.fingerprint``): checkpoints record it."""
 
 
 def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
@@ -74,4 +76,4 @@ def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
         log.info("packed %d train and %d val rows of %d tokens (%d of %d documents held "
                  "out) -> %s", len(train), len(val), seq_len + 1, int(held.sum()), len(docs), path)
     return PreparedData(tokenizer=tokenizer, train=dataset.train, val=dataset.val,
-                        skipped=len(corpus.skipped))
+                        skipped=len(corpus.skipped), fingerprint=corpus.fingerprint)

@@ -32,6 +32,7 @@ __all__ = [
     "check_checkpoint",
     "resolve_checkpoint",
     "newest_intact",
+    "checkpoint_tokenizer",
 ]
 
 log = get_logger(__name__)
@@ -68,6 +69,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint under ``run_dir/checkpoints``, or None."""
     found = _complete(Path(run_dir) / "checkpoints")
     return found[-1][1] if found else None
+
+
+def checkpoint_tokenizer(ckpt_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The tokenizer.json a checkpoint names: a path relative to the checkpoint directory
+    (so a moved or renamed run keeps working), or an absolute one (older checkpoints)."""
+    named = meta.get("tokenizer_path")
+    if not isinstance(named, str) or not named:
+        return None
+    path = Path(ckpt_dir) / named  # an absolute ``named`` stays itself
+    digest = meta.get("tokenizer_sha256")
+    if digest and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        raise CheckpointError(f"{path} is not the tokenizer checkpoint {ckpt_dir} was trained "
+                              "with (its sha256 differs from meta.json's); restore it, or pass "
+                              "the right one with --tokenizer")
+    return path
 
 
 def newest_intact(run_dir: Path) -> Path | None:

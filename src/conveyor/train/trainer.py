@@ -14,6 +14,7 @@ draws the progress bar. What goes in the run directory: see ``rundir``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -41,7 +42,7 @@ from ..runtime.preempt import StopRequest
 from ..sim.render import write_chrome_trace
 from ..sim.timeline_io import save_timeline
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
-from .checkpoint_files import check_checkpoint, newest_intact
+from .checkpoint_files import check_checkpoint, checkpoint_tokenizer, newest_intact
 from .clip import clip_global_grad_norm
 from .export import param_shapes
 from .metrics import METRICS_FILE, MetricsWriter, perplexity
@@ -105,8 +106,8 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
         check_checkpoint(ckpt, param_shapes(run.model))
     data = prepare(run.model, run.data, seed=run.train.seed, batch_size=run.train.batch_size,
                    run_dir=run.train.run_dir)
-    if meta is not None and meta.get("tokenizer_path"):
-        _check_same_tokenizer(data, Path(meta["tokenizer_path"]))
+    if meta is not None:
+        _check_same_data(data, ckpt, meta)
     run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None,
                              reuse=auto)
     world = layout.world_size
@@ -122,7 +123,7 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
     with _user_errors_of_ranks():
         return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
-                      threads_per_rank=threads, timeout_s=run.train.timeout)
+                      _provenance(data), threads_per_rank=threads, timeout_s=run.train.timeout)
 
 
 @contextlib.contextmanager
@@ -169,12 +170,32 @@ def _check_resumable(run: RunConfig, ckpt: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def _check_same_tokenizer(data: PreparedData, path: Path) -> None:
-    if path.is_file() and load_tokenizer(path).to_str() != data.tokenizer.to_str():
-        raise DataError(
-            f"the corpus now gives a different tokenizer than {path} the checkpoint was trained "
-            "with; resume with the same --data files, or start a new run"
-        )
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _provenance(data: PreparedData) -> dict[str, str]:
+    """What a checkpoint records of its data: the tokenizer (a path relative to the
+    checkpoint, and its hash) and the corpus fingerprint, checked on resume."""
+    return {"tokenizer_path": f"../../{TOKENIZER_FILE}",
+            "tokenizer_sha256": _sha256(data.tokenizer.to_str()),
+            "corpus_fingerprint": data.fingerprint}
+
+
+def _check_same_data(data: PreparedData, ckpt: Path, meta: dict[str, Any]) -> None:
+    """DataError if the corpus or its tokenizer changed since ``ckpt`` was saved."""
+    fix = "resume with the same --data files, or start a new run"
+    saved = meta.get("corpus_fingerprint")
+    if saved and data.fingerprint and saved != data.fingerprint:
+        raise DataError(f"the --data files changed since checkpoint {ckpt} was saved (corpus "
+                        f"fingerprint {data.fingerprint[:12]} != {saved[:12]}); {fix}")
+    digest = meta.get("tokenizer_sha256")
+    if digest is None:  # an older checkpoint: compare with the file it names, if still there
+        path = checkpoint_tokenizer(ckpt, meta)
+        digest = _sha256(load_tokenizer(path).to_str()) if path and path.is_file() else None
+    if digest is not None and digest != _sha256(data.tokenizer.to_str()):
+        raise DataError(f"the corpus now gives a different tokenizer than checkpoint {ckpt} "
+                        f"was trained with; {fix}")
 
 
 # -- rank side -------------------------------------------------------------------------
@@ -232,6 +253,7 @@ class _Trainer:
         self.bar: tqdm | None = None
         self.t_start = time.perf_counter()
         self.stop = StopRequest()
+        self.provenance: dict[str, str] = {}
         self.device = device
 
     def restore(self, ckpt: Path) -> None:
@@ -317,7 +339,7 @@ class _Trainer:
             **self.run.to_dict(),
             "step": self.step,
             "sampler": self.sampler.state_dict(),
-            "tokenizer_path": str((self.run_dir / TOKENIZER_FILE).resolve()),
+            **self.provenance,
             "ranks": {str(self.rank): rank_meta(self.elapsed())},
         }
         if self.bar is not None:  # the checkpoint module logs a line: keep it off the bar
@@ -372,9 +394,11 @@ class _Trainer:
 
 
 def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarray,
-                 val: np.ndarray, resume: Path | None = None) -> dict[str, Any]:
+                 val: np.ndarray, resume: Path | None = None,
+                 provenance: dict[str, str] | None = None) -> dict[str, Any]:
     """Train on this rank (inside ``launch``) laid out as ``layout``; return its summary."""
     trainer = _Trainer(run, layout, run_dir, train, val)
+    trainer.provenance = provenance or {"tokenizer_path": f"../../{TOKENIZER_FILE}"}
     if resume is not None:
         trainer.restore(resume)
     return trainer.fit()
