@@ -277,6 +277,8 @@ class TrainConfig:
     """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32)."""
     trace: bool = False
     """Record every action of the last step on every rank (timeline.json, trace.json)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under <run>/tensorboard."""
     run_dir: str = "runs"
     """Directory holding one subdirectory per run."""
     name: str | None = None
@@ -310,6 +312,8 @@ class TrainConfig:
             raise ConfigError(f"bf16={self.bf16!r} must be true or false")
         if not isinstance(self.trace, bool):
             raise ConfigError(f"trace={self.trace!r} must be true or false")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"tensorboard={self.tensorboard!r} must be true or false")
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ConfigError(f"run_dir={self.run_dir!r} must be a non-empty path")
         if self.name is not None and (

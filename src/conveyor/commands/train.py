@@ -115,6 +115,9 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "timeout", "--timeout", {"type": float, "metavar": "SECONDS"},
      "seconds a rank waits for a peer (pipeline messages, collectives, checkpoint saves) "
      "before the run fails naming what it waited for"),
+    ("train", "tensorboard", "--tensorboard", {"action": _BOOL},
+     "also write loss, lr, grad norm, tokens/s and validation metrics as TensorBoard "
+     "scalars in RUN_DIR/NAME/tensorboard (`tensorboard --logdir RUN_DIR`)"),
     ("train", "run_dir", "--run-dir", {"metavar": "DIR"}, "directory holding one subdirectory per run"),
     ("train", "name", "--name", {"metavar": "NAME"}, "this run's subdirectory (None: the start time)"),
     ("train", "resume", "--resume", {"metavar": "RUN_DIR_OR_CKPT"},
@@ -123,7 +126,8 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
      "'auto' (with --name, for restarts such as torchrun --max-restarts): continue the run "
      "--name in place from its newest intact checkpoint, or start it if it has none"),
     ("data", "paths", "--data", {"nargs": "+", "action": "extend", "metavar": "PATH"},
-     "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field "
+     "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field, "
+     ".parquet/.arrow tables a \"text\" column "
      "(None: the source files of this Python's standard library, "
      f"{Path(os.__file__).parent})"),
     ("data", "val_fraction", "--val-fraction", {"type": float},

@@ -93,6 +93,8 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     """
     # decided here, once, before anything is read or spawned: every rank gets this Layout
     layout = resolve_layout(run.model, run.parallel, batch_size=run.train.batch_size)
+    if run.train.tensorboard:
+        _tensorboard_available()
     ckpt, meta = None, None
     auto = run.train.resume == "auto"
     if auto:  # an elastic restart: this run's own newest intact checkpoint, or a fresh start
@@ -200,6 +202,26 @@ def _check_same_data(data: PreparedData, ckpt: Path, meta: dict[str, Any]) -> No
 
 # -- rank side -------------------------------------------------------------------------
 
+_TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+            "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss", "val_ppl": "val/ppl"}
+"""metrics.jsonl keys -> TensorBoard scalar tags."""
+
+
+def _tensorboard_available() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package; pip install "
+                          "'conveyor[tensorboard]' (or tensorboard), or drop --tensorboard") from None
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    """A SummaryWriter into ``run_dir/tensorboard`` (ConfigError if tensorboard is missing)."""
+    _tensorboard_available()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
 
 def _device() -> torch.device:
     if dist.get_backend() == "nccl":
@@ -246,6 +268,7 @@ class _Trainer:
         self.step, self.elapsed0 = 0, 0.0
         self.tokens_per_step = self.cfg.batch_size * run.model.max_seq_len
         self.metrics = MetricsWriter(run_dir / METRICS_FILE) if self.rank == 0 else None
+        self.tb = _tensorboard(run_dir) if self.rank == 0 and self.cfg.tensorboard else None
         self.losses: list[float] = []
         self.evals: list[tuple[int, float]] = []
         self.speeds: list[float] = []
@@ -276,6 +299,25 @@ class _Trainer:
     def _write(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key in _TB_TAGS:
+                    self.tb.add_scalar(_TB_TAGS[key], value, row["step"])
+
+    def _progress(self, loss: float) -> None:
+        """The bar in a terminal; elsewhere (a log file, CI) a log line every tenth of the run."""
+        if self.bar is None:
+            return
+        speed = np.mean(self.speeds[-20:])
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}", refresh=False)
+            self.bar.update(1)
+            return
+        every = max(1, self.cfg.steps // 10)
+        if self.step % every == 0 and self.step < self.cfg.steps:
+            left = (self.cfg.steps - self.step) * self.tokens_per_step / max(speed, 1e-9)
+            self._log("step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", self.step, self.cfg.steps,
+                      loss, speed, left)
 
     def train_step(self) -> float:
         cfg = self.cfg
@@ -366,10 +408,7 @@ class _Trainer:
             self.evaluate()
         while self.step < cfg.steps:
             loss = self.train_step()
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{np.mean(self.speeds[-20:]):.0f}",
-                                     refresh=False)
-                self.bar.update(1)
+            self._progress(loss)
             last = self.step == cfg.steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self.evaluate()
@@ -385,6 +424,8 @@ class _Trainer:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
         return {
             "rank": self.rank, "start_step": start, "steps": self.step, "losses": self.losses,
             "evals": self.evals, "tokens_per_s": float(np.median(self.speeds)),
