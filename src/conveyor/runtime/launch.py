@@ -176,6 +176,20 @@ def _forward_signals(pids: list[int]) -> Iterator[list[int]]:
             signal.signal(sig, previous)
 
 
+def _killed_peer(processes: list[Any], reported: int) -> tuple[int, int, str] | None:
+    """(rank, pid, signal) of a rank other than ``reported`` that a signal killed, if any.
+
+    When a rank is killed, a peer waiting on it may raise first ("connection closed");
+    the killed one is what the user must hear about. SIGTERM is left out: that is how
+    torch stops the remaining ranks after the first failure.
+    """
+    for rank, proc in enumerate(processes):
+        code = proc.exitcode
+        if rank != reported and code is not None and code < 0 and -code != signal.SIGTERM:
+            return rank, proc.pid, signal.Signals(-code).name
+    return None
+
+
 def launch(
     fn: Worker,
     world_size: int,
@@ -230,6 +244,10 @@ def launch(
                 name = signal.Signals(got[0]).name
                 raise Preempted(f"stopped by {name} before a step boundary; nothing was "
                                 "saved since the last checkpoint", got[0]) from err
+            dead = _killed_peer(context.processes, err.error_index)
+            if dead is not None:  # the death is the cause; the raised error its echo
+                raise RankDied(f"rank {dead[0]} (pid {dead[1]}) died: signal {dead[2]}; the "
+                               "other ranks were stopped") from err
             if isinstance(err, mp.ProcessRaisedException):
                 raise
             how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"

@@ -36,6 +36,7 @@ from ..models import block_param_counts
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..parallel.zero import ZeroShards
+from ..runtime.faults import fault_point
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
 from ..runtime.preempt import StopRequest
@@ -408,6 +409,7 @@ class _Trainer:
             self.evaluate()
         while self.step < cfg.steps:
             loss = self.train_step()
+            fault_point("step")
             self._progress(loss)
             last = self.step == cfg.steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
