@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,3 +100,20 @@ def test_killed_rank_then_resume_auto(seed: int, straight: tuple[Path, list[floa
 
     assert main(argv) == 0  # the restart: newest intact checkpoint, or from the start
     assert _losses(tmp / "runs" / f"killed-{seed}") == expected
+
+
+def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_rank(
+        straight: tuple[Path, list[float]]) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this python")
+    tmp, expected = straight
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env[FAULT_ENV] = f"step:1:5:{tmp / 'killed-once'}"  # the first attempt loses rank 1
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m",
+         "conveyor", *_argv(tmp, tmp / "corpus", "elastic")[:]],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp / "killed-once").exists()  # the fault fired, and the restart got past it
+    assert _losses(tmp / "runs" / "elastic") == expected

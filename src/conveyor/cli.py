@@ -22,6 +22,7 @@ from .runtime.launch import Preempted, RankDied
 __all__ = ["main", "build_parser", "debug_enabled"]
 
 DEBUG_ENV = "CONVEYOR_DEBUG"
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer")
 
 
 class _UsageError(Exception):
@@ -109,6 +110,10 @@ def _describe(err: Exception) -> tuple[int, str]:
     if isinstance(err, OSError):
         return 2, _os_error(err)
     last = (str(err).strip().splitlines() or [""])[-1]
+    if isinstance(err, RuntimeError) and any(s in last for s in _PEER_GONE):
+        return 1, ("lost the connection to another rank: it died or was stopped (its own "
+                   "output says why); `conveyor train --resume auto` continues from the newest "
+                   "checkpoint")
     where = f"rank {err.error_index}: " if hasattr(err, "error_index") else ""
     return 1, (f"{where}{type(err).__name__}: {last} (unexpected; rerun with --debug for the "
                "traceback and report it)")

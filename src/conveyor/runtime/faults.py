@@ -1,7 +1,8 @@
 """Fault injection for the fault tests: kill a chosen rank at a named point of its run.
 
 ``CONVEYOR_FAULT=POINT:RANK:N`` makes rank RANK SIGKILL itself the N-th time it
-passes ``fault_point(POINT)``. Points: ``step`` (after a training step),
+passes ``fault_point(POINT)``; ``POINT:RANK:N:FILE`` only while FILE does not exist
+(it is created first), so a restarted run (torchrun --max-restarts) is not killed again. Points: ``step`` (after a training step),
 ``save.shard`` (a checkpoint shard written, the save not yet agreed) and
 ``save.publish`` (rank 0: meta.json written, the directory not yet renamed).
 Unset, a point costs one dictionary lookup.
@@ -25,9 +26,14 @@ def fault_point(name: str) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    point, rank, nth = spec.split(":")
+    point, rank, nth, *once = spec.split(":", 3)
     if point != name or os.environ.get("RANK", "0") != rank:
         return
     _passes[name] += 1
-    if _passes[name] == int(nth):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _passes[name] != int(nth):
+        return
+    if once:
+        if os.path.exists(once[0]):
+            return
+        open(once[0], "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -83,11 +83,14 @@ def _init(rank: int, world_size: int, backend: str, timeout_s: float, threads: i
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = None
     if local_port is not None:  # a local run: every socket on loopback
         for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(var, _loopback_interface())
-        store = _loopback_store(rank, world_size, local_port, timeout)
+        store: dist.Store = _loopback_store(rank, world_size, local_port, timeout)
+    else:  # torchrun's store: it may outlive a restart, so each attempt gets its own keys
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"conveyor/attempt-{attempt}", store)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                             store=store)
 
