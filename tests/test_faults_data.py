@@ -110,3 +110,47 @@ def test_a_full_disk_is_one_line() -> None:
     with pytest.raises(DataError, match="No space left"):
         writer.write({"step": 1, "loss": 1.0})
     writer.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs (root and mount(8) needed; skipped otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_during_training_and_data_preparation(
+        tiny_disk: Path, tmp_path: Path, corpus: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--data", str(corpus), "--layers", "2", "--d-model", "32", "--heads", "2",
+            "--vocab-size", "320", "--seq-len", "16", "--batch-size", "8", "--microbatches", "2",
+            "--val-fraction", "0", "--steps", "4", "--checkpoint-every", "2", "--keep", "0"]
+    # the run directory fills up at the second checkpoint (each is about 0.6 MB)
+    assert main([*args, "--run-dir", str(tiny_disk), "--cache-dir", str(tmp_path / "cache"),
+                 "--name", "full"]) == 2
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("conveyor train:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "No space left on device" in lines[0] and "earlier checkpoints are untouched" in lines[0]
+    first = tiny_disk / "full" / "checkpoints" / "step-00000002"
+    from conveyor.train.checkpoint_files import check_checkpoint
+
+    check_checkpoint(first, {})  # intact, resumable
+    assert read_metrics(tiny_disk / "full" / "metrics.jsonl")  # whole rows, no torn line
+    # preparing data on a full disk: one line too
+    (tiny_disk / "filler").write_bytes(b"\0" * shutil.disk_usage(tiny_disk).free)
+    assert main([*args, "--run-dir", str(tmp_path / "runs"), "--cache-dir",
+                 str(tiny_disk / "cache")]) == 2
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("conveyor train:")]
+    assert "Traceback" not in err and len(lines) == 1 and "No space left" in lines[0], err
