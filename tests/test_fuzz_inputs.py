@@ -481,3 +481,19 @@ def test_console_script_prints_one_line(argv: list[str], tmp_path: Path) -> None
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and ": error: " in lines[0], done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_error_is_its_first_line() -> None:
+    """A rank's traceback becomes its exception's first line, not the last line of a grid."""
+    import torch.multiprocessing as mp
+
+    from conveyor.cli import _describe
+
+    remote = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+              "conveyor.runtime.executor.PipelineError: training step 3: rank 1 failed at its "
+              "action #0, 1RECV_F0 (stage 1, microbatch 0): timed out\nrank 1: [1RECV_F0] 1B0\n")
+    code, line = _describe(mp.ProcessRaisedException(remote, 1, 123))
+    assert code == 1 and line.startswith("rank 1: PipelineError: training step 3: rank 1 failed")
+    assert "\n" not in line
+    code, line = _describe(RuntimeError("Read error: Connection reset by peer"))
+    assert code == 1 and "lost the connection to another rank" in line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -23,6 +24,7 @@ __all__ = ["main", "build_parser", "debug_enabled"]
 
 DEBUG_ENV = "CONVEYOR_DEBUG"
 _PEER_GONE = ("Connection reset by peer", "Connection closed by peer")
+_RAISED = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Timeout)): (.*)$")
 
 
 class _UsageError(Exception):
@@ -109,7 +111,14 @@ def _describe(err: Exception) -> tuple[int, str]:
         return 1, str(err)
     if isinstance(err, OSError):
         return 2, _os_error(err)
-    last = (str(err).strip().splitlines() or [""])[-1]
+    lines = str(err).strip().splitlines() or [""]
+    last = lines[-1]
+    # a rank's traceback ends with "module.Error: first line" and the message's other lines
+    raised = [m for m in map(_RAISED.match, lines) if m] if hasattr(err, "error_index") else []
+    if raised:
+        name, first = raised[-1].group(1).rsplit(".", 1)[-1], raised[-1].group(2)
+        return 1, (f"rank {err.error_index}: {name}: {first} (rerun with --debug for the "
+                   "traceback)")
     if isinstance(err, RuntimeError) and any(s in last for s in _PEER_GONE):
         return 1, ("lost the connection to another rank: it died or was stopped (its own "
                    "output says why); `conveyor train --resume auto` continues from the newest "

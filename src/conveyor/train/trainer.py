@@ -36,6 +36,7 @@ from ..models import block_param_counts
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..parallel.zero import ZeroShards
+from ..runtime.executor import PipelineError
 from ..runtime.faults import fault_point
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
@@ -330,7 +331,10 @@ class _Trainer:
         self.pipe.zero_grad()
         traced = cfg.trace and self.step + 1 == cfg.steps
         self.pipe.executor.record = traced
-        loss = self.pipe.train_step(x, y)
+        try:
+            loss = self.pipe.train_step(x, y)
+        except PipelineError as err:  # its "action #i" is the rank's list; say which step too
+            raise PipelineError(f"training step {self.step + 1}: {err}") from None
         if traced:
             self._save_trace()
         dup = self.pipe.tied_duplicate()
