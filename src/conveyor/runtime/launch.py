@@ -222,14 +222,18 @@ def launch(
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    context = mp.start_processes(
-        _worker,
-        args=(fn, world_size, port, backend, timeout_s, threads_per_rank, results, os.getpid(),
-              args),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
+    try:
+        context = mp.start_processes(
+            _worker,
+            args=(fn, world_size, port, backend, timeout_s, threads_per_rank, results, os.getpid(),
+                  args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+    except (BrokenPipeError, EOFError) as err:  # it closed its pipe before reading its arguments
+        raise RankDied(f"a rank died while starting, before it read its arguments ({err}); "
+                       "the ranks started so far die with this process") from err
     out: dict[int, Any] = {}
 
     def drain() -> None:

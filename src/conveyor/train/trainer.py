@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -407,6 +408,9 @@ class _Trainer:
         start, preempted = self.step, 0
         self.t_start = time.perf_counter()
         if self.rank == 0:
+            # tqdm's default lock is a multiprocessing semaphore, which a rank leaving through
+            # os._exit never releases: the resource tracker then warns at the end of every run
+            tqdm.set_lock(threading.RLock())
             self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                             disable=None, desc="train")
         if start == 0:
