@@ -117,3 +117,22 @@ def test_torchrun_max_restarts_with_resume_auto_survives_a_killed_rank(
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp / "killed-once").exists()  # the fault fired, and the restart got past it
     assert _losses(tmp / "runs" / "elastic") == expected
+
+
+def test_a_rank_stalled_in_a_checkpoint_save_ends_within_the_timeout(
+        straight: tuple[Path, list[float]], capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp, _ = straight
+    capfd.readouterr()
+    monkeypatch.setenv(FAULT_ENV, "stall/save.shard:1:1")
+    t0 = time.monotonic()
+    code = main([*_argv(tmp, tmp / "corpus", "stalled"), "--timeout", "5"])
+    elapsed = time.monotonic() - t0
+    err = capfd.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("conveyor train: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "rank 0: saving a checkpoint: rank 0 waited for the other ranks and gave up" in lines[0]
+    assert "--timeout" in lines[0]
+    assert elapsed < 60, f"the stalled save took {elapsed:.0f}s to end"
+    assert _live_children() == []

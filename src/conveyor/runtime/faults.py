@@ -2,7 +2,8 @@
 
 ``CONVEYOR_FAULT=POINT:RANK:N`` makes rank RANK SIGKILL itself the N-th time it
 passes ``fault_point(POINT)``; ``POINT:RANK:N:FILE`` only while FILE does not exist
-(it is created first), so a restarted run (torchrun --max-restarts) is not killed again. Points: ``step`` (after a training step),
+(it is created first), so a restarted run (torchrun --max-restarts) is not killed again.
+A ``stall/`` prefix (``stall/save.shard:1:1``) makes the rank hang there instead. Points: ``step`` (after a training step),
 ``save.shard`` (a checkpoint shard written, the save not yet agreed) and
 ``save.publish`` (rank 0: meta.json written, the directory not yet renamed).
 Unset, a point costs one dictionary lookup.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 
 __all__ = ["FAULT_ENV", "fault_point"]
@@ -26,7 +28,8 @@ def fault_point(name: str) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    point, rank, nth, *once = spec.split(":", 3)
+    stall = spec.startswith("stall/")
+    point, rank, nth, *once = spec.removeprefix("stall/").split(":", 3)
     if point != name or os.environ.get("RANK", "0") != rank:
         return
     _passes[name] += 1
@@ -36,4 +39,6 @@ def fault_point(name: str) -> None:
         if os.path.exists(once[0]):
             return
         open(once[0], "w").close()
+    if stall:
+        time.sleep(3600)
     os.kill(os.getpid(), signal.SIGKILL)

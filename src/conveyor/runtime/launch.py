@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from multiprocessing import connection as mp_connection
 from typing import Any
 
 import torch
@@ -179,17 +180,17 @@ def _forward_signals(pids: list[int]) -> Iterator[list[int]]:
             signal.signal(sig, previous)
 
 
-def _killed_peer(processes: list[Any], reported: int) -> tuple[int, int, str] | None:
-    """(rank, pid, signal) of a rank other than ``reported`` that a signal killed, if any.
+def _killed_peer(ended: dict[int, int], processes: list[Any],
+                 reported: int) -> tuple[int, int, str] | None:
+    """(rank, pid, signal) of a rank other than ``reported`` that a signal had killed, if any.
 
     When a rank is killed, a peer waiting on it may raise first ("connection closed");
-    the killed one is what the user must hear about. SIGTERM is left out: that is how
-    torch stops the remaining ranks after the first failure.
+    the killed one is what the user must hear about. ``ended`` holds the exit codes seen
+    before the failure was reported, so ranks torch stopped afterwards do not count.
     """
-    for rank, proc in enumerate(processes):
-        code = proc.exitcode
-        if rank != reported and code is not None and code < 0 and -code != signal.SIGTERM:
-            return rank, proc.pid, signal.Signals(-code).name
+    for rank, code in sorted(ended.items()):
+        if rank != reported and code < 0:
+            return rank, processes[rank].pid, signal.Signals(-code).name
     return None
 
 
@@ -242,16 +243,25 @@ def launch(
             out[rank] = value
 
     # Drain while joining: a large result would otherwise fill the pipe and block its rank.
+    # How each rank ended, noted before torch's join stops the others after a failure
+    # (with SIGTERM, then SIGKILL): those later deaths are not causes.
+    ended: dict[int, int] = {}
+    sentinels = [p.sentinel for p in context.processes]
     with _forward_signals(context.pids()) as got:
         try:
-            while not context.join(timeout=0.05):
+            while True:
+                mp_connection.wait(sentinels, timeout=0.05)
                 drain()
+                ended.update({r: p.exitcode for r, p in enumerate(context.processes)
+                              if p.exitcode is not None})
+                if context.join(timeout=0):
+                    break
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
             if got:  # a rank without a stop handler ended on the forwarded signal
                 name = signal.Signals(got[0]).name
                 raise Preempted(f"stopped by {name} before a step boundary; nothing was "
                                 "saved since the last checkpoint", got[0]) from err
-            dead = _killed_peer(context.processes, err.error_index)
+            dead = _killed_peer(ended, context.processes, err.error_index)
             if dead is not None:  # the death is the cause; the raised error its echo
                 raise RankDied(f"rank {dead[0]} (pid {dead[1]}) died: signal {dead[2]}; the "
                                "other ranks were stopped") from err
