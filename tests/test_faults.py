@@ -170,3 +170,6 @@ def test_resume_auto_starts_fresh_then_falls_back_past_a_corrupt_checkpoint(
         assert f"skipping checkpoint {ckpts / bad}" in err
         assert f"resuming from {ckpts / 'step-00000002'} instead" in err
     assert _losses(run) == first
+    assert main(argv) == 0  # once more: the run is complete, nothing to do
+    assert "the run is complete" in capsys.readouterr().err
+    assert _losses(run) == first

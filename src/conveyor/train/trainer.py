@@ -107,6 +107,10 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
         ckpt = resolve_checkpoint(Path(run.train.resume))
     if ckpt is not None:
         meta = read_meta(ckpt)
+        if auto and int(meta["step"]) >= run.train.steps:  # a restart of a finished run
+            log.info("--resume auto: %s is at step %s of %d; the run is complete", ckpt,
+                     meta["step"], run.train.steps)
+            return {}
         _check_resumable(run, ckpt, meta)
         check_checkpoint(ckpt, param_shapes(run.model))
     data = prepare(run.model, run.data, seed=run.train.seed, batch_size=run.train.batch_size,
