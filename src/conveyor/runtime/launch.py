@@ -58,6 +58,7 @@ def free_port() -> int:
 
 
 LOOPBACK = "127.0.0.1"
+_STOP_GRACE_S = 2.0
 
 
 def _loopback_store(rank: int, world_size: int, port: int,
@@ -254,7 +255,9 @@ def launch(
                 drain()
                 ended.update({r: p.exitcode for r, p in enumerate(context.processes)
                               if p.exitcode is not None})
-                if context.join(timeout=0):
+                # after a failure: 2 s for the others to end, SIGTERM, 2 s more, SIGKILL (a rank
+                # stuck in C++ or ignoring SIGTERM would otherwise hold the exit for 30 s)
+                if context.join(timeout=0, grace_period=_STOP_GRACE_S):
                     break
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
             if got:  # a rank without a stop handler ended on the forwarded signal
