@@ -465,6 +465,8 @@ def test_debug_shows_the_traceback(paths: dict[str, str],
     argv = ["report", f"{paths['bad']}/none"]
     with pytest.raises(FileNotFoundError):
         main(["--debug", *argv])
+    with pytest.raises(FileNotFoundError):
+        main([*argv, "--debug"])
     monkeypatch.setenv("CONVEYOR_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(argv)

@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``conveyor`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere, before or after COMMAND
     name = "conveyor"
     try:
         args = build_parser().parse_args(argv)
