@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import logging
 import os
 import pickle
 import signal
@@ -221,6 +222,8 @@ def launch(
             return {rank: fn(*args)}
         finally:
             dist.destroy_process_group()
+    # torch logs each rank it stops after a failure; the one line the CLI prints says it
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
