@@ -173,3 +173,28 @@ def test_resume_auto_starts_fresh_then_falls_back_past_a_corrupt_checkpoint(
     assert main(argv) == 0  # once more: the run is complete, nothing to do
     assert "the run is complete" in capsys.readouterr().err
     assert _losses(run) == first
+
+
+def test_sigterm_to_torchrun_checkpoints(tmp_path: Path, corpus: Path) -> None:
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this python")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "conveyor",
+         *_argv(tmp_path, corpus, "--steps", "3000", "--checkpoint-every", "0", "--name", "tr")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "tr" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and '"step": 2,' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the agent passes it on to both ranks
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    stopped = [ln for ln in err.splitlines() if ln.startswith("conveyor train: stopped by SIGTERM")]
+    assert stopped, err[-2000:]
+    at = int(stopped[0].split(" at step ")[1].split()[0])
+    assert (tmp_path / "runs" / "tr" / "checkpoints" / f"step-{at:08d}" / "meta.json").is_file()
