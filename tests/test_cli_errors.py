@@ -63,7 +63,9 @@ def test_all_binary_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_corpus_smaller_than_one_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "small.txt").write_text("the pipeline sends activations forward. " * 30)
-    _fails(_train(tmp_path, "--data", str(tmp_path / "small.txt"), "--batch-size", "64",
+    (tmp_path / "other.txt").write_text("gradients flow back. " * 5)
+    _fails(_train(tmp_path, "--data", str(tmp_path / "small.txt"), str(tmp_path / "other.txt"),
+                  "--batch-size", "64",
                   "--microbatches", "4"), capsys, "corpus too small", "--batch-size",
            log_lines=True)
 
@@ -79,7 +81,7 @@ def test_corpus_smaller_than_one_batch(tmp_path: Path, capsys: pytest.CaptureFix
         (["--schedule", "forward-only"], ["cannot train"]),
         (["--partition", "even"], ["partition='even' is unknown", "uniform, params, cost"]),
         (["--heads", "3"], ["d_model=32 is not divisible by n_heads=3"]),
-        (["--lr", "0"], ["lr=0.0 must be a number > 0"]),
+        (["--lr", "0"], ["lr=0.0 must be a finite number > 0"]),
         (["--val-fraction", "1.5"], ["val_fraction=1.5 must be in [0, 1)"]),
         (["--name", "a/b"], ["plain directory name"]),
     ],
@@ -114,8 +116,10 @@ def test_resume_from_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_existing_run_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = "the pipeline sends activations forward while gradients flow back.\n" * 400
     (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text)
     (tmp_path / "runs" / "taken").mkdir(parents=True)
-    _fails(_train(tmp_path, "--data", str(tmp_path / "a.txt"), "--name", "taken"), capsys,
+    _fails(_train(tmp_path, "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
+                  "--name", "taken"), capsys,
            "already exists", "--name", log_lines=True)
 
 

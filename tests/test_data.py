@@ -22,7 +22,7 @@ from conveyor.data import (
     prepare_data,
     read_documents,
     resolve_paths,
-    split_train_val,
+    split_documents,
     stdlib_corpus_paths,
     train_tokenizer,
 )
@@ -233,18 +233,44 @@ def test_get_batch_targets_are_inputs_shifted() -> None:
     assert targets[:, -1].tolist() == [20, 5]
 
 
-def test_split_train_val_deterministic_and_nonempty_val() -> None:
-    rows = np.arange(40).reshape(20, 2)
-    train, val = split_train_val(rows, 0.1, seed=3)
-    assert (len(train), len(val)) == (18, 2)
-    assert sorted(np.concatenate([train, val])[:, 0].tolist()) == list(range(0, 40, 2))
-    again = split_train_val(rows, 0.1, seed=3)
-    np.testing.assert_array_equal(again[1], val)
-    assert not np.array_equal(split_train_val(rows, 0.1, seed=4)[1], val)
-    assert [len(a) for a in split_train_val(rows[:2], 0.01, seed=0)] == [1, 1]
-    assert [len(a) for a in split_train_val(rows, 0.0, seed=0)] == [20, 0]
+def test_split_documents_deterministic_and_by_tokens() -> None:
+    lengths = [10] * 20
+    held = split_documents(lengths, 0.1, seed=3)
+    assert held.sum() == 2
+    np.testing.assert_array_equal(split_documents(lengths, 0.1, seed=3), held)
+    assert not np.array_equal(split_documents(lengths, 0.1, seed=4), held)
+    assert split_documents([5, 5], 0.01, seed=0).sum() == 1  # at least one held out
+    assert split_documents([100, 1], 0.9, seed=0).sum() == 1  # and at least one kept
+    assert split_documents(lengths, 0.0, seed=0).sum() == 0
+    with pytest.raises(DataError, match="at least 2"):
+        split_documents([10], 0.1, seed=0)
     with pytest.raises(DataError):
-        split_train_val(rows, 1.0, seed=0)
+        split_documents(lengths, 1.0, seed=0)
+
+
+def test_validation_holds_whole_documents(tmp_path: Path) -> None:
+    """Every document is wholly on one side: no character of a held-out one is in training."""
+    letters = "abcdefghijklmnopqrst"
+    for ch in letters:
+        write(tmp_path / "docs" / f"{ch}.txt", " ".join(ch * (i % 5 + 1) for i in range(60)))
+    data = prepare_data([str(tmp_path / "docs")], vocab_size=300, seq_len=16, val_fraction=0.2,
+                        cache_dir=tmp_path / "cache", seed=0)
+    tok = data.tokenizer
+
+    def chars(rows: np.ndarray) -> set[str]:
+        text = "".join(tok.decode([int(t) for t in row if t != tok.eot_id]) for row in rows)
+        return set(text) - {" "}
+
+    held, kept = chars(data.val), chars(data.train)
+    assert held and kept and not held & kept
+    assert 2 <= len(held) <= 6  # about 20% of the 20 equally long documents
+
+
+def test_literal_end_token_in_text_is_text(small_corpus: Corpus, tmp_path: Path) -> None:
+    tok = train_tokenizer(small_corpus, 300, tmp_path)
+    ids = tok.encode("a <|endoftext|> b")
+    assert tok.eot_id not in ids and tok.decode(ids) == "a <|endoftext|> b"
+    assert tok.eot_id not in next(tok.encode_batch(["x<|endoftext|>"]))
 
 
 def test_token_dataset_save_load_and_corruption(tmp_path: Path) -> None:
@@ -327,7 +353,7 @@ def test_prepare_data_end_to_end_and_cache(tmp_path: Path,
     assert first.skipped == 1
     assert first.train.shape[1] == first.val.shape[1] == 33
     n_rows = len(first.train) + len(first.val)
-    assert n_rows > 100 and len(first.val) == round(0.1 * n_rows)
+    assert n_rows > 100 and 0 < len(first.val) < 0.5 * n_rows
     assert first.tokenizer.vocab_size <= 300
 
     def no_packing(*args: object, **kw: object) -> None:
@@ -343,5 +369,5 @@ def test_prepare_data_too_small_for_one_sequence(tmp_path: Path) -> None:
     write(tmp_path / "tiny.txt", "hi there")
     with pytest.raises(DataError) as exc:
         prepare_data([str(tmp_path / "tiny.txt")], vocab_size=300, seq_len=128,
-                     val_fraction=0.1, cache_dir=tmp_path / "cache", seed=0)
+                     val_fraction=0.0, cache_dir=tmp_path / "cache", seed=0)
     one_line_error(exc, "corpus too small", "129 tokens", "--seq-len")

@@ -37,7 +37,7 @@ def test_stalled_peer_names_action_and_all_ranks_exit() -> None:
     elapsed = time.monotonic() - start
     msg = str(err.value)
     # rank 1 waited for stage 1's input of microbatch 0 from rank 0
-    assert "rank 1 failed at step 0, action 1RECV_F0 (stage 1, microbatch 0)" in msg
+    assert "rank 1 failed at its action #0, 1RECV_F0 (stage 1, microbatch 0)" in msg
     assert "[1RECV_F0]" in msg  # the grid marks the failing action
     assert elapsed < 60, f"launch took {elapsed:.0f}s: the stalled rank was not stopped"
 

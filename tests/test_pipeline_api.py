@@ -192,7 +192,7 @@ def test_grads_accumulate_across_calls_like_one_process(case: Case) -> None:
 def test_a_failed_step_leaves_nothing_behind() -> None:
     for rank, result in _results().items():
         failed = result["failed"]
-        assert failed["error"].startswith(f"rank {rank} failed at step")  # type: ignore[index]
+        assert failed["error"].startswith(f"rank {rank} failed at its action #")  # type: ignore[index]
         assert "injected failure" in failed["error"]  # type: ignore[index]
         loss, fresh_loss = failed["loss"]  # type: ignore[index]
         assert loss == fresh_loss

@@ -104,7 +104,7 @@ def test_clip_matches_torch_in_one_process() -> None:
     ("kwargs", "needle"),
     [
         ({"steps": 0}, "steps=0 must be a positive integer"),
-        ({"lr": -1.0}, "lr=-1.0 must be a number > 0"),
+        ({"lr": -1.0}, "lr=-1.0 must be a finite number > 0"),
         ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr=0.01 is above lr=0.001"),
         ({"name": "a/b"}, "plain directory name"),
         ({"grad_clip": float("nan")}, "grad_clip=nan"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,15 @@ def _positive(obj: object, *names: str) -> None:
 
 FAMILIES = ("gpt", "bert", "t5")
 """Model families (``models.families`` lists each one's blocks, boundary and objective)."""
+
+
+def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True) -> None:
+    # inf and nan are refused too: an infinite lr or epsilon trains NaN without a word
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value < low if inclusive else value <= low):
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +122,8 @@ class ModelConfig:
                 )
         if self.d_ff is not None:
             _positive(self, "d_ff")
+        for name in ("norm_eps", "rope_theta", "init_std"):  # each gives NaN from step 0 at <= 0
+            _number(self, name, inclusive=False)
 
     @property
     def head_dim(self) -> int:
@@ -260,14 +272,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True) -> None:
-    value = getattr(obj, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value != value or (value < low if inclusive else value <= low):
-        bound = f">= {low:g}" if inclusive else f"> {low:g}"
-        raise ConfigError(f"{name}={value!r} must be a number {bound}")
-
-
 def _non_negative(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -287,8 +291,8 @@ class TrainConfig:
     """Peak learning rate, reached after the warmup."""
     min_lr: float = 3e-4
     """Learning rate at the end of the cosine decay."""
-    warmup: int = 50
-    """Steps of linear warmup from lr/warmup to lr."""
+    warmup: int | None = None
+    """Steps of linear warmup from lr/warmup to lr, fewer than steps; None: min(50, steps // 10)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay of matrices (norms and biases are not decayed)."""
     grad_clip: float = 1.0
@@ -307,19 +311,32 @@ class TrainConfig:
     """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32)."""
     trace: bool = False
     """Record every action of the last step on every rank (timeline.json, trace.json)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under <run>/tensorboard."""
     run_dir: str = "runs"
     """Directory holding one subdirectory per run."""
     name: str | None = None
     """Name of this run's subdirectory; None: the start time (YYYYmmdd-HHMMSS)."""
     resume: str | None = None
-    """Checkpoint (or run directory: its latest) to continue from, in a new run directory."""
+    """Checkpoint (or run directory: its latest) to continue from, in a new run directory;
+    'auto': the newest intact checkpoint of this run's directory (run_dir/name), else start."""
     init: str | None = None
     """A model to start from: a Hugging Face directory (save_pretrained), a Conveyor export or
     checkpoint. Its weights, model config and tokenizer are the run's; the optimizer starts fresh."""
+    timeout: float = 300.0
+    """Seconds a rank waits for a peer (pipeline messages, collectives, checkpoint saves)."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "eval_batches")
-        _non_negative(self, "warmup", "eval_every", "checkpoint_every", "keep", "seed")
+        _non_negative(self, "eval_every", "checkpoint_every", "keep", "seed")
+        if self.warmup is not None:
+            _non_negative(self, "warmup")
+            if self.warmup >= self.steps and self.warmup > 0:
+                raise ConfigError(
+                    f"warmup={self.warmup} must be below steps={self.steps}, or the learning "
+                    f"rate never reaches lr; pass --warmup below {self.steps}"
+                )
+        _number(self, "timeout", inclusive=False)
         _number(self, "lr", inclusive=False)
         _number(self, "min_lr")
         _number(self, "weight_decay")
@@ -332,6 +349,8 @@ class TrainConfig:
             raise ConfigError(f"bf16={self.bf16!r} must be true or false")
         if not isinstance(self.trace, bool):
             raise ConfigError(f"trace={self.trace!r} must be true or false")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"tensorboard={self.tensorboard!r} must be true or false")
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ConfigError(f"run_dir={self.run_dir!r} must be a non-empty path")
         if self.name is not None and (
@@ -349,6 +368,14 @@ class TrainConfig:
         if self.init is not None and self.resume is not None:
             raise ConfigError("init and resume both given: --resume continues a run with its own "
                               "weights, --init starts a new one from a model; pass one of them")
+        if self.resume == "auto" and self.name is None:
+            raise ConfigError("resume='auto' continues the run named by --name; pass --name "
+                              "(the same on every restart)")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warmup actually used: ``warmup``, or min(50, steps // 10) when None."""
+        return min(50, self.steps // 10) if self.warmup is None else self.warmup
 
 
 @dataclass(frozen=True, kw_only=True)

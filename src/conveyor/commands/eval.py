@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PARTITIONS, ParallelConfig, from_dict
+from .checks import positive
 
 __all__ = ["register"]
 
@@ -55,6 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..train.trainer import run_evaluation
 
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
+    positive(getattr(args, "batch_size", None), "--batch-size")
+    positive(getattr(args, "batches", None), "--batches")
     ckpt = resolve_checkpoint(args.checkpoint)
     saved = read_meta(ckpt).get("parallel") or {}
     layout = {k: v for k, v in saved.items() if k in _LAYOUT}

@@ -12,9 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..data.tokenizer import check_tokenizer_fits, load_tokenizer
 from ..models.hf_families import family_of
-from ..train.export import read_model, write_export
+from ..train.checkpoint import read_meta, resolve_checkpoint
+from ..train.checkpoint_files import checkpoint_tokenizer
+from ..train.export import TOKENIZER_FILE, is_exported, read_model, write_export
 from ..train.hf_io import DEFAULT_MAX_SHARD_SIZE, parse_size, write_hf
+from .checks import output_dir
 
 __all__ = ["register"]
 
@@ -41,9 +45,23 @@ def register(sub: Any) -> None:
     p.set_defaults(run=_export)
 
 
+def _own_tokenizer(path: Path) -> Path | None:
+    """The tokenizer a checkpoint or export came with (what --tokenizer replaces)."""
+    if is_exported(path):
+        own = path / TOKENIZER_FILE
+        return own if own.is_file() else None
+    ckpt = resolve_checkpoint(path)
+    return checkpoint_tokenizer(ckpt, read_meta(ckpt))
+
+
 def _export(args: argparse.Namespace) -> int:
     max_bytes = parse_size(args.max_shard_size)  # a bad size fails before any reading
+    output_dir(args.out, "--out")
     model = read_model(args.checkpoint, tokenizer=args.tokenizer)
+    if model.tokenizer is not None:  # copying a broken or foreign tokenizer helps nobody
+        own = _own_tokenizer(args.checkpoint) if args.tokenizer is not None else None
+        check_tokenizer_fits(load_tokenizer(model.tokenizer), model.tokenizer,
+                             model.cfg.vocab_size, own)
     what = model.source if model.step is None else f"step {model.step} of {model.source}"
     if args.format == "hf":
         files = write_hf(args.out, model, max_shard_size=max_bytes)

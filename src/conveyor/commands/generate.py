@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import ConfigError, ModelConfig
-from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 from ..generation import GenerationError, TextStream, check_prompt, context_budget
 from ..generation.batch import Sampling
 from ..models.families import family_of
@@ -46,6 +46,7 @@ from ..runtime.launch import default_backend, launch
 from ..schedules.validate import TimedAction
 from ..sim.render import write_chrome_trace
 from ..train.checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
+from ..train.checkpoint_files import checkpoint_tokenizer
 from ..train.export import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -53,6 +54,7 @@ from ..train.export import (
     model_config_from,
     read_exported_config,
 )
+from .checks import positive
 
 __all__ = ["register", "read_prompts"]
 
@@ -145,8 +147,21 @@ def _open_source(path: Path, tokenizer: Path | None) -> _Source:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     cfg = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
-    named = meta.get("tokenizer_path")
-    return _Source(cfg, ckpt, False, tokenizer or (Path(named) if named else None))
+    return _Source(cfg, ckpt, False, tokenizer or checkpoint_tokenizer(ckpt, meta))
+
+
+def _own_tokenizer(path: Path) -> Path | None:
+    """The tokenizer the model came with (what --tokenizer replaces), if it names one."""
+    return _open_source(path, None).tokenizer
+
+
+def _check_finite(blocks: Mapping[int, torch.nn.Module], where: Path) -> None:
+    bad = [f"blocks.{i}.{n}" for i, b in blocks.items() for n, p in b.named_parameters()
+           if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{where}: weights are not finite (NaN or inf) in {bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; the run "
+                              "diverged: generate from an earlier checkpoint")
 
 
 def _tokenizer(source: _Source) -> Tokenizer:
@@ -222,6 +237,7 @@ def _generate(job: _Job) -> tuple[list[list[int]], list[TimedAction]]:
     cfg = job.source.cfg
     partition = resolve_partition(cfg, job.pp)  # weights load by name: any split works
     blocks = build_stage(cfg, partition, stage, load=job.source.loader(), device=_device())
+    _check_finite(blocks, job.source.weights)  # each rank its own blocks
     gen = PipelinedGenerator(blocks, cfg, mesh, timeout_s=job.timeout_s)
     gen.record = job.trace
     results: list[list[int]] = []
@@ -264,6 +280,8 @@ def _check_sizes(args: argparse.Namespace, cfg: ModelConfig) -> None:
     if not family_of(cfg).generates:
         raise ConfigError(f"this model is family={cfg.family!r}; `conveyor generate` continues "
                           "text with a decoder (family 'gpt') only")
+    positive(args.max_new_tokens, "--max-new-tokens")
+    positive(args.timeout, "--timeout", integer=False)
     if not 1 <= args.pp <= cfg.num_blocks:
         raise ConfigError(f"--pp {args.pp} must be between 1 and {cfg.num_blocks} (the "
                           f"model's embedding + {cfg.n_layers} layers + head)")
@@ -280,6 +298,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_sizes(args, cfg)
     prompts = [args.prompt] if args.prompts_file is None else read_prompts(args.prompts_file)
     tokenizer = _tokenizer(source)
+    check_tokenizer_fits(tokenizer, source.tokenizer, cfg.vocab_size, _own_tokenizer(args.checkpoint))
     ids = [check_prompt(tokenizer.encode(p), cfg) for p in prompts]
     stream = args.prompts_file is None and args.output is None
     job = _Job(source, prompts, ids, args.max_new_tokens,

@@ -17,6 +17,7 @@ from ..data.errors import DataError
 from ..data.tokenizer import TOKENIZER_CONFIG, load_tokenizer
 from ..train.export import TOKENIZER_FILE
 from ..train.hf_io import import_hf
+from .checks import output_dir
 
 __all__ = ["register"]
 
@@ -36,6 +37,7 @@ def register(sub: Any) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    output_dir(args.out, "--out")
     done = import_hf(args.hf_dir, args.out)
     cfg = done.cfg
     print(f"imported {done.architecture} ({cfg.flavour}, {cfg.n_layers} layers, d_model "

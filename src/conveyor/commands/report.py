@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.errors import DataError
+from .checks import output_file
 
 __all__ = ["register"]
 
@@ -36,10 +37,11 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.run_dir} {what}; pass a run directory written by `conveyor train` "
             "(e.g. runs/<name>)"
         )
+    out = output_file(args.out or args.run_dir / "report.png", "--out")
     rows = read_metrics(path)
     if not rows:
         raise DataError(f"{path} has no rows yet; report a run that has trained at least one step")
-    out = plot_run(rows, args.out or args.run_dir / "report.png", title=args.run_dir.name)
+    out = plot_run(rows, out, title=args.run_dir.name)
     print(summarize(rows).table())
     print(f"\nwrote {out}")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 from ..schedules import SCHEDULES
 from ..schedules.describe import describe
 from ..schedules.table_file import write_schedule_csv
+from .checks import output_file, positive
 
 __all__ = ["register"]
 
@@ -39,6 +40,10 @@ def register(sub: Any) -> None:
 def _show(args: argparse.Namespace) -> int:
     from ..parallel.layout import resolve_schedule
 
+    for flag in ("pp", "microbatches", "virtual"):
+        positive(getattr(args, flag), f"--{flag}")
+    if args.csv:
+        output_file(args.csv, "--csv")
     schedule = resolve_schedule(name=args.schedule, pp=args.pp, microbatches=args.microbatches,
                                 virtual_stages=args.virtual,
                                 schedule_file=args.schedule_file or None)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import PARTITIONS, ConfigError, ModelConfig, ParallelConfig
 from ..schedules import SCHEDULES
+from .checks import output_file, positive
 
 __all__ = ["register", "MODEL_PRESETS", "load_model_config"]
 
@@ -26,6 +27,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 """Named model shapes for predictions; ``small`` is ModelConfig's defaults."""
 
+MAX_DRAWN_ACTIONS = 50_000
+"""More boxes than this take minutes to draw and cannot be told apart in a PNG."""
+
 
 def load_model_config(spec: str) -> ModelConfig:
     """A preset name, or a TOML/JSON file holding model fields (top level or under [model])."""
@@ -37,15 +41,20 @@ def load_model_config(spec: str) -> ModelConfig:
             f"--model {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file; "
             "pass a preset name or a TOML/JSON file with model fields"
         )
-    if path.suffix == ".json":
-        raw = json.loads(path.read_text())
-    else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
-        raw = tomllib.loads(path.read_text())
-    raw = raw.get("model", raw)
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (UnicodeDecodeError, ValueError) as err:  # JSON and TOML errors are ValueErrors
+        raise ConfigError(f"--model {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}"
+                          f" ({err}); fix the file or pass a preset name") from None
+    raw = raw.get("model", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--model {path} must hold a table of model fields, not "
+                          f"{type(raw).__name__}; e.g. {{\"n_layers\": 4}}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -94,7 +103,8 @@ def register(sub: Any) -> None:
                    help="cost preset: cpu (measured here), a100, h100 (analytic FLOP model)")
     p.add_argument("--profile", action="store_true",
                    help="cpu only: time the real model's stages here instead of the FLOP model")
-    p.add_argument("--out", default="simulation.png", help="Gantt chart PNG to write")
+    p.add_argument("--out", default="simulation.png",
+                   help="Gantt chart PNG to write ('none': no chart)")
     p.add_argument("--trace-json", default=None, help="also write a Chrome/Perfetto trace here")
     p.set_defaults(run=_run)
 
@@ -110,6 +120,18 @@ def _run(args: argparse.Namespace) -> int:
         write_chrome_trace,
     )
 
+    for flag in ("pp", "microbatches", "virtual", "microbatch_size", "seq_len"):
+        positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    draw = args.out.lower() != "none"
+    if draw:
+        output_file(args.out, "--out")
+        actions = 2 * args.pp * args.microbatches * (args.virtual or 1)
+        if actions > MAX_DRAWN_ACTIONS:
+            raise ConfigError(f"--pp {args.pp} x --microbatches {args.microbatches} is too large "
+                              f"to draw ({actions} actions > {MAX_DRAWN_ACTIONS}); pass --out none "
+                              "for the figures alone, or fewer microbatches")
+    if args.trace_json:
+        output_file(args.trace_json, "--trace-json")
     cfg = load_model_config(args.model)
     seq = args.seq_len or cfg.max_seq_len
     par = ParallelConfig(pp=args.pp, dp=args.dp, tp=args.tp,
@@ -143,7 +165,8 @@ def _run(args: argparse.Namespace) -> int:
     print(result.table())
     title = (f"{args.schedule} pp={args.pp} tp={args.tp} dp={args.dp} m={args.microbatches} "
              f"on {args.device} (simulated)")
-    print(f"\nwrote {render_gantt(result.timeline, args.out, title=title)}")
+    if draw:
+        print(f"\nwrote {render_gantt(result.timeline, args.out, title=title)}")
     if args.trace_json:
         print(f"wrote {write_chrome_trace({'simulated': result.timeline}, args.trace_json)}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig
+from .checks import output_file
 
 __all__ = ["register"]
 
@@ -36,12 +37,22 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{run_dir} has no {TIMELINE_FILE}; train with `conveyor train --trace` to record one"
         )
+    out = output_file(args.out or run_dir / "trace.png", "--out")
     try:
         raw = json.loads((run_dir / CONFIG_FILE).read_text())
         run = RunConfig.from_dict({k: raw[k] for k in RunConfig.SECTIONS if k in raw}, str(run_dir))
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} has no {CONFIG_FILE}; pass a run directory") from None
-    measured, meta = load_timeline(timeline_path)
+    except (ValueError, TypeError, AttributeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{run_dir / CONFIG_FILE} is corrupt ({err}); pass a run directory "
+                          "written by `conveyor train`") from None
+    try:
+        measured, meta = load_timeline(timeline_path)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ConfigError(f"{timeline_path} is not a timeline written by `conveyor train "
+                          f"--trace` ({type(err).__name__}: {err}); record it again") from None
     par, model = run.parallel, run.model
     layout = resolve_layout(model, par, batch_size=run.train.batch_size)
     schedule = layout.schedule
@@ -57,7 +68,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'':<10}{'step ms':>10}{'bubble':>9}")
     print(f"{'measured':<10}{real.makespan * 1e3:>10.1f}{real.bubble_fraction():>9.1%}")
     print(f"{'simulated':<10}{sim.step_time * 1e3:>10.1f}{sim.bubble_fraction:>9.1%}")
-    out = args.out or run_dir / "trace.png"
     render_comparison(real.timeline, sim.timeline, out,
                       title=f"{schedule.name}, pp={par.pp}, m={par.microbatches}")
     both = write_chrome_trace({"measured": measured, "simulated": sim.timeline},

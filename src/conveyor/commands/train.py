@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ..config import (
     to_dict,
 )
 from ..log import setup_logging
+from ..runtime.launch import Preempted
 from ..schedules import SCHEDULES
 
 __all__ = ["register", "DEFAULT_MODEL", "load_toml", "build_run_config"]
@@ -109,7 +111,8 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "batch_size", "--batch-size", {"type": int}, "sequences per step (global batch)"),
     ("train", "lr", "--lr", {"type": float}, "peak learning rate of AdamW"),
     ("train", "min_lr", "--min-lr", {"type": float}, "learning rate at the end of the cosine decay"),
-    ("train", "warmup", "--warmup", {"type": int}, "steps of linear learning-rate warmup"),
+    ("train", "warmup", "--warmup", {"type": int},
+     "steps of linear learning-rate warmup, fewer than --steps (None: min(50, steps/10))"),
     ("train", "weight_decay", "--weight-decay", {"type": float},
      "decoupled weight decay of matrices (not of norms and biases)"),
     ("train", "grad_clip", "--grad-clip", {"type": float},
@@ -126,17 +129,26 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("train", "trace", "--trace", {"action": _BOOL},
      "record every action of the last step on every rank into timeline.json and a "
      "Chrome/Perfetto trace.json; `conveyor trace RUN` draws it beside its simulation"),
+    ("train", "timeout", "--timeout", {"type": float, "metavar": "SECONDS"},
+     "seconds a rank waits for a peer (pipeline messages, collectives, checkpoint saves) "
+     "before the run fails naming what it waited for"),
+    ("train", "tensorboard", "--tensorboard", {"action": _BOOL},
+     "also write loss, lr, grad norm, tokens/s and validation metrics as TensorBoard "
+     "scalars in RUN_DIR/NAME/tensorboard (`tensorboard --logdir RUN_DIR`)"),
     ("train", "run_dir", "--run-dir", {"metavar": "DIR"}, "directory holding one subdirectory per run"),
     ("train", "name", "--name", {"metavar": "NAME"}, "this run's subdirectory (None: the start time)"),
     ("train", "resume", "--resume", {"metavar": "RUN_DIR_OR_CKPT"},
      "continue from a checkpoint, or a run directory's latest one, in a new run directory; "
-     "model, data, batch size and seed come from the checkpoint, other flags override"),
+     "model, data, batch size and seed come from the checkpoint, other flags override. "
+     "'auto' (with --name, for restarts such as torchrun --max-restarts): continue the run "
+     "--name in place from its newest intact checkpoint, or start it if it has none"),
     ("train", "init", "--init", {"metavar": "HF_DIR"},
      "start from a model: a Hugging Face directory (GPT2LMHeadModel, LlamaForCausalLM), a "
      "Conveyor export or checkpoint; its weights, model config and tokenizer are the run's, "
      "so model options must be left out"),
     ("data", "paths", "--data", {"nargs": "+", "action": "extend", "metavar": "PATH"},
-     "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field "
+     "text files, directories or globs; .jsonl/.json files hold records with a \"text\" field, "
+     ".parquet/.arrow tables a \"text\" column "
      "(None: the source files of this Python's standard library, "
      f"{Path(os.__file__).parent})"),
     ("data", "val_fraction", "--val-fraction", {"type": float},
@@ -214,7 +226,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     resume, init = overrides["train"].get("resume"), overrides["train"].get("init")
     if resume is not None and init is not None:
         TrainConfig(resume=resume, init=init)  # refuses the pair before reading either
-    if resume is not None:
+    if resume is not None and resume != "auto":  # auto: the same flags as the first start
         base = _checkpoint_config(Path(resume))
     if init is not None:  # the model is the one --init names; options that differ are refused later
         from ..train.hf_io import init_config
@@ -249,10 +261,19 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     run = build_run_config(args)
     results = run_training(run)
-    if int(os.environ.get("RANK", "0")) != 0 or not results:
+    if not results:
         return 0
     summary = results[min(results)]
     run_dir = Path(summary["run_dir"])
+    if summary.get("preempted"):  # every rank leaves with the same status
+        signum = int(summary["preempted"])
+        again = (f"--resume auto --name {run.train.name}" if run.train.resume == "auto"
+                 else f"--resume {run_dir}")
+        raise Preempted(f"stopped by {signal.Signals(signum).name} at step {summary['steps']} of "
+                        f"{run.train.steps}; saved {summary['checkpoint']}; continue with "
+                        f"`conveyor train {again}`", signum)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
 
     table = summarize(read_metrics(run_dir / METRICS_FILE)).table(
         extra=[("checkpoint", summary["checkpoint"]), ("next", f"conveyor report {run_dir}")]

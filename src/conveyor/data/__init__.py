@@ -8,7 +8,7 @@ LM, span corruption: ``mlm`` and ``spans`` build them in numpy) are the only mod
 from conveyor.data.batches import get_batch
 from conveyor.data.corpus import Corpus, read_documents, resolve_paths, stdlib_corpus_paths
 from conveyor.data.errors import DataError
-from conveyor.data.packing import TokenDataset, pack, split_train_val
+from conveyor.data.packing import TokenDataset, pack, split_documents
 from conveyor.data.prepare import PreparedData, prepare_data
 from conveyor.data.sampler import Sampler
 from conveyor.data.tokenizer import EOT, Tokenizer, load_tokenizer, train_tokenizer
@@ -27,7 +27,7 @@ __all__ = [
     "prepare_data",
     "read_documents",
     "resolve_paths",
-    "split_train_val",
+    "split_documents",
     "stdlib_corpus_paths",
     "train_tokenizer",
 ]

@@ -1,7 +1,8 @@
 """Text corpora: the stdlib default, user paths, and reading them into documents.
 
 A *document* is one unit of text that packing separates from the next with an
-end-of-text token: one whole file for plain text, one record for JSON/JSONL.
+end-of-text token: one whole file for plain text, one record for JSON/JSONL, one
+row's ``text`` for Parquet and Arrow tables (read with pyarrow, local files only).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 BINARY_SUFFIXES = frozenset(
     ".pyc .pyo .so .o .a .dll .dylib .exe .bin .png .jpg .jpeg .gif .bmp .ico .webp .pdf"
     " .zip .gz .bz2 .xz .zst .tar .tgz .7z .whl .npy .npz .pt .pth .ckpt .safetensors"
-    " .db .sqlite .parquet .arrow".split()
+    " .db .sqlite".split()
 )
+TABLE_SUFFIXES = frozenset({".parquet", ".arrow", ".feather"})
+"""Columnar files read with pyarrow: each row's ``text`` column is a document."""
 
 _GLOB_CHARS = frozenset("*?[")
 _JSON_SUFFIXES = frozenset({".json", ".jsonl"})
@@ -125,6 +128,39 @@ def _text_field(record: Any, path: Path, where: str) -> str:
     return text
 
 
+def _table_records(path: Path) -> list[str]:
+    """The ``text`` column of a Parquet file or an Arrow IPC file/stream (HF datasets' .arrow)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading '{path}' needs pyarrow; pip install 'conveyor[arrow]' "
+                        "(or pyarrow), or convert it to .jsonl") from None
+    try:
+        if path.suffix.lower() == ".parquet":
+            names = pq.read_schema(path).names
+            table = pq.read_table(path, columns=["text"]) if "text" in names else None
+        else:
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_file(source).read_all()
+                except pa.ArrowInvalid:  # not the file format: the stream format
+                    source.seek(0)
+                    table = pa.ipc.open_stream(source).read_all()
+            names = table.column_names
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"cannot read table '{path}' ({err}); pass a Parquet or Arrow file "
+                        "with a \"text\" column") from None
+    if table is None or "text" not in names:
+        raise DataError(f"'{path}' has no \"text\" column (columns: "
+                        f"{', '.join(names[:5]) or 'none'}); give the table a \"text\" column")
+    column = table.column("text")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f"'{path}' has a \"text\" column of type {column.type}; make it a "
+                        "string column")
+    return [t for t in column.to_pylist() if t is not None]
+
+
 def _json_records(text: str, path: Path) -> list[str]:
     """Parse the layouts HF ``datasets``' json loader reads: JSON Lines or a list of objects."""
     stripped = text.lstrip()
@@ -179,6 +215,12 @@ def read_documents(paths: Iterable[Path], *, limit_bytes: int | None = None) -> 
     for path in paths:
         if limit_bytes is not None and total >= limit_bytes:
             break
+        if path.suffix.lower() in TABLE_SUFFIXES:
+            read.append(path)
+            texts = _table_records(path)
+            total += sum(len(t) for t in texts)
+            documents.extend(t for t in texts if t.strip())
+            continue
         try:
             raw = path.read_bytes()
         except OSError as exc:

@@ -1,5 +1,8 @@
 """Packing token streams into fixed-length rows, the train/val split, and their cache.
 
+The split is by document (``split_documents``): a document's tokens are all in
+training or all in validation, so validation measures text the model never saw.
+
 Documents are concatenated, each followed by the end-of-text token, and the stream
 is cut into non-overlapping rows of ``seq_len + 1`` tokens (the remainder is
 dropped). A row gives ``inputs = row[:-1]`` and ``targets = row[1:]``::
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +24,10 @@ import numpy as np
 from conveyor.data.atomic import atomic_write
 from conveyor.data.errors import DataError
 
-__all__ = ["pack", "split_train_val", "TokenDataset"]
+__all__ = ["pack", "split_documents", "TokenDataset"]
 
 _UINT16_LIMIT = 1 << 16
-_FORMAT = "pack-v1"  # bump when packing or splitting changes, so old caches are not reused
+_FORMAT = "pack-v2"  # bump when packing or splitting changes, so old caches are not reused
 
 
 def pack(token_docs: Iterable[list[int]], seq_len: int, eot_id: int) -> np.ndarray:
@@ -46,20 +49,31 @@ def pack(token_docs: Iterable[list[int]], seq_len: int, eot_id: int) -> np.ndarr
     return rows.astype(np.uint16 if top < _UINT16_LIMIT else np.int32)
 
 
-def split_train_val(rows: np.ndarray, val_fraction: float,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic random split; val holds ≥1 row when val_fraction>0 and there are ≥2 rows."""
+def split_documents(lengths: Sequence[int], val_fraction: float, seed: int) -> np.ndarray:
+    """Which documents are held out (a bool per document), about ``val_fraction`` of the tokens.
+
+    Documents are drawn in a seeded random order until the held-out tokens reach the
+    fraction; at least one is held out (when val_fraction > 0) and at least one is kept.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1); pass e.g. 0.05")
-    n = len(rows)
-    n_val = 0
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(1, round(n * val_fraction)), n - 1)
-    order = np.random.default_rng(seed).permutation(n)
-    # Sorted within each split so that the rows keep their corpus order.
-    val_idx = np.sort(order[:n_val])
-    train_idx = np.sort(order[n_val:])
-    return rows[train_idx], rows[val_idx]
+    n = len(lengths)
+    held = np.zeros(n, dtype=bool)
+    if val_fraction == 0:
+        return held
+    if n < 2:
+        raise DataError(
+            f"the corpus is {n} document; validation holds out whole documents, so it needs "
+            "at least 2 (split the text into several files, or pass --val-fraction 0)"
+        )
+    target = val_fraction * float(sum(lengths))
+    taken = 0
+    for i in np.random.default_rng(seed).permutation(n)[: n - 1]:
+        held[i] = True
+        taken += lengths[i]
+        if taken >= target:
+            break
+    return held
 
 
 @dataclass

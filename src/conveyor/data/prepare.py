@@ -11,7 +11,7 @@ import numpy as np
 
 from conveyor.data.corpus import read_documents, resolve_paths, stdlib_corpus_paths
 from conveyor.data.errors import DataError
-from conveyor.data.packing import TokenDataset, pack, split_train_val
+from conveyor.data.packing import TokenDataset, pack, split_documents
 from conveyor.data.tokenizer import EOT, Tokenizer, train_tokenizer
 
 __all__ = ["PreparedData", "prepare_data"]
@@ -31,6 +31,8 @@ class PreparedData:
     """Validation rows, shape (n_val, seq_len + 1)."""
     skipped: int
     """Number of files skipped as binary or not UTF-8."""
+    fingerprint: str = ""
+    """sha256 of the corpus text (``Corpus.fingerprint``): checkpoints record it."""
 
 
 def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
@@ -63,16 +65,19 @@ def prepare_data(specs: Sequence[str] | None, *, vocab_size: int, seq_len: int,
         except DataError as exc:
             log.warning("%s; rebuilding", exc)
     if dataset is None:
-        rows = pack(tokenizer.encode_batch(corpus.documents), seq_len, tokenizer.eot_id)
-        if len(rows) == 0:
+        docs = [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(corpus.documents)]
+        held = split_documents([len(d) + 1 for d in docs], val_fraction, seed)
+        train = pack((d for d, h in zip(docs, held, strict=True) if not h), seq_len,
+                     tokenizer.eot_id)
+        val = pack((d for d, h in zip(docs, held, strict=True) if h), seq_len, tokenizer.eot_id)
+        if len(train) == 0:
             raise DataError(
                 f"corpus too small: {len(corpus.documents)} documents make fewer than one "
-                f"sequence of {seq_len + 1} tokens; add data or lower --seq-len"
+                f"training sequence of {seq_len + 1} tokens; add data or lower --seq-len"
             )
-        train, val = split_train_val(rows, val_fraction, seed)
         dataset = TokenDataset(train=train, val=val)
         dataset.save(path)
-        log.info("packed %d train and %d val rows of %d tokens -> %s",
-                 len(train), len(val), seq_len + 1, path)
+        log.info("packed %d train and %d val rows of %d tokens (%d of %d documents held "
+                 "out) -> %s", len(train), len(val), seq_len + 1, int(held.sum()), len(docs), path)
     return PreparedData(tokenizer=tokenizer, train=dataset.train, val=dataset.val,
-                        skipped=len(corpus.skipped))
+                        skipped=len(corpus.skipped), fingerprint=corpus.fingerprint)

@@ -16,7 +16,7 @@ from conveyor.data.corpus import Corpus
 from conveyor.data.errors import DataError
 
 __all__ = ["EOT", "DEFAULT_MAX_BYTES", "TOKENIZER_CONFIG", "Tokenizer", "train_tokenizer",
-           "load_tokenizer", "end_of_text_token", "tokenizer_cache_path"]
+           "load_tokenizer", "end_of_text_token", "tokenizer_cache_path", "check_tokenizer_fits"]
 
 log = logging.getLogger("conveyor.data")
 
@@ -39,6 +39,8 @@ class Tokenizer:
         eot_id = hf.token_to_id(eot)
         if eot_id is None:
             raise DataError(f"tokenizer has no {eot} token; retrain it with train_tokenizer")
+        # a literal "<|endoftext|>" in user text is text: only packing puts real end tokens
+        hf.encode_special_tokens = True
         self.hf = hf
         self.eot = eot
         self.eot_id: int = eot_id
@@ -49,7 +51,7 @@ class Tokenizer:
         return int(self.hf.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
+        """Token ids of ``text``; special-token strings in it are encoded as plain text."""
         return list(self.hf.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> Iterator[list[int]]:
@@ -114,6 +116,28 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise DataError(f"tokenizer file '{path}' has no {eot} token; "
                         "delete it so it is retrained, or pass a tokenizer with that token")
     return Tokenizer(hf, eot)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, path: Path, vocab_size: int,
+                         original: Path | None = None) -> None:
+    """DataError unless ``tokenizer`` (read from ``path``) can drive a model of ``vocab_size``.
+
+    Its ids must fit the model's; a tokenizer given in place of the ``original`` one
+    must have the same vocabulary size, or its ids would mean other tokens (garbage text).
+    """
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"tokenizer '{path}' has {tokenizer.vocab_size} tokens but the model's "
+                        f"vocab_size is {vocab_size}; pass the tokenizer the model was trained with")
+    if original is None or Path(original) == Path(path) or not Path(original).is_file():
+        return
+    try:
+        size = load_tokenizer(Path(original)).vocab_size
+    except DataError:
+        return  # a broken original cannot be compared; the given one replaces it
+    if size != tokenizer.vocab_size:
+        raise DataError(f"tokenizer '{path}' has a vocabulary of {tokenizer.vocab_size} tokens, "
+                        f"the model's own tokenizer '{original}' has {size}; pass the tokenizer "
+                        "the model was trained with")
 
 
 def tokenizer_cache_path(corpus: Corpus, vocab_size: int, cache_dir: Path,

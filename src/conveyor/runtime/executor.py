@@ -296,7 +296,7 @@ class Executor:
         a = self.actions[index]
         grid = format_table({self.rank: self.actions}, marks=[(self.rank, index)])
         msg = (
-            f"rank {self.rank} failed at step {index}, action {a} "
+            f"rank {self.rank} failed at its action #{index}, {a} "
             f"(stage {a.stage}, microbatch {a.microbatch}): {reason}\n{grid}"
         )
         log.error(msg)

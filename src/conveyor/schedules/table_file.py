@@ -77,9 +77,12 @@ def read_schedule_csv(source: str | os.PathLike[str]) -> Schedule:
     else:
         path = Path(source)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ScheduleError(f"cannot read schedule table {str(path)!r}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ScheduleError(f"schedule table {str(path)!r} is not UTF-8 text; pass a CSV "
+                                "written by `conveyor schedule show --csv`") from None
         name, where = path.stem, f"schedule table {str(path)!r}"
     try:
         return _parse(text, name)

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..data.atomic import atomic_write
 from ..log import get_logger
+from ..runtime.faults import fault_point
 from .checkpoint_files import (
     FORMAT_VERSION,
     META,
@@ -148,6 +149,7 @@ def save_checkpoint(
             status.update(file=file, size=len(data), sha256=hashlib.sha256(data).hexdigest())
         except Exception as err:  # reported to every rank below
             status["error"] = f"writing {tmp / file} failed: {_describe(err)}"
+    fault_point("save.shard")
     statuses = _gather(status, group, world)
     _raise_first(what, [s["error"] for s in statuses], world)
 
@@ -180,7 +182,15 @@ def _gather(obj: Any, group: dist.ProcessGroup | None, world: int) -> list[Any]:
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj, group=group)
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    except RuntimeError as err:  # gloo's timeout or a closed connection: a peer is stuck or gone
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"saving a checkpoint: rank {dist.get_rank()} waited for the other ranks and gave up "
+            f"({first[:200]}); a rank stalled or died (raise --timeout if saves are slow); "
+            "earlier checkpoints are untouched"
+        ) from None
     return out
 
 
@@ -318,6 +328,7 @@ def _publish(
     text = json.dumps(saved, indent=1).encode()
     atomic_write(tmp / META, lambda f: f.write(text))
     _fsync_dir(tmp)
+    fault_point("save.publish")
     if final.exists():  # saving a step again (a resumed run): the new one wins
         log.warning("replacing existing checkpoint %s", final)
         os.replace(final, root / f".trash-{final.name}-{uuid.uuid4().hex[:8]}")

@@ -19,6 +19,7 @@ import safetensors
 import safetensors.torch
 from torch import Tensor
 
+from ..log import get_logger
 from ..models import EmbeddingBlock, HeadBlock
 
 __all__ = [
@@ -28,8 +29,13 @@ __all__ = [
     "latest_checkpoint",
     "read_meta",
     "load_tensors",
+    "check_checkpoint",
     "resolve_checkpoint",
+    "newest_intact",
+    "checkpoint_tokenizer",
 ]
+
+log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -63,6 +69,43 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint under ``run_dir/checkpoints``, or None."""
     found = _complete(Path(run_dir) / "checkpoints")
     return found[-1][1] if found else None
+
+
+def checkpoint_tokenizer(ckpt_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The tokenizer.json a checkpoint names: a path relative to the checkpoint directory
+    (so a moved or renamed run keeps working), or an absolute one (older checkpoints)."""
+    named = meta.get("tokenizer_path")
+    if not isinstance(named, str) or not named:
+        return None
+    path = Path(ckpt_dir) / named  # an absolute ``named`` stays itself
+    digest = meta.get("tokenizer_sha256")
+    if digest and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        raise CheckpointError(f"{path} is not the tokenizer checkpoint {ckpt_dir} was trained "
+                              "with (its sha256 differs from meta.json's); restore it, or pass "
+                              "the right one with --tokenizer")
+    return path
+
+
+def newest_intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` whose meta.json and shards check out, or None.
+
+    What ``--resume auto`` resumes: a newer checkpoint that fails its checks is
+    skipped with a warning naming it and the one used instead.
+    """
+    skipped: list[tuple[Path, str]] = []
+    found = None
+    for _, path in reversed(_complete(Path(run_dir) / "checkpoints")):
+        try:
+            check_checkpoint(path, {})
+        except CheckpointError as err:
+            skipped.append((path, str(err)))
+            continue
+        found = path
+        break
+    for path, why in skipped:
+        log.warning("--resume auto: skipping checkpoint %s (%s); %s", path, why,
+                    f"resuming from {found} instead" if found else "no intact one is left")
+    return found
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -118,6 +161,9 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
         stray = sorted({f for f in index.values() if f not in files})
         if stray:
             raise ValueError(f"index names files {stray} that 'files' lacks")
+        step = meta.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step is {step!r}, not a non-negative integer")
     except CheckpointError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, KeyError) as err:
@@ -162,6 +208,39 @@ def load_tensors(
         except (OSError, RuntimeError, safetensors.SafetensorError) as err:
             raise CheckpointError(f"checkpoint {path} is corrupt ({err}); {_FIX_RESUME}") from None
     return out
+
+
+def check_checkpoint(ckpt_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Before any rank starts: every shard's sha256, and the shapes of the model's tensors.
+
+    Ranks that find a corrupt shard or a misshapen tensor fail at different times, and
+    their peers then report the closed connection instead; checked here, the user
+    sees the cause.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    for file, digest in meta["files"].items():
+        _verify(ckpt_dir / file, digest)
+    plan: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
+    for name, shape in shapes.items():
+        stored = _locate(name, meta["index"], meta)
+        if stored is not None:
+            plan.setdefault(meta["index"][stored], []).append((name, stored, shape))
+    wrong = []
+    for file, items in sorted(plan.items()):
+        try:
+            with safetensors.safe_open(str(ckpt_dir / file), framework="pt") as f:
+                wrong += [f"{name} {tuple(got)} (model config: {shape})"
+                          for name, stored, shape in items
+                          if tuple(got := f.get_slice(stored).get_shape()) != shape]
+        except (OSError, RuntimeError, safetensors.SafetensorError) as err:
+            raise CheckpointError(f"checkpoint {ckpt_dir / file} is corrupt ({err}); "
+                                  f"{_FIX_RESUME}") from None
+    if wrong:
+        more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
+        raise CheckpointError(f"checkpoint {ckpt_dir}: tensors do not match the model config of "
+                              f"its {META}: {wrong[0]}{more}; was {META} edited? Restore it, or "
+                              "resume another checkpoint")
 
 
 def _tied_names(meta: dict[str, Any]) -> tuple[str, str] | None:

@@ -27,7 +27,7 @@ from ..data.atomic import atomic_write
 from ..data.tokenizer import TOKENIZER_CONFIG
 from ..models import Transformer
 from .checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
-from .checkpoint_files import META
+from .checkpoint_files import META, checkpoint_tokenizer
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "ModelFiles", "export_model",
            "is_exported", "load_exported", "read_model", "write_export", "param_shapes",
@@ -78,8 +78,7 @@ def read_model(path: Path, *, tokenizer: Path | None = None) -> ModelFiles:
     shapes = param_shapes(cfg)
     tensors = load_tensors(ckpt, shapes)
     check_shapes(tensors, shapes, f"checkpoint {ckpt}")
-    named = meta.get("tokenizer_path")
-    return ModelFiles(cfg, tensors, tokenizer or (Path(named) if named else None),
+    return ModelFiles(cfg, tensors, tokenizer or checkpoint_tokenizer(ckpt, meta),
                       int(meta["step"]) if "step" in meta else None, ckpt)
 
 

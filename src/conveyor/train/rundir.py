@@ -47,30 +47,34 @@ def _run_path(run: RunConfig) -> tuple[Path, bool]:
 
 
 def create_run_dir(run: RunConfig, tokenizer: Tokenizer, ckpt: Path | None = None,
-                   ckpt_step: int | None = None) -> Path:
+                   ckpt_step: int | None = None, *, reuse: bool = False) -> Path:
     """Create ``run_dir/<name>/`` with config.json, tokenizer.json, metrics.jsonl, checkpoints/.
 
     A run resumed from ``ckpt`` (at ``ckpt_step``) starts its metrics.jsonl with the rows
-    of the run it continues, up to that step. Under torchrun only rank 0 writes; every
-    rank returns the same path.
+    of the run it continues, up to that step. With ``reuse`` (``--resume auto``) an
+    existing directory of that name is continued in place: its checkpoints stay, its
+    metrics are cut back to the checkpoint's step. Under torchrun only rank 0 writes;
+    every rank returns the same path.
     """
     path, named = _run_path(run)
     if int(os.environ.get("RANK", "0")) != 0:
         return path
-    if named and path.exists():
+    if named and path.exists() and not reuse:
         raise ConfigError(
             f"run directory {path} already exists; pass another --name, "
             f"or --resume {path} to continue it in a new one"
         )
-    (path / "checkpoints").mkdir(parents=True)
+    source = ckpt.parent.parent / METRICS_FILE if ckpt is not None else None
+    # read before writing: under --resume auto the source is the file about to be replaced
+    rows = read_metrics(source) if source is not None and source.is_file() else []
+    (path / "checkpoints").mkdir(parents=True, exist_ok=reuse)
     config = {**run.to_dict(), "resumed_from": str(ckpt) if ckpt else None}
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(path / TOKENIZER_FILE)
+    (path / METRICS_FILE).unlink(missing_ok=True)
     with MetricsWriter(path / METRICS_FILE) as metrics:
         # a resumed run starts with the curve of the run it continues, up to the checkpoint
-        source = ckpt.parent.parent / METRICS_FILE if ckpt is not None else None
-        if source is not None and ckpt_step is not None and source.is_file():
-            for row in read_metrics(source):
-                if row["step"] <= ckpt_step:
-                    metrics.write(row)
+        for row in rows:
+            if ckpt_step is not None and row["step"] <= ckpt_step:
+                metrics.write(row)
     return path

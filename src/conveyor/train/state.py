@@ -27,6 +27,7 @@ from ..runtime.generate import weight_sources
 from ..runtime.pipeline import Pipeline
 from .checkpoint import CheckpointError, load_tensors
 from .optim import STATE_KEYS, load_optimizer_state, optimizer_state, optimizer_state_names
+from .rng import capture_rng, restore_rng
 
 __all__ = ["unique_params", "state_tensors", "load_params", "load_model_params", "load_training_state",
            "rank_meta", "restore_rank_meta"]
@@ -132,8 +133,8 @@ def load_model_params(pipe: Pipeline, tensors: Mapping[str, Tensor], where: str)
 
 
 def rank_meta(elapsed_s: float) -> dict[str, Any]:
-    """This rank's entry of ``meta["ranks"]``: its torch RNG state and wall time so far."""
-    return {"rng": torch.get_rng_state().tolist(), "elapsed_s": elapsed_s}
+    """This rank's entry of ``meta["ranks"]``: its RNG states and wall time so far."""
+    return {"rng_all": capture_rng(), "elapsed_s": elapsed_s}
 
 
 def restore_rank_meta(meta: dict[str, Any]) -> float:
@@ -142,6 +143,8 @@ def restore_rank_meta(meta: dict[str, Any]) -> float:
     ranks = meta.get("ranks", {})
     rank = str(dist.get_rank()) if dist.is_initialized() else "0"
     entry = ranks.get(rank) or ranks.get("0") or {}
-    if "rng" in entry:
+    if "rng_all" in entry:
+        restore_rng(entry["rng_all"])
+    elif "rng" in entry:  # older checkpoints saved torch's CPU generator alone
         torch.set_rng_state(torch.tensor(entry["rng"], dtype=torch.uint8))
     return float(entry.get("elapsed_s", 0.0))

@@ -14,8 +14,10 @@ draws the progress bar. What goes in the run directory: see ``rundir``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,13 +43,17 @@ from ..log import get_logger
 from ..models import block_param_counts
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
+from ..runtime.executor import PipelineError
+from ..runtime.faults import fault_point
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
+from ..runtime.preempt import StopRequest
 from ..sim.render import write_chrome_trace
 from ..sim.timeline_io import save_timeline
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
+from .checkpoint_files import check_checkpoint, checkpoint_tokenizer, newest_intact
 from .clip import clip_global_grad_norm
-from .export import ModelFiles
+from .export import ModelFiles, param_shapes
 from .hf_io import read_init
 from .metrics import METRICS_FILE, MetricsWriter, perplexity
 from .optim import build_optimizer, lr_at, set_lr
@@ -129,18 +135,32 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
         tokenizer = _init_tokenizer(run, read_init(Path(run.train.init)))
     # decided here, once, before anything is read or spawned: every rank gets this Layout
     layout = _resolve_layout(run)
+    if run.train.tensorboard:
+        _tensorboard_available()
     ckpt, meta = None, None
-    if run.train.resume is not None:
+    auto = run.train.resume == "auto"
+    if auto:  # an elastic restart: this run's own newest intact checkpoint, or a fresh start
+        assert run.train.name is not None  # TrainConfig refuses 'auto' without a name
+        ckpt = newest_intact(Path(run.train.run_dir) / run.train.name)
+    elif run.train.resume is not None:
         ckpt = resolve_checkpoint(Path(run.train.resume))
+    if ckpt is not None:
         meta = read_meta(ckpt)
+        if auto and int(meta["step"]) >= run.train.steps:  # a restart of a finished run
+            log.info("--resume auto: %s is at step %s of %d; the run is complete", ckpt,
+                     meta["step"], run.train.steps)
+            return {}
         _check_resumable(run, ckpt, meta)
-        if (meta.get("train") or {}).get("init") and meta.get("tokenizer_path"):
-            tokenizer = load_tokenizer(Path(meta["tokenizer_path"]))  # the --init model's
+        check_checkpoint(ckpt, param_shapes(run.model))
+        if (meta.get("train") or {}).get("init"):  # the --init model's tokenizer, kept
+            path = checkpoint_tokenizer(ckpt, meta)
+            tokenizer = load_tokenizer(path) if path is not None else None
     data = prepare(run.model, run.data, seed=run.train.seed, batch_size=run.train.batch_size,
                    run_dir=run.train.run_dir, tokenizer=tokenizer)
-    if meta is not None and meta.get("tokenizer_path"):
-        _check_same_tokenizer(data, Path(meta["tokenizer_path"]))
-    run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None)
+    if meta is not None:
+        _check_same_data(data, ckpt, meta)
+    run_dir = create_run_dir(run, data.tokenizer, ckpt, int(meta["step"]) if meta else None,
+                             reuse=auto)
     world = layout.world_size
     n_params = sum(block_param_counts(run.model)) - (
         run.model.vocab_size * run.model.d_model if run.model.tie_embeddings else 0
@@ -154,7 +174,7 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
     threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
     with _user_errors_of_ranks():
         return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
-                      threads_per_rank=threads)
+                      _provenance(data), threads_per_rank=threads, timeout_s=run.train.timeout)
 
 
 @contextlib.contextmanager
@@ -220,15 +240,55 @@ def _init_tokenizer(run: RunConfig, init: ModelFiles) -> Tokenizer:
     return tokenizer
 
 
-def _check_same_tokenizer(data: PreparedData, path: Path) -> None:
-    if path.is_file() and load_tokenizer(path).to_str() != data.tokenizer.to_str():
-        raise DataError(
-            f"the corpus now gives a different tokenizer than {path} the checkpoint was trained "
-            "with; resume with the same --data files, or start a new run"
-        )
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _provenance(data: PreparedData) -> dict[str, str]:
+    """What a checkpoint records of its data: the tokenizer (a path relative to the
+    checkpoint, and its hash) and the corpus fingerprint, checked on resume."""
+    return {"tokenizer_path": f"../../{TOKENIZER_FILE}",
+            "tokenizer_sha256": _sha256(data.tokenizer.to_str()),
+            "corpus_fingerprint": data.fingerprint}
+
+
+def _check_same_data(data: PreparedData, ckpt: Path, meta: dict[str, Any]) -> None:
+    """DataError if the corpus or its tokenizer changed since ``ckpt`` was saved."""
+    fix = "resume with the same --data files, or start a new run"
+    saved = meta.get("corpus_fingerprint")
+    if saved and data.fingerprint and saved != data.fingerprint:
+        raise DataError(f"the --data files changed since checkpoint {ckpt} was saved (corpus "
+                        f"fingerprint {data.fingerprint[:12]} != {saved[:12]}); {fix}")
+    digest = meta.get("tokenizer_sha256")
+    if digest is None:  # an older checkpoint: compare with the file it names, if still there
+        path = checkpoint_tokenizer(ckpt, meta)
+        digest = _sha256(load_tokenizer(path).to_str()) if path and path.is_file() else None
+    if digest is not None and digest != _sha256(data.tokenizer.to_str()):
+        raise DataError(f"the corpus now gives a different tokenizer than checkpoint {ckpt} "
+                        f"was trained with; {fix}")
 
 
 # -- rank side -------------------------------------------------------------------------
+
+_TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+            "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss", "val_ppl": "val/ppl"}
+"""metrics.jsonl keys -> TensorBoard scalar tags."""
+
+
+def _tensorboard_available() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package; pip install "
+                          "'conveyor[tensorboard]' (or tensorboard), or drop --tensorboard") from None
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    """A SummaryWriter into ``run_dir/tensorboard`` (ConfigError if tensorboard is missing)."""
+    _tensorboard_available()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _device() -> torch.device:
@@ -263,7 +323,7 @@ class _Trainer:
         par = run.parallel
         self.mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
         self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
-                             device=device,
+                             device=device, timeout_s=self.cfg.timeout,
                              autocast_dtype=torch.bfloat16 if self.cfg.bf16 else None)
         # ZeRO-1: the optimizer steps this dp rank's chunks; the rest are all-gathered
         self.zero = self.pipe.zero
@@ -281,12 +341,16 @@ class _Trainer:
         self.step, self.elapsed0 = 0, 0.0
         self.tokens_per_step = self.cfg.batch_size * run.model.max_seq_len
         self.metrics = MetricsWriter(run_dir / METRICS_FILE) if self.rank == 0 else None
+        self.tb = _tensorboard(run_dir) if self.rank == 0 and self.cfg.tensorboard else None
         self.losses: list[float] = []
         self.evals: list[tuple[int, float]] = []
         self.speeds: list[float] = []
         self.last_ckpt: Path | None = None
         self.bar: tqdm | None = None
         self.t_start = time.perf_counter()
+        self.stop = StopRequest()
+        self.provenance: dict[str, str] = {}
+        self.device = device
 
     def start_from(self, path: Path) -> None:
         """This rank's parameters from the model --init names (a fresh optimizer)."""
@@ -315,17 +379,40 @@ class _Trainer:
     def _write(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key in _TB_TAGS:
+                    self.tb.add_scalar(_TB_TAGS[key], value, row["step"])
+
+    def _progress(self, loss: float) -> None:
+        """The bar in a terminal; elsewhere (a log file, CI) a log line every tenth of the run."""
+        if self.bar is None:
+            return
+        speed = np.mean(self.speeds[-20:])
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}", refresh=False)
+            self.bar.update(1)
+            return
+        every = max(1, self.cfg.steps // 10)
+        if self.step % every == 0 and self.step < self.cfg.steps:
+            left = (self.cfg.steps - self.step) * self.tokens_per_step / max(speed, 1e-9)
+            self._log("step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", self.step, self.cfg.steps,
+                      loss, speed, left)
 
     def train_step(self) -> float:
         cfg = self.cfg
-        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
+        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+                   total=cfg.steps)
         set_lr(self.opt, lr)
         t0 = time.perf_counter()
         x, y = self.make_batch(self.rows, next(self.sampler), self.step)
         self.pipe.zero_grad()
         traced = cfg.trace and self.step + 1 == cfg.steps
         self.pipe.executor.record = traced
-        loss = self.pipe.train_step(x, y)
+        try:
+            loss = self.pipe.train_step(x, y)
+        except PipelineError as err:  # its "action #i" is the rank's list; say which step too
+            raise PipelineError(f"training step {self.step + 1}: {err}") from None
         if traced:
             self._save_trace()
         dup = self.pipe.tied_duplicate()
@@ -381,7 +468,7 @@ class _Trainer:
             **self.run.to_dict(),
             "step": self.step,
             "sampler": self.sampler.state_dict(),
-            "tokenizer_path": str((self.run_dir / TOKENIZER_FILE).resolve()),
+            **self.provenance,
             "ranks": {str(self.rank): rank_meta(self.elapsed())},
         }
         if self.bar is not None:  # the checkpoint module logs a line: keep it off the bar
@@ -399,40 +486,51 @@ class _Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        start = self.step
+        start, preempted = self.step, 0
         self.t_start = time.perf_counter()
         if self.rank == 0:
+            # tqdm's default lock is a multiprocessing semaphore, which a rank leaving through
+            # os._exit never releases: the resource tracker then warns at the end of every run
+            tqdm.set_lock(threading.RLock())
             self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                             disable=None, desc="train")
         if start == 0:
             self.evaluate()
         while self.step < cfg.steps:
             loss = self.train_step()
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{np.mean(self.speeds[-20:]):.0f}",
-                                     refresh=False)
-                self.bar.update(1)
+            fault_point("step")
+            self._progress(loss)
             last = self.step == cfg.steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self.evaluate()
-            if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            saved = last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+            if saved:
                 self.save()
+            if not last and (signum := self.stop.agreed(self.device)):
+                if not saved:
+                    self.save()
+                preempted = signum
+                break
         if self.bar is not None:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
         return {
             "rank": self.rank, "start_step": start, "steps": self.step, "losses": self.losses,
             "evals": self.evals, "tokens_per_s": float(np.median(self.speeds)),
             "elapsed_s": self.elapsed(), "run_dir": str(self.run_dir),
-            "checkpoint": str(self.last_ckpt),
+            "checkpoint": str(self.last_ckpt), "preempted": preempted,
         }
 
 
 def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarray,
-                 val: np.ndarray, resume: Path | None = None) -> dict[str, Any]:
+                 val: np.ndarray, resume: Path | None = None,
+                 provenance: dict[str, str] | None = None) -> dict[str, Any]:
     """Train on this rank (inside ``launch``) laid out as ``layout``; return its summary."""
     trainer = _Trainer(run, layout, run_dir, train, val)
+    trainer.provenance = provenance or {"tokenizer_path": f"../../{TOKENIZER_FILE}"}
     if resume is not None:
         trainer.restore(resume)
     elif run.train.init is not None:
@@ -455,6 +553,7 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     except (KeyError, TypeError) as err:
         raise ConfigError(f"checkpoint {ckpt} has no usable model/data/train config ({err}); "
                           "evaluate a checkpoint written by `conveyor train`") from None
+    check_checkpoint(ckpt, param_shapes(model))
     batch = batch_size or int(train["batch_size"])
     layout = resolve_layout(model, par, batch_size=batch)
     if data.val_fraction == 0:
