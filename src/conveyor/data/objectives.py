@@ -40,8 +40,9 @@ def check_objective(model: ModelConfig) -> None:
     """DataError naming the flag if the family's examples do not fit the vocabulary or length."""
     extra = special_count(model)
     if model.vocab_size - extra < _TOKENIZER_MIN:
-        raise DataError(f"family={model.family!r} reserves {extra} special ids after the "
-                        f"tokenizer's {_TOKENIZER_MIN} or more; use --vocab-size >= "
+        specials = f" plus the {extra} special ids family={model.family!r} adds" if extra else ""
+        raise DataError(f"vocab_size={model.vocab_size} is too small: a trained tokenizer has "
+                        f"{_TOKENIZER_MIN} ids or more{specials}; use --vocab-size >= "
                         f"{_TOKENIZER_MIN + extra}")
     if model.max_seq_len < _MIN_SEQ[model.family]:
         raise DataError(f"seq_len={model.max_seq_len} is too short for family="
