@@ -219,7 +219,7 @@ def test_stalled_peer_times_out_with_a_message() -> None:
     with pytest.raises(mp.ProcessRaisedException) as err:
         launch(_rank0_stalls, 2, timeout_s=30)
     # the executor names the receive it waited on, as in training
-    assert "rank 1 failed at step 0, action 1RECV_F0 (stage 1, microbatch 0)" in str(err.value)
+    assert "rank 1 failed at its action #0, 1RECV_F0 (stage 1, microbatch 0)" in str(err.value)
     assert "receiving activations of stage 1, microbatch 0" in str(err.value)
     assert time.monotonic() - start < 60
 
