@@ -47,6 +47,8 @@ def register(sub: Any) -> None:
                    help=f"sequences per batch {same}")
     p.add_argument("--batches", type=int, metavar="N", default=sup,
                    help="validation batches to average (default: the checkpoint's eval_batches)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=300.0,
+                   help="seconds a rank waits for a peer before failing (default: 300)")
     p.set_defaults(run=_run)
 
 
@@ -58,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     positive(getattr(args, "batch_size", None), "--batch-size")
     positive(getattr(args, "batches", None), "--batches")
+    positive(args.timeout, "--timeout", integer=False)
     ckpt = resolve_checkpoint(args.checkpoint)
     saved = read_meta(ckpt).get("parallel") or {}
     layout = {k: v for k, v in saved.items() if k in _LAYOUT}
@@ -68,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     layout.update({k: v for k, v in vars(args).items() if k in _LAYOUT})
     par = from_dict(ParallelConfig, layout, f"checkpoint {ckpt} parallel config")
     result = run_evaluation(ckpt, par, batch_size=getattr(args, "batch_size", None),
-                            batches=getattr(args, "batches", None))
+                            batches=getattr(args, "batches", None), timeout_s=args.timeout)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"step {result['step']} of {result['checkpoint']}: val_loss "
               f"{result['val_loss']:.4f}  perplexity {result['val_ppl']:.2f}  "

@@ -542,7 +542,7 @@ def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarra
 
 
 def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | None = None,
-                   batches: int | None = None) -> dict[str, Any]:
+                   batches: int | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
     """Validation loss of a checkpoint through a pipeline of any layout (parent side)."""
     ckpt = resolve_checkpoint(Path(ckpt_path))
     meta = read_meta(ckpt)
@@ -559,12 +559,15 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     if data.val_fraction == 0:
         raise ConfigError(f"checkpoint {ckpt} was trained with val_fraction=0, so it has no "
                           "validation set; nothing to evaluate")
+    # the checkpoint's own tokenizer (an --init model's is not the corpus's)
+    path = checkpoint_tokenizer(ckpt, meta)
+    tokenizer = load_tokenizer(path) if path is not None and path.is_file() else None
     prepared = prepare(model, data, seed=int(train["seed"]), batch_size=batch,
-                       run_dir=str(train["run_dir"]))
+                       run_dir=str(train["run_dir"]), tokenizer=tokenizer)
     n = batches or int(train["eval_batches"])
     with _user_errors_of_ranks():
         results = launch(eval_worker, par.world_size, model, par, layout, ckpt, prepared.val,
-                         batch, n, int(train["seed"]))
+                         batch, n, int(train["seed"]), timeout_s, timeout_s=timeout_s)
     loss = results[min(results)]
     return {"checkpoint": str(ckpt), "step": int(meta["step"]), "val_loss": loss,
             "val_ppl": perplexity(loss), "batches": min(n, len(prepared.val) // batch),
@@ -572,14 +575,15 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
 
 
 def eval_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: Path,
-                val: np.ndarray, batch_size: int, n: int, seed: int = 0) -> float:
+                val: np.ndarray, batch_size: int, n: int, seed: int = 0,
+                timeout_s: float = 300.0) -> float:
     """Mean validation loss of ``ckpt`` on this rank's share of the pipeline.
 
     ``seed`` is the run's: masked objectives draw the validation masks from it.
     """
     device = _device()
     mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
-    pipe = Pipeline(model, par, mesh, layout=layout, device=device)
+    pipe = Pipeline(model, par, mesh, layout=layout, device=device, timeout_s=timeout_s)
     load_params(pipe, ckpt)
     return _evaluate(pipe, val_batches(val, batch_size, n, batch_maker(model, seed)))
 
