@@ -1,5 +1,5 @@
-"""Fault suite: a rank SIGKILLed at chosen points of a 2-rank run (after a step, after writing
-its checkpoint shard, while rank 0 publishes a checkpoint). Each time: one line naming the
+"""Fault suite: a rank SIGKILLed at chosen points of a 2-rank run (during start-up, after a
+step, after writing its checkpoint shard, while rank 0 publishes a checkpoint). Each time: one line naming the
 dead rank, the run ends within its timeout, no rank is left running, and ``--resume auto``
 then trains to losses bit-identical with a run that was never interrupted."""
 
@@ -28,7 +28,7 @@ TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320
         "--keep", "0", "--timeout", "20"]
 
 # (point, rank); the pass at which it fires is drawn from the seed
-POINTS = {0: ("step", 1), 1: ("save.shard", 1), 2: ("save.publish", 0)}
+POINTS = {0: ("step", 1), 1: ("save.shard", 1), 2: ("save.publish", 0), 3: ("start", 1)}
 
 
 def _argv(tmp: Path, corpus: Path, name: str) -> list[str]:
@@ -80,7 +80,8 @@ def test_killed_rank_then_resume_auto(seed: int, straight: tuple[Path, list[floa
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     tmp, expected = straight
     point, rank = POINTS[seed]
-    nth = random.Random(seed).randint(1, STEPS - 1 if point == "step" else STEPS // 2 - 1)
+    nth = 1 if point == "start" else random.Random(seed).randint(
+        1, STEPS - 1 if point == "step" else STEPS // 2 - 1)
     argv = _argv(tmp, tmp / "corpus", f"killed-{seed}")
     capfd.readouterr()
 

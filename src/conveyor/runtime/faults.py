@@ -3,7 +3,8 @@
 ``CONVEYOR_FAULT=POINT:RANK:N`` makes rank RANK SIGKILL itself the N-th time it
 passes ``fault_point(POINT)``; ``POINT:RANK:N:FILE`` only while FILE does not exist
 (it is created first), so a restarted run (torchrun --max-restarts) is not killed again.
-A ``stall/`` prefix (``stall/save.shard:1:1``) makes the rank hang there instead. Points: ``step`` (after a training step),
+A ``stall/`` prefix (``stall/save.shard:1:1``) makes the rank hang there instead. Points: ``start`` (a spawned rank, before the
+process group forms), ``step`` (after a training step),
 ``save.shard`` (a checkpoint shard written, the save not yet agreed) and
 ``save.publish`` (rank 0: meta.json written, the directory not yet renamed).
 Unset, a point costs one dictionary lookup.

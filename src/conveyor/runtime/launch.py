@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..log import get_logger, setup_logging
+from .faults import fault_point
 
 __all__ = ["Preempted", "RankDied", "launch", "default_backend", "under_torchrun", "free_port"]
 
@@ -124,6 +125,7 @@ def _worker(
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
+    fault_point("start")  # a rank lost before the process group forms (the fault suite)
     _init(rank, world_size, backend, timeout_s, threads, local_port=port)
     try:
         out = fn(*args)
