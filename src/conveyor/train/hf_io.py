@@ -288,11 +288,12 @@ def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[s
     cfg = model.cfg
     family = family_of(cfg)
     check_exportable(cfg, family)
+    fields = family.config_to_hf(cfg)  # refuses a setting the HF config cannot express
     tokenizer = _tokenizer_files(model)
     hf = to_hf(family.tensor_maps(cfg), model.tensors)
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     config = {"architectures": [family.architecture], "model_type": family.model_type,
-              **family.config_to_hf(cfg), "dtype": dtype,
+              **fields, "dtype": dtype,
               "bos_token_id": tokenizer[2] if tokenizer else None,
               "eos_token_id": tokenizer[3] if tokenizer else None}
     shards = _shards(hf, max_shard_size)
