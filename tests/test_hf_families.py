@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conveyor.cli import main
 from conveyor.config import ModelConfig, ParallelConfig
@@ -184,6 +185,20 @@ def test_t5_settings_without_an_equivalent_are_refused_in_one_line(
     assert len(err.splitlines()) == 1 and err.startswith("conveyor import: error: "), err
     assert needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stored_head_that_differs_from_the_tied_table_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_t5(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf/model.safetensors")
+    weights["lm_head.weight"] = weights["shared.weight"] + 1  # an untied 4.x checkpoint
+    save_file(weights, tmp_path / "hf/model.safetensors")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    assert "lm_head.weight differs from shared.weight" in capsys.readouterr().err
+    weights["lm_head.weight"] = weights["shared.weight"].clone()  # a tied copy is fine
+    save_file(weights, tmp_path / "hf/model.safetensors")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
 
 
 def test_bert_is_refused_both_ways_in_one_line(tmp_path: Path,

@@ -179,6 +179,15 @@ def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[
             f"{family.architecture}: {'; '.join(problems)}; save the model again with "
             "save_pretrained"
         )
+    table = next(m.hf[0] for m in maps if m.conveyor == "blocks.0.tok.weight")
+    head = stored.get(family.head)
+    if cfg.tie_embeddings and head is not None and not head.equal(stored[table]):
+        # tied, the model reads the table: a different stored head would be dropped silently
+        raise CheckpointError(
+            f"{hf_dir}: {family.head} differs from {table}, but config.json ties them (an "
+            "untied checkpoint saved with a tied config); save the model again with "
+            "save_pretrained from the transformers that reads it"
+        )
     tensors = to_conveyor(maps, stored)
     check_shapes(tensors, param_shapes(cfg), f"{hf_dir} (converted)")
     return family.architecture, cfg, tensors
