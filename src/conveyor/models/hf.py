@@ -80,6 +80,9 @@ class HFFamily:
     """HF name of the LM head, which a tied checkpoint may or may not store."""
     base_prefix: str = ""
     """Prefix of every other tensor, which files saved from HF's base model (GPT2Model) lack."""
+    store_tied_head: bool = False
+    """Export a tied head's copy too: a reader taking the config as untied (transformers 4.x
+    reads T5's ``tie_word_embeddings=false`` so) would otherwise start it at random."""
 
     def canonical(self, name: str) -> str:
         """A stored HF name as the maps spell it (with the base model's prefix)."""

@@ -15,7 +15,8 @@ table. Exact only for the HF settings below; the others are refused by name:
 - head: transformers 5 always ties ``lm_head`` to ``shared``, and scales the decoder
   output by d_model**-0.5 unless the saved ``tie_word_embeddings`` is false (which 5.x
   keeps as ``scale_decoder_outputs``). Conveyor never scales: only an unscaled, tied
-  model maps.
+  model maps. Export writes that false flag, which 4.x reads as untied: ``lm_head`` is
+  written too, a copy of ``shared``, so 4.x computes the same function.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ T5_HF = HFFamily(
     config_to_hf=config_to_hf,
     tensor_maps=tensor_maps,
     exported_fields=SHAPE_FIELDS | {"rope_theta"},  # unused: t5 has no rotary
+    store_tied_head=True,
     # copies of shared (4.x saved them) and a table transformers itself never reads
     ignored=(r"(encoder|decoder)\.embed_tokens\.weight",
              r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"),
