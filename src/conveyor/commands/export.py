@@ -2,8 +2,8 @@
 
 ``--format conveyor`` (the default) writes model.safetensors + config.json +
 tokenizer.json; ``--format hf`` writes a directory ``transformers`` loads with
-``from_pretrained`` (``GPT2LMHeadModel`` or ``LlamaForCausalLM``) and
-``AutoTokenizer`` reads, sharded above ``--max-shard-size``.
+``from_pretrained`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+``T5ForConditionalGeneration``) and ``AutoTokenizer`` reads, sharded above ``--max-shard-size``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
                    help="tokenizer.json to copy instead of the one the checkpoint names")
     p.add_argument("--format", choices=("conveyor", "hf"), default="conveyor",
                    help="conveyor: config.json + model.safetensors for Conveyor; hf: a "
-                        "Hugging Face transformers directory (GPT2LMHeadModel, LlamaForCausalLM)")
+                        "Hugging Face transformers directory (GPT2LMHeadModel, LlamaForCausalLM, "
+                        "T5ForConditionalGeneration)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                    help="with --format hf: split the weights into files of at most this size "
                         "(e.g. 5GB, 500MB), listed in model.safetensors.index.json")

@@ -1,8 +1,8 @@
 """``conveyor import``: a Hugging Face model directory as a Conveyor export.
 
 Reads config.json, model.safetensors (or its shards and index) and tokenizer.json
-of a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` and writes what ``conveyor export``
-writes, so ``conveyor generate --checkpoint OUT`` runs it. (The module is ``import_``
+of a ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or ``T5ForConditionalGeneration`` and
+writes what ``conveyor export`` writes, so ``conveyor generate --checkpoint OUT`` runs it. (The module is ``import_``
 because ``import`` is a Python keyword.)
 """
 
@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
     """Add ``import`` to the CLI."""
     p = sub.add_parser(
         "import",
-        help="convert a Hugging Face model directory (GPT-2, Llama) into a Conveyor export",
+        help="convert a Hugging Face model directory (GPT-2, Llama, T5) into a Conveyor export",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR",
@@ -40,7 +40,7 @@ def _import(args: argparse.Namespace) -> int:
     output_dir(args.out, "--out")
     done = import_hf(args.hf_dir, args.out)
     cfg = done.cfg
-    print(f"imported {done.architecture} ({cfg.flavour}, {cfg.n_layers} layers, d_model "
+    print(f"imported {done.architecture} ({cfg.family}, {cfg.flavour}, {cfg.n_layers} layers, d_model "
           f"{cfg.d_model}, vocab {cfg.vocab_size}) from {args.hf_dir} to {done.out_dir}")
     if not done.tokenizer:
         print(f"conveyor import: note: {args.hf_dir} has no {TOKENIZER_FILE}; pass "

@@ -1,6 +1,6 @@
 """Hugging Face ``transformers`` checkpoints and Conveyor's: what every family's name map shares.
 
-A family module (``hf_gpt2``, ``hf_llama``; registered in ``hf_families``) describes,
+A family module (``hf_gpt2``, ``hf_llama``, ``hf_t5``; registered in ``hf_families``) describes,
 for one ModelConfig, which Conveyor tensor is which HF tensor (:class:`TensorMap`)
 and how the two configs translate. This module converts name -> tensor dicts both
 ways with those maps. No files are read here and ``transformers`` is never imported:
@@ -23,6 +23,7 @@ from conveyor.config import ConfigError, ModelConfig
 __all__ = [
     "TensorMap",
     "HFFamily",
+    "SHAPE_FIELDS",
     "hf_field",
     "refuse",
     "check_exportable",
@@ -30,6 +31,11 @@ __all__ = [
     "to_conveyor",
     "to_hf",
 ]
+
+
+SHAPE_FIELDS = frozenset({"vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",
+                          "tie_embeddings", "norm_eps", "init_std"})
+"""ModelConfig fields every family's HF config carries (``HFFamily.exported_fields``)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class TensorMap:
     """HF stores the matrix as (in, out): GPT-2's Conv1D."""
     sizes: tuple[int, ...] = ()
     """Rows of each HF part when there are several (splitting needs them on export)."""
+    scale: float = 1.0
+    """Conveyor's tensor is HF's times this (T5's unscaled attention scores folded into q)."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,17 @@ class HFFamily:
     """Every Conveyor parameter of the model and its HF source (a tied head is left out)."""
     exported_fields: frozenset[str]
     """ModelConfig fields config_to_hf carries; any other one must keep its default."""
+    family: str = "gpt"
+    """ModelConfig.family of this family (gpt, bert, t5)."""
     ignored: tuple[str, ...] = ()
     """Regexes of HF tensors with no Conveyor counterpart (saved buffers) skipped on import."""
     head: str = "lm_head.weight"
     """HF name of the LM head, which a tied checkpoint may or may not store."""
     base_prefix: str = ""
     """Prefix of every other tensor, which files saved from HF's base model (GPT2Model) lack."""
+    store_tied_head: bool = False
+    """Export a tied head's copy too: a reader taking the config as untied (transformers 4.x
+    reads T5's ``tie_word_embeddings=false`` so) would otherwise start it at random."""
 
     def canonical(self, name: str) -> str:
         """A stored HF name as the maps spell it (with the base model's prefix)."""
@@ -97,10 +110,10 @@ def refuse(where: str, field: str, value: Any, why: str) -> ConfigError:
 
 def check_exportable(cfg: ModelConfig, family: HFFamily) -> None:
     """ConfigError naming a ModelConfig option that has no field in the family's HF config."""
-    default = ModelConfig(flavour=cfg.flavour)
+    default = ModelConfig(family=cfg.family, flavour=cfg.flavour)
     for field in dataclasses.fields(ModelConfig):
         name = field.name
-        if name in family.exported_fields or name == "flavour":
+        if name in family.exported_fields or name in ("family", "flavour"):
             continue
         if getattr(cfg, name) != getattr(default, name):
             raise ConfigError(
@@ -118,10 +131,17 @@ def expected_hf_names(maps: Collection[TensorMap]) -> list[str]:
 def to_conveyor(maps: Collection[TensorMap], hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """HF tensors (canonical names; every expected one present) -> Conveyor tensors."""
     out: dict[str, Tensor] = {}
+    read: set[str] = set()
     for m in maps:
         parts = [hf[name].t() if m.transpose else hf[name] for name in m.hf]
+        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if m.scale != 1.0:
+            whole = whole * m.scale
+        elif read.intersection(m.hf):  # one HF tensor shared by several Conveyor ones (T5)
+            whole = whole.clone()
+        read.update(m.hf)
         # contiguous copies: safetensors refuses views and tensors that share memory
-        out[m.conveyor] = torch.cat(parts).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        out[m.conveyor] = whole.contiguous()
     return out
 
 
@@ -130,7 +150,15 @@ def to_hf(maps: Collection[TensorMap], tensors: Mapping[str, Tensor]) -> dict[st
     out: dict[str, Tensor] = {}
     for m in maps:
         whole = tensors[m.conveyor]
+        if m.scale != 1.0:
+            whole = whole / m.scale
         parts = whole.split(list(m.sizes)) if len(m.hf) > 1 else (whole,)
         for name, part in zip(m.hf, parts, strict=True):
-            out[name] = (part.t() if m.transpose else part).contiguous().clone()
+            part = (part.t() if m.transpose else part).contiguous().clone()
+            if name in out and not torch.equal(out[name], part):
+                raise ConfigError(
+                    f"{m.conveyor} differs from the other Conveyor tensors that Hugging Face "
+                    f"keeps as the one tensor {name}; export a model where they are equal"
+                )
+            out[name] = part
     return out

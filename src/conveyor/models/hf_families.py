@@ -12,11 +12,19 @@ from conveyor.config import ConfigError, ModelConfig
 from conveyor.models.hf import HFFamily
 from conveyor.models.hf_gpt2 import GPT2
 from conveyor.models.hf_llama import LLAMA
+from conveyor.models.hf_t5 import T5_HF
 
-__all__ = ["HF_FAMILIES", "family_of_hf", "family_of"]
+__all__ = ["HF_FAMILIES", "NOT_CONVERTIBLE", "family_of_hf", "family_of"]
 
-HF_FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA)
-"""Every convertible family; BERT and T5 join with the model-family work."""
+HF_FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA, T5_HF)
+"""Every convertible family."""
+
+NOT_CONVERTIBLE: dict[str, str] = {
+    "bert": "Hugging Face's BERT is post-norm (LayerNorm after each residual add, none at the "
+            "end), with a biased MLM decoder; Conveyor's bert family is pre-norm with a final "
+            "norm and an unbiased decoder, so no weights map exactly",
+}
+"""Why a family (Conveyor's ``family``, HF's ``model_type``) converts neither way."""
 
 
 def _known() -> str:
@@ -26,13 +34,16 @@ def _known() -> str:
 def family_of_hf(raw: Mapping[str, Any], where: str) -> HFFamily:
     """The family of an HF config.json (by ``architectures``, else ``model_type``)."""
     archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type in NOT_CONVERTIBLE:
+        raise ConfigError(f"{where}: model_type={model_type!r} cannot be imported: "
+                          f"{NOT_CONVERTIBLE[model_type]}")
     if isinstance(archs, list) and archs:
         for family in HF_FAMILIES:
             if family.architecture in archs:
                 return family
         raise ConfigError(f"{where}: architectures={archs!r} cannot be imported; "
                           f"Conveyor imports {_known()}")
-    model_type = raw.get("model_type")
     for family in HF_FAMILIES:
         if family.model_type == model_type:
             return family
@@ -41,9 +52,12 @@ def family_of_hf(raw: Mapping[str, Any], where: str) -> HFFamily:
 
 
 def family_of(cfg: ModelConfig) -> HFFamily:
-    """The family that exports ``cfg``'s flavour."""
+    """The family that exports ``cfg``'s family and flavour."""
+    if cfg.family in NOT_CONVERTIBLE:
+        raise ConfigError(f"family={cfg.family!r} has no Hugging Face export: "
+                          f"{NOT_CONVERTIBLE[cfg.family]}")
     for family in HF_FAMILIES:
-        if family.flavour == cfg.flavour:
+        if (family.family, family.flavour) == (cfg.family, cfg.flavour):
             return family
-    raise ConfigError(f"flavour={cfg.flavour!r} has no Hugging Face export; "
-                      f"Conveyor exports {_known()}")
+    raise ConfigError(f"family={cfg.family!r} with flavour={cfg.flavour!r} has no Hugging Face "
+                      f"export; Conveyor exports {_known()} (t5 with flavour='llama')")

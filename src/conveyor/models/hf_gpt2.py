@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.config import ModelConfig
-from conveyor.models.hf import HFFamily, TensorMap, hf_field, refuse
+from conveyor.models.hf import SHAPE_FIELDS, HFFamily, TensorMap, hf_field, refuse
 
 __all__ = ["GPT2"]
 
@@ -117,11 +117,8 @@ GPT2 = HFFamily(
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     tensor_maps=tensor_maps,
-    exported_fields=frozenset({
-        "vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",
-        "tie_embeddings", "norm_eps", "init_std",
-        "rope_theta", "n_kv_heads",  # unused by gpt2 (n_kv_heads must stay None there)
-    }),
+    # rope_theta and n_kv_heads are unused by gpt2 (n_kv_heads must stay None there)
+    exported_fields=SHAPE_FIELDS | {"rope_theta", "n_kv_heads"},
     # the causal-mask buffers older transformers saved with every attention layer
     ignored=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",),
     base_prefix="transformer.",

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.config import ModelConfig
-from conveyor.models.hf import HFFamily, TensorMap, hf_field, refuse
+from conveyor.models.hf import SHAPE_FIELDS, HFFamily, TensorMap, hf_field, refuse
 
 __all__ = ["LLAMA"]
 
@@ -129,10 +129,7 @@ LLAMA = HFFamily(
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     tensor_maps=tensor_maps,
-    exported_fields=frozenset({
-        "vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
-        "tie_embeddings", "norm_eps", "rope_theta", "init_std",
-    }),
+    exported_fields=SHAPE_FIELDS | {"n_kv_heads", "rope_theta"},
     # the rotary table older transformers saved with every attention layer
     ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
     base_prefix="model.",

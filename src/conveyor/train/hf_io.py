@@ -31,7 +31,7 @@ from torch import Tensor
 from ..config import ConfigError, ModelConfig
 from ..data.atomic import atomic_write
 from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer
-from ..models.hf import check_exportable, expected_hf_names, to_conveyor, to_hf
+from ..models.hf import TensorMap, check_exportable, expected_hf_names, to_conveyor, to_hf
 from ..models.hf_families import family_of, family_of_hf
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from .export import (
@@ -179,9 +179,23 @@ def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[
             f"{family.architecture}: {'; '.join(problems)}; save the model again with "
             "save_pretrained"
         )
+    table = _table_name(maps)
+    head = stored.get(family.head)
+    if cfg.tie_embeddings and head is not None and not head.equal(stored[table]):
+        # tied, the model reads the table: a different stored head would be dropped silently
+        raise CheckpointError(
+            f"{hf_dir}: {family.head} differs from {table}, but config.json ties them (an "
+            "untied checkpoint saved with a tied config); save the model again with "
+            "save_pretrained from the transformers that reads it"
+        )
     tensors = to_conveyor(maps, stored)
     check_shapes(tensors, param_shapes(cfg), f"{hf_dir} (converted)")
     return family.architecture, cfg, tensors
+
+
+def _table_name(maps: list[TensorMap]) -> str:
+    """HF name of the token table (what a tied head is)."""
+    return next(m.hf[0] for m in maps if m.conveyor == "blocks.0.tok.weight")
 
 
 # -- a model to start training from ------------------------------------------------------
@@ -288,11 +302,15 @@ def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[s
     cfg = model.cfg
     family = family_of(cfg)
     check_exportable(cfg, family)
+    fields = family.config_to_hf(cfg)  # refuses a setting the HF config cannot express
     tokenizer = _tokenizer_files(model)
-    hf = to_hf(family.tensor_maps(cfg), model.tensors)
+    maps = family.tensor_maps(cfg)
+    hf = to_hf(maps, model.tensors)
+    if cfg.tie_embeddings and family.store_tied_head:
+        hf[family.head] = hf[_table_name(maps)].clone()
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     config = {"architectures": [family.architecture], "model_type": family.model_type,
-              **family.config_to_hf(cfg), "dtype": dtype,
+              **fields, "dtype": dtype,
               "bos_token_id": tokenizer[2] if tokenizer else None,
               "eos_token_id": tokenizer[3] if tokenizer else None}
     shards = _shards(hf, max_shard_size)

@@ -1,0 +1,236 @@
+"""Hugging Face interop of the encoder and encoder-decoder families, against ``transformers``.
+
+T5 (``T5ForConditionalGeneration`` with gated-silu MLP and unscaled tied head) converts
+both ways: logits agree to 1e-4 fp32, weights come back bit-identical, and the model
+also runs split into two pipeline stages. What has no exact Conveyor equivalent (BERT's
+post-norm layers, T5 v1.1's gated-gelu, the original T5's rescaled head, per-layer
+relative-bias tables that differ) is refused in one line. Tiny models, no download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conveyor.cli import main
+from conveyor.config import ModelConfig, ParallelConfig
+from conveyor.data.tokenizer import load_tokenizer
+from conveyor.models import SequentialModel, build_blocks
+from conveyor.parallel.layout import resolve_layout
+from conveyor.train.checkpoint import save_checkpoint
+from conveyor.train.export import load_exported
+from conveyor.train.metrics import read_metrics, train_rows
+from test_hf_interop import SAMPLE, TEXT, _bpe, _conveyor_run, _edit_config, _same_tensors
+
+transformers = pytest.importorskip("transformers")
+
+TOKENS = torch.tensor([[5, 77, 130, 9, 250, 31, 2, 64, 100, 17, 3, 200],
+                       [8, 1, 42, 260, 7, 19, 55, 0, 0, 0, 0, 0]])
+MASK = (torch.arange(12) < torch.tensor([[12], [7]])).long()  # the second row is padded
+DECODER = torch.tensor([[0, 12, 99, 4, 180, 6], [0, 3, 3, 71, 20, 9]])
+
+
+def _hf_t5(path: Path, **config: Any) -> Any:
+    """A T5 of the supported kind (gated-silu, unscaled head) with a BPE tokenizer, "</s>" as eos."""
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe(["<pad>", "</s>"]),
+                                               pad_token="<pad>", eos_token="</s>")
+    cfg = transformers.T5Config(
+        vocab_size=tok.vocab_size + 4, d_model=32, d_kv=16, num_heads=2, d_ff=48, num_layers=2,
+        feed_forward_proj="gated-silu", tie_word_embeddings=False, initializer_factor=4.0,
+        n_positions=32,  # what Conveyor reads as max_seq_len (T5 itself has no limit)
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0,
+        **config)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return {"tokens": TOKENS, "attention_mask": MASK, "decoder_tokens": DECODER,
+            "decoder_mask": torch.ones_like(DECODER)}
+
+
+def _hf_logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS, attention_mask=MASK, decoder_input_ids=DECODER).logits
+
+
+def _conveyor_logits(path: Path) -> torch.Tensor:
+    """Logits of the export at ``path``, run as one model."""
+    single, cfg = load_exported(path)
+    model = SequentialModel(cfg, seed=0).eval()
+    model.load_state_dict(single.state_dict())
+    with torch.no_grad():
+        return model(_batch())
+
+
+def _two_stage_logits(path: Path) -> torch.Tensor:
+    """Logits of the export at ``path`` split as a 2-stage pipeline places it, stage by stage."""
+    single, cfg = load_exported(path)
+    tensors = single.state_dict()
+    layout = resolve_layout(cfg, ParallelConfig(pp=2, microbatches=2), batch_size=2)
+    state: Any = _batch()
+    for start, end in layout.partition.bounds:
+        assert (start, end) != (0, cfg.num_blocks)  # really split
+        for i, block in zip(range(start, end), build_blocks(cfg, 1, range(start, end)),
+                            strict=True):
+            for name, param in block.named_parameters():
+                # the tied head away from the embedding holds its own copy of the table
+                key = "blocks.0.tok.weight" if (i, name) == (cfg.num_blocks - 1, "proj.weight") \
+                    else f"blocks.{i}.{name}"
+                param.data.copy_(tensors[key])
+            with torch.no_grad():
+                state = block.eval()(state)
+    return state
+
+
+def test_t5_imports_with_transformers_logits_and_exports_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hf_dir, ours, back = tmp_path / "hf", tmp_path / "conveyor", tmp_path / "back"
+    hf_model = _hf_t5(hf_dir)
+    assert main(["import", str(hf_dir), "--out", str(ours)]) == 0
+    assert "imported T5ForConditionalGeneration" in capsys.readouterr().out
+    expected = _hf_logits(hf_model)
+    torch.testing.assert_close(_conveyor_logits(ours), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(_two_stage_logits(ours), expected, rtol=0, atol=1e-4)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ours_tok = load_tokenizer(ours / "tokenizer.json")
+    assert ours_tok.encode(SAMPLE) == hf_tok.encode(SAMPLE, add_special_tokens=False)
+
+    assert main(["export", "--checkpoint", str(ours), "--out", str(back), "--format", "hf"]) == 0
+    again, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(again) is type(hf_model) and not again.config.scale_decoder_outputs
+    torch.testing.assert_close(_hf_logits(again.eval()), expected, rtol=0, atol=0)
+    back_tok = transformers.AutoTokenizer.from_pretrained(back)
+    assert back_tok.encode(SAMPLE, add_special_tokens=False) == ours_tok.encode(SAMPLE)
+    # transformers 4.x reads the exported config as untied: lm_head comes along, shared's copy
+    weights = load_file(back / "model.safetensors")
+    assert torch.equal(weights.pop("lm_head.weight"), weights["shared.weight"])
+    save_file(weights, back / "model.safetensors")
+    _same_tensors(hf_dir, back)  # and every other tensor is the one transformers saved
+
+
+@pytest.mark.multiprocess
+def test_train_init_of_a_t5_directory_at_pp2_matches_one_process(tmp_path: Path) -> None:
+    _hf_t5(tmp_path / "hf")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text((TEXT + SAMPLE + "\n") * (6 + i))
+    losses = {}
+    for pp in ("1", "2"):
+        assert main(["train", "--init", str(tmp_path / "hf"), "--data", str(corpus),
+                     "--batch-size", "4", "--microbatches", "2", "--steps", "2", "--lr", "1e-3",
+                     "--warmup", "1", "--val-fraction", "0", "--eval-every", "0",
+                     "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
+                     "--name", f"pp{pp}", "--pp", pp]) == 0
+        rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
+        losses[pp] = [r["loss"] for r in rows]
+    assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
+
+
+T5_CFG = ModelConfig(family="t5", flavour="llama", vocab_size=320, n_layers=2, d_model=32,
+                     n_heads=2, d_ff=48, max_seq_len=32, tie_embeddings=True, init_std=0.2)
+
+
+def test_conveyor_t5_exports_when_each_stack_has_one_relative_bias(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = _conveyor_run(tmp_path, T5_CFG)
+    capsys.readouterr()  # the checkpoint's log line
+    # trained in Conveyor, each layer's table is its own: HF has one per stack
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "no"),
+                 "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "relative_attention_bias.weight" in err, err
+    assert "blocks.2.attn.relative.table.weight differs" in err, err
+
+    model, meta = SequentialModel(T5_CFG, seed=0), {"model": dataclasses.asdict(T5_CFG)}
+    tensors = model.state_dict()
+    for first in (1, T5_CFG.n_layers + 2):  # the encoder's layers, the decoder's
+        for i in range(first + 1, first + T5_CFG.n_layers):
+            tensors[f"blocks.{i}.attn.relative.table.weight"] = \
+                tensors[f"blocks.{first}.attn.relative.table.weight"].clone()
+    model.load_state_dict(tensors)
+    save_checkpoint(tmp_path / "shared", 1, tensors=model.state_dict(), meta=meta)
+    assert main(["export", "--checkpoint", str(tmp_path / "shared"), "--out",
+                 str(tmp_path / "hf"), "--format", "hf"]) == 0
+    hf, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf",
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        ours = model.eval()(_batch())
+    torch.testing.assert_close(_hf_logits(hf.eval()), ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"feed_forward_proj": "gated-gelu"}, "feed_forward_proj='gated-gelu' is not supported"),
+    ({"scale_decoder_outputs": True}, "scale_decoder_outputs=True is not supported"),
+    ({"relative_attention_max_distance": 64}, "relative_attention_max_distance=64"),
+    ({"num_decoder_layers": 3}, "num_decoder_layers=3 is not supported"),
+])
+def test_t5_settings_without_an_equivalent_are_refused_in_one_line(
+    changes: dict[str, Any], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_t5(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", **changes)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("conveyor import: error: "), err
+    assert needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stored_head_that_differs_from_the_tied_table_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_t5(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf/model.safetensors")
+    weights["lm_head.weight"] = weights["shared.weight"] + 1  # an untied 4.x checkpoint
+    save_file(weights, tmp_path / "hf/model.safetensors")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    assert "lm_head.weight differs from shared.weight" in capsys.readouterr().err
+    weights["lm_head.weight"] = weights["shared.weight"].clone()  # a tied copy is fine
+    save_file(weights, tmp_path / "hf/model.safetensors")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_bert_is_refused_both_ways_in_one_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type='bert' cannot be imported" in err, err
+    assert "post-norm" in err
+
+    bert = ModelConfig(family="bert", vocab_size=320, n_layers=1, d_model=32, n_heads=2,
+                       max_seq_len=32)
+    run, _ = _conveyor_run(tmp_path, bert)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "o"),
+                 "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "family='bert' has no Hugging Face export" in err, err
+
+
+def test_untied_t5_is_refused_on_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = _conveyor_run(tmp_path, dataclasses.replace(T5_CFG, tie_embeddings=False))
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "o"),
+                 "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tie_embeddings=False has no equivalent" in err, err
+    assert not (tmp_path / "o").exists()
