@@ -91,9 +91,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per point")
     ap.add_argument("--quick", action="store_true", help="one tiny point per sweep (a smoke run)")
     ap.add_argument("--no-train", action="store_true", help="skip the end-to-end train sweep")
+    ap.add_argument("--sweeps", default="model,microbatches,train",
+                    help="comma-separated subset of model, microbatches, train")
+    ap.add_argument("--microbatch-counts", default=",".join(map(str, MICROBATCHES)),
+                    help="microbatch counts of the microbatches sweep")
     args = ap.parse_args(argv)
     timing = ["--steps", str(args.steps), "--warmup", "1"]
-    models, mbs = (MODELS, MICROBATCHES) if not args.quick else ([(2, 32)], [4])
+    sweeps = set(args.sweeps.split(","))
+    counts = [int(m) for m in args.microbatch_counts.split(",") if m]
+    models, mbs = (MODELS, counts) if not args.quick else ([(2, 32)], [4])
+    models = models if "model" in sweeps else []
+    mbs = mbs if "microbatches" in sweeps else []
     size = [] if not args.quick else ["--heads", "2", "--seq", "16", "--vocab", "128"]
     out = []
     for layers, width in models:
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                        *timing], microbatches=m, batch=batch)
         out.append(line)
         print(json.dumps(line), flush=True)
-    if not args.no_train:
+    if not args.no_train and "train" in sweeps:
         line = _train_point(max(args.steps + 2, 6), timing)
         out.append(line)
         print(json.dumps(line), flush=True)
