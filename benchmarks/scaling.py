@@ -69,7 +69,9 @@ def _train_point(steps: int, timing: list[str]) -> dict[str, Any]:
     from conveyor.cli import main as cli
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["train", "--pp", "2", "--microbatches", "8", "--batch-size", "16",
+        # step_time's default model (the CLI's own defaults are smaller)
+        args = ["train", "--layers", "8", "--d-model", "256", "--heads", "4", "--vocab-size",
+                "8192", "--seq-len", "128", "--pp", "2", "--microbatches", "8", "--batch-size", "16",
                 "--steps", str(steps), "--eval-every", "0", "--checkpoint-every", "0",
                 "--run-dir", tmp, "--name", "bench"]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -137,3 +137,58 @@ def test_a_rank_stalled_in_a_checkpoint_save_ends_within_the_timeout(
     assert "--timeout" in lines[0]
     assert elapsed < 60, f"the stalled save took {elapsed:.0f}s to end"
     assert _live_children() == []
+
+
+def _children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid and stat[0] != "Z":
+                kids.append(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ranks_die_with_a_sigkilled_torchrun_agent(straight: tuple[Path, list[float]]) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this python")
+    tmp, _ = straight
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env[FAULT_ENV] = "stall/step:1:2"  # rank 1 hangs after its second step: the run never ends
+    agent = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "conveyor",
+         *_argv(tmp, tmp / "corpus", "orphans")], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks := _children_of(agent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(ranks) == 2, "torchrun did not start its 2 ranks"
+        metrics = tmp / "runs" / "orphans" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert time.monotonic() < deadline, "the run never started training"
+            time.sleep(0.2)
+        agent.kill()  # SIGKILL: the agent cannot stop its ranks itself
+        agent.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [r for r in ranks if _alive(r)], "ranks outlived their SIGKILLed agent"
+    finally:
+        agent.kill()
+        for r in ranks:
+            if _alive(r):
+                os.kill(r, 9)

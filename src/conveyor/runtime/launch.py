@@ -145,6 +145,13 @@ def _worker(
 def _detach_from_terminal(parent: int) -> None:
     """Own process group (Ctrl-C goes to the launcher, which forwards it); die with the parent."""
     os.setpgrp()
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when ``parent`` ends, so a killed launcher leaves no rank behind."""
+    # Linux sends it when the thread that started us ends: our launcher and torchrun's
+    # agent both start ranks from their main thread
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -219,6 +226,9 @@ def launch(
                 f"torchrun started {world} processes but the layout needs {world_size} "
                 f"(pp*dp*tp); run torchrun with --nproc-per-node/--nnodes giving {world_size}"
             )
+        if os.getppid() == 1:  # the agent is already gone: nobody will collect this rank
+            os._exit(1)
+        _die_with(os.getppid())  # a SIGKILLed torchrun agent must not leave ranks waiting
         _init(rank, world, backend, timeout_s, threads_per_rank)
         try:
             return {rank: fn(*args)}
