@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Any
@@ -39,7 +38,7 @@ from conveyor.config import ConfigError, ModelConfig, ParallelConfig  # noqa: E4
 from conveyor.models import Transformer  # noqa: E402
 from conveyor.parallel.data import MIB, plan_buckets  # noqa: E402
 from conveyor.runtime.launch import launch  # noqa: E402
-from step_time import summarise  # noqa: E402
+from step_time import step_ratio, summarise  # noqa: E402
 
 RATIOS = {  # name: (numerator case, denominator case)
     "tp2_vs_single2t": ("tp2", "single-2t"),
@@ -92,13 +91,8 @@ def ratios(lines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The step-time ratios of ``RATIOS`` (null where a case failed)."""
     out: dict[str, Any] = {"config": "ratios"}
     for name, (a, b) in RATIOS.items():
-        la, lb = lines.get(a, {}), lines.get(b, {})
-        if "median_step_s" not in la or "median_step_s" not in lb:
-            out[name] = out[f"{name}_paired"] = None
-            continue
-        out[name] = round(la["median_step_s"] / lb["median_step_s"], 3)
-        pairs = zip(la["step_s_all"], lb["step_s_all"], strict=False)
-        out[f"{name}_paired"] = round(statistics.median(x / y for x, y in pairs), 3)
+        out[name], out[f"{name}_paired"] = step_ratio(lines.get(a, {}), lines.get(b, {})) or (
+            None, None)
     return out
 
 

@@ -124,6 +124,19 @@ def _cases(args: argparse.Namespace, pp: int, schedules: list[str]) -> list[Case
     return cases
 
 
+def step_ratio(line: dict[str, Any], peer: dict[str, Any]) -> tuple[float, float] | None:
+    """(median step time over the peer's, median of the per-repetition ratios); None if one failed.
+
+    The two ran back to back in each repetition: the median of the per-repetition
+    ratios cancels load that drifts between repetitions.
+    """
+    if "median_step_s" not in line or "median_step_s" not in peer:
+        return None
+    pairs = zip(line["step_s_all"], peer["step_s_all"], strict=False)
+    return (round(line["median_step_s"] / peer["median_step_s"], 3),
+            round(statistics.median(a / b for a, b in pairs), 3))
+
+
 def _peers(name: str) -> dict[str, str]:
     """Ratio field -> the config a Conveyor line is compared with (lower is better)."""
     if name.endswith("-conveyor-default"):
@@ -274,13 +287,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for line in lines:
         line.setdefault("vs_torch", None)
         for field, name in _peers(line["config"]).items():
-            peer = by_name.get(name, {})
-            if "median_step_s" in line and "median_step_s" in peer:
-                line[field] = round(line["median_step_s"] / peer["median_step_s"], 3)
-                # the two ran back to back in each repetition: the median of the per-
-                # repetition ratios cancels load that drifts between repetitions
-                pairs = zip(line["step_s_all"], peer["step_s_all"], strict=False)
-                line[field + "_paired"] = round(statistics.median(a / b for a, b in pairs), 3)
+            ratio = step_ratio(line, by_name.get(name, {}))
+            if ratio is not None:
+                line[field], line[field + "_paired"] = ratio
         tps = line.get("tokens_per_s")
         line["speedup_vs_1thread"] = round(tps / base, 3) if tps and base else None
         for f in FIELDS:

@@ -1,4 +1,4 @@
-"""``conveyor train``: train a GPT with pipeline parallelism, from flags and/or a TOML file.
+"""``conveyor train``: train a transformer over pp x dp x tp ranks, from flags and/or a TOML file.
 
 Values come from, lowest priority first: the defaults below (or, with ``--resume``,
 the checkpoint's config), ``--config FILE.toml`` ([model] [parallel] [train] [data]
@@ -162,8 +162,9 @@ def register(sub: Any) -> None:
     """Add ``train`` to the CLI."""
     p = sub.add_parser(
         "train",
-        help="train a GPT with pipeline parallelism (spawns pp*dp*tp processes)",
-        description="Train a decoder-only transformer over pp*dp*tp processes (gloo on CPU, NCCL "
+        help="train a transformer with pipeline, tensor and data parallelism (spawns "
+        "pp*dp*tp processes)",
+        description="Train a transformer (--family gpt, bert or t5) over pp*dp*tp processes (gloo on CPU, NCCL "
         "on GPU; under torchrun, joins its group). Writes RUN_DIR/NAME/ with config.json, "
         "metrics.jsonl, tokenizer.json and checkpoints/. Priority: defaults < --config < flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
