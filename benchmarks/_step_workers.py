@@ -493,6 +493,7 @@ def run_group(spec: Spec) -> dict[str, Any]:
             dist.barrier()
             if runner.active:
                 cpu0 = time.process_time()
+                faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 try:
                     loss = runner.step()
@@ -502,10 +503,11 @@ def run_group(spec: Spec) -> dict[str, Any]:
                     loss, err = None, f"{type(e).__name__}: {e}".splitlines()[0]
                 elapsed = time.perf_counter() - t0
                 cpu = time.process_time() - cpu0
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
                 if timed and err is None:
                     records[i].append({
                         "step_s": elapsed, "cpu_s": cpu, "compute_s": runner.compute_s(),
-                        "rss": peak_rss_bytes(), "rep": rep - spec.warmup,
+                        "rss": peak_rss_bytes(), "rep": rep - spec.warmup, "faults": faults,
                     })
                 if loss is not None and not math.isnan(loss):
                     losses[i] = loss

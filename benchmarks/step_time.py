@@ -35,7 +35,8 @@ tokens/s), oversubscribed (ranks*threads > cores). Extras: loss (the step's loss
 across implementations up to float rounding: same model, data and init), step_s_all
 (step time of every repetition), vs_torch_paired (median over repetitions of our time /
 torch's in the same repetition: robust to load that drifts over the run),
-torch_schedule and same_action_order (torch runs every rank's F/B/W in our order; null
+page_faults_per_step (minor page faults per rank, median over steps:
+the host-memory reuse a timing cannot show on a busy machine), torch_schedule and same_action_order (torch runs every rank's F/B/W in our order; null
 where torch keeps no list), cpu_s_per_rank and compute_s_per_rank (medians; on a busy
 machine CPU seconds compare the work done better than wall time), cpu_per_wall.
 
@@ -226,6 +227,8 @@ def summarise(case: Case, results: dict[int, Any], index: int, spec: Spec) -> di
     # diagnostics, medians over steps per rank: process CPU seconds and compute seconds
     line["cpu_s_per_rank"] = [round(statistics.median(r["cpu_s"] for r in per_rank[k]), 4)
                               for k in sorted(per_rank)]
+    line["page_faults_per_step"] = [int(statistics.median(r["faults"] for r in per_rank[k]))
+                                    for k in sorted(per_rank)]
     if case.impl != "single":
         line["compute_s_per_rank"] = [
             round(statistics.median(r["compute_s"] for r in per_rank[k]), 4) for k in sorted(per_rank)]

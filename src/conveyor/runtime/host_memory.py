@@ -5,8 +5,8 @@ back to the kernel when freed; below it, freed memory at the heap's top is retur
 once it exceeds the trim threshold. Both thresholds start low and glibc only raises
 them as it goes, so a training step, which allocates and frees the same large
 activations and gradients every time, pays a page fault per 4 KiB touched (measured
-here on GPT-2 8 x 256, microbatch 2: ~30,000 faults per step, ~4% of a 1-thread step;
-none with the thresholds raised). Raising both once, at rank start, lets freed
+here on GPT-2 8 x 256, batch 16 in one process: ~80,000 faults per step; none with
+the thresholds raised). Raising both once, at rank start, lets freed
 memory be reused as it is in a long-running process with jemalloc or tcmalloc. The
 peak resident memory is unchanged: the process keeps what it already had at its peak.
 """
