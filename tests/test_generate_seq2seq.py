@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,11 @@ from conveyor.generation.seq2seq import (
     t5_specials,
 )
 from conveyor.models import SequentialModel
+from conveyor.parallel.mesh import Mesh
+from conveyor.parallel.partition import Partition, uniform
+from conveyor.runtime.generate import build_stage
+from conveyor.runtime.launch import launch
+from conveyor.runtime.seq2seq import Seq2SeqGenerator
 
 # peaked logits (init_std 0.5): rounding between batched and single matmuls cannot flip a pick
 T5 = ModelConfig(family="t5", flavour="llama", vocab_size=96, n_layers=2, d_model=32, n_heads=4,
@@ -98,3 +105,63 @@ def test_batch_pads_sources_right_and_moves_caches_with_rows() -> None:
     assert torch.equal(moved.memory[layer][0][1], stacks[0].memory[layer][0][0])
     assert moved.source_mask is not None
     assert moved.source_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
+
+
+# -- on the executor -----------------------------------------------------------------------
+
+# (name, pp, partition sizes or None for uniform, nccl, microbatch counts)
+PIPELINED = {
+    2: [("uniform", None, False, (2, 3)),
+        ("last encoder + bridge + first decoder on stage 1", (2, 5), True, (2,)),
+        ("encoder-only stage 0", (3, 4), False, (4,))],
+    4: [("uniform", None, True, (3,))],
+}
+
+
+def test_executor_at_pp1_equals_the_single_process_path() -> None:
+    model = SequentialModel(T5, seed=3).eval()
+    expected = generate_seq2seq(model.blocks, T5, SOURCES, 9, GREEDY)
+    gen = Seq2SeqGenerator(dict(enumerate(model.blocks)), T5)
+    for m, rounds in ((1, 16), (2, 3), (4, 2)):
+        assert gen.generate(SOURCES, 9, GREEDY, microbatches=m, segment_rounds=rounds) == expected
+    eos = expected[0][2]
+    finished: list[int] = []
+    got = gen.generate(SOURCES, 9, replace(GREEDY, eot_id=eos), microbatches=2,
+                       on_done=finished.append, segment_rounds=2)
+    assert got == generate_seq2seq(model.blocks, T5, SOURCES, 9, replace(GREEDY, eot_id=eos))
+    assert len(got[0]) == 2 and sorted(finished) == list(range(len(SOURCES)))
+
+
+def _pipelined(pp: int) -> list[tuple[str, list[list[int]]]]:
+    mesh = Mesh.build(pp)
+    out = []
+    for name, sizes, nccl, counts in PIPELINED[pp]:
+        part = uniform(T5.num_blocks, pp) if sizes is None else Partition.from_sizes(sizes)
+        blocks = build_stage(T5, part, mesh.pp_rank, seed=3)
+        gen = Seq2SeqGenerator(blocks, T5, mesh, timeout_s=60, emulate_nccl=nccl)
+        for m in counts:
+            got = gen.generate(SOURCES, 9, GREEDY, microbatches=m, segment_rounds=3)
+            out.append((f"{name} nccl={nccl} m={m}", got))
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipelined_equals_single_process_greedy(pp: int) -> None:
+    model = SequentialModel(T5, seed=3).eval()
+    expected = [full_forward_greedy(model, s, 9) for s in SOURCES]
+    assert generate_seq2seq(model.blocks, T5, SOURCES, 9, GREEDY) == expected
+    for rank, cases in launch(_pipelined, pp, pp, timeout_s=120).items():
+        assert len(cases) == sum(len(c[3]) for c in PIPELINED[pp])
+        for name, got in cases:
+            assert got == expected, f"rank {rank}, {name}"
+
+
+def test_seq2seq_generation_moves_no_tensors_itself() -> None:
+    src = Path(__file__).resolve().parents[1] / "src" / "conveyor"
+    pattern = re.compile(r"\b(dist|torch\.distributed|isend|irecv|send|recv|broadcast|"
+                         r"all_reduce|batch_isend_irecv|P2POp|wait_work)\b")
+    for path in (src / "runtime" / "seq2seq.py", src / "generation" / "seq2seq.py"):
+        hits = [line for line in path.read_text().splitlines() if pattern.search(line)
+                and not line.lstrip().startswith(("#", '"'))]
+        assert not hits, f"{path.name} moves tensors itself: {hits}"
