@@ -27,12 +27,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import ModelConfig
 from ..generation.batch import Sampling
 from ..generation.seq2seq import ENCODER, Seq2SeqBatch, Seq2SeqStack, seq2seq_sampling
 from ..models.boundary import Signature, TensorSpec
+from ..models.families import family_of
 from .generate import PipelinedGenerator
 
-__all__ = ["Seq2SeqGenerator"]
+__all__ = ["Seq2SeqGenerator", "generator_class"]
 
 
 class Seq2SeqGenerator(PipelinedGenerator):
@@ -63,3 +65,8 @@ class Seq2SeqGenerator(PipelinedGenerator):
         source = (size, batch.source_len)
         return {**hidden, ENCODER: TensorSpec((*source, self.cfg.d_model), torch.float32),
                 "attention_mask": TensorSpec(source, torch.int64, grad=False)}
+
+
+def generator_class(cfg: ModelConfig) -> type[PipelinedGenerator]:
+    """The generator for ``cfg``'s family: sources -> outputs for an encoder-decoder, else prompts."""
+    return Seq2SeqGenerator if family_of(cfg).seq2seq else PipelinedGenerator

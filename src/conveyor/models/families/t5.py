@@ -141,4 +141,4 @@ def _example(cfg: ModelConfig, batch: int, seq: int, gen: torch.Generator) -> tu
     return inputs, {"lm": torch.randint(cfg.vocab_size, (batch, tgt), generator=gen)}
 
 
-T5 = Family("t5", _block, _signature, *estimate_costs(_block), _example)
+T5 = Family("t5", _block, _signature, *estimate_costs(_block), _example, seq2seq=True)
