@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +167,21 @@ def test_seq2seq_generation_moves_no_tensors_itself() -> None:
         hits = [line for line in path.read_text().splitlines() if pattern.search(line)
                 and not line.lstrip().startswith(("#", '"'))]
         assert not hits, f"{path.name} moves tensors itself: {hits}"
+
+
+@pytest.mark.multiprocess
+def test_seq2seq_benchmark_prints_complete_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        import generate_seq2seq
+    finally:
+        sys.path.remove(str(benchmarks))
+    generate_seq2seq.main(["--pp", "2", "--batches", "3", "--repeats", "1", "--new-tokens", "3",
+                           "--layers", "1", "--d-model", "32", "--vocab", "128",
+                           "--max-source", "10"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["impl"], d["family"]) for d in lines] == [("conveyor", "t5"), ("single", "t5")]
+    for d in lines:
+        assert d["batch"] == 3 and d["tokens_per_s"] > 0 and d["latency_median_s"] > 0, d
+    assert lines[0]["microbatches"] == 2
