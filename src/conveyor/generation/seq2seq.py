@@ -19,7 +19,8 @@ position, so the decoder needs no padding. The pipelined version is
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -129,13 +130,12 @@ class Seq2SeqStack:
         out = cls.__new__(cls)
         out.blocks = first.blocks
 
-        def rows(get: object) -> Tensor:
-            return torch.stack([get(stacks[m])[r] for m, r in picks])  # type: ignore[operator]
+        def rows(get: Callable[[Seq2SeqStack], Tensor]) -> Tensor:
+            return torch.stack([get(stacks[m])[r] for m, r in picks])
 
         out.caches = {}
         for i, cache in first.caches.items():
-            new = KVCache.__new__(KVCache)
-            new.__dict__.update(cache.__dict__)
+            new = copy.copy(cache)
             new.k = rows(lambda s, i=i: s.caches[i].k)
             new.v = rows(lambda s, i=i: s.caches[i].v)
             out.caches[i] = new
