@@ -111,9 +111,10 @@ def test_batch_pads_sources_right_and_moves_caches_with_rows() -> None:
 
 # -- on the executor -----------------------------------------------------------------------
 
-# (name, pp, partition sizes or None for uniform, nccl, microbatch counts)
+# (name, partition sizes or None for uniform, nccl, microbatch counts)
 PIPELINED = {
     2: [("uniform", None, False, (2, 3)),
+        ("sampled", None, False, (2,)),
         ("last encoder + bridge + first decoder on stage 1", (2, 5), True, (2,)),
         ("encoder-only stage 0", (3, 4), False, (4,))],
     4: [("uniform", None, True, (3,))],
@@ -141,8 +142,9 @@ def _pipelined(pp: int) -> list[tuple[str, list[list[int]]]]:
         part = uniform(T5.num_blocks, pp) if sizes is None else Partition.from_sizes(sizes)
         blocks = build_stage(T5, part, mesh.pp_rank, seed=3)
         gen = Seq2SeqGenerator(blocks, T5, mesh, timeout_s=60, emulate_nccl=nccl)
+        sampling = SAMPLED if name == "sampled" else GREEDY
         for m in counts:
-            got = gen.generate(SOURCES, 9, GREEDY, microbatches=m, segment_rounds=3)
+            got = gen.generate(SOURCES, 9, sampling, microbatches=m, segment_rounds=3)
             out.append((f"{name} nccl={nccl} m={m}", got))
     return out
 
@@ -153,10 +155,12 @@ def test_pipelined_equals_single_process_greedy(pp: int) -> None:
     model = SequentialModel(T5, seed=3).eval()
     expected = [full_forward_greedy(model, s, 9) for s in SOURCES]
     assert generate_seq2seq(model.blocks, T5, SOURCES, 9, GREEDY) == expected
+    sampled = generate_seq2seq(model.blocks, T5, SOURCES, 9, SAMPLED)
     for rank, cases in launch(_pipelined, pp, pp, timeout_s=120).items():
         assert len(cases) == sum(len(c[3]) for c in PIPELINED[pp])
         for name, got in cases:
-            assert got == expected, f"rank {rank}, {name}"
+            assert got == (sampled if name.startswith("sampled") else expected), \
+                f"rank {rank}, {name}"
 
 
 def test_seq2seq_generation_moves_no_tensors_itself() -> None:

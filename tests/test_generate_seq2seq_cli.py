@@ -89,8 +89,12 @@ def test_cli_pipelined_file_matches_one_process(tmp_path: Path, tokenizer: Token
     common = ["generate", "--checkpoint", str(out), "--prompts-file", str(txt), "--seed", "5",
               "--max-new-tokens", "5", "--timeout", "60"]
     assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
-    assert main([*common, "--pp", "2", "--output", str(tmp_path / "two.jsonl")]) == 0
+    trace = tmp_path / "trace.json"
+    assert main([*common, "--pp", "2", "--output", str(tmp_path / "two.jsonl"),
+                 "--trace", str(trace)]) == 0
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    names = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"}
+    assert {"F0 s0", "F0 s1", "F0 s2"} <= names  # round 0 (the encoder) on both, round 1
 
 
 def test_cli_refuses_bert_in_one_line_pointing_to_predict(
