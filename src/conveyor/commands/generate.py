@@ -44,7 +44,7 @@ from ..config import ConfigError, ModelConfig
 from ..data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 from ..generation import GenerationError, TextStream, check_prompt, context_budget
 from ..generation.batch import Sampling
-from ..generation.seq2seq import t5_specials
+from ..generation.seq2seq import output_ids, source_ids
 from ..models.families import family_of
 from ..parallel.layout import resolve_partition
 from ..parallel.mesh import Mesh
@@ -283,9 +283,7 @@ def _text_of(tokenizer: Tokenizer, cfg: ModelConfig) -> Callable[[Sequence[int]]
     """How ids become text: an encoder-decoder's output loses its special tokens."""
     if not family_of(cfg).seq2seq:
         return tokenizer.decode
-    base = t5_specials(cfg).pad  # the family's specials follow the tokenizer's ids
-    return lambda ids: str(tokenizer.hf.decode([t for t in ids if t < base],
-                                               skip_special_tokens=True))
+    return lambda ids: str(tokenizer.hf.decode(output_ids(ids, cfg), skip_special_tokens=True))
 
 
 def _write_results(out: TextIO, job: _Job, results: list[list[int]], tokenizer: Tokenizer) -> None:
@@ -326,8 +324,8 @@ def _run(args: argparse.Namespace) -> int:
     check_tokenizer_fits(tokenizer, source.tokenizer, cfg.vocab_size, _own_tokenizer(args.checkpoint))
     seq2seq = family_of(cfg).seq2seq
     # a source ends in eos as in training; its output stops at eos (the generator's default)
-    end = [t5_specials(cfg).eos] if seq2seq else []
-    ids = [check_prompt(tokenizer.encode(p) + end, cfg) for p in prompts]
+    ids = [check_prompt(source_ids(tokenizer.encode(p), cfg) if seq2seq else tokenizer.encode(p),
+                        cfg) for p in prompts]
     stream = args.prompts_file is None and args.output is None
     job = _Job(source, prompts, ids, args.max_new_tokens,
                replace(sampling, eot_id=None if seq2seq else tokenizer.eot_id), args.pp,

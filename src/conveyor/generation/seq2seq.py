@@ -35,7 +35,8 @@ from .batch import Sampling, SequenceCallback, Tracker
 from .decoding import check_prompt, context_budget
 from .sampling import GenerationError
 
-__all__ = ["ENCODER", "Seq2SeqBatch", "Seq2SeqStack", "generate_seq2seq", "t5_specials"]
+__all__ = ["ENCODER", "Seq2SeqBatch", "Seq2SeqStack", "generate_seq2seq", "output_ids",
+           "seq2seq_sampling", "source_ids", "t5_specials"]
 
 ENCODER = "encoder"
 """Round 0's encoder-side tensor between stages: the encoder stream before the bridge,
@@ -45,6 +46,12 @@ encoder_out after it (a stage knows which from its own blocks)."""
 def t5_specials(cfg: ModelConfig) -> T5Specials:
     """The t5 family's special ids for ``cfg``: pad (= decoder start), eos, sentinels."""
     return T5Specials(cfg.vocab_size - special_count(cfg), SENTINELS)
+
+
+def output_ids(ids: Sequence[int], cfg: ModelConfig) -> list[int]:
+    """An output without the family's special ids (pad, eos, sentinels): what to detokenize."""
+    base = t5_specials(cfg).pad  # the specials follow the tokenizer's ids
+    return [t for t in ids if t < base]
 
 
 class Seq2SeqBatch:
@@ -188,6 +195,11 @@ class Seq2SeqStack:
     @staticmethod
     def _logits(head: nn.Module, x: Tensor) -> Tensor:
         return head({"hidden": x[:, -1:]})[:, -1]  # (B, V): the newest position only
+
+
+def source_ids(ids: Sequence[int], cfg: ModelConfig) -> list[int]:
+    """A tokenized source as the encoder reads it: ending in eos, as in training."""
+    return [*ids, t5_specials(cfg).eos]
 
 
 def seq2seq_sampling(sampling: Sampling, cfg: ModelConfig) -> Sampling:
