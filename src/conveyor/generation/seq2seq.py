@@ -173,6 +173,7 @@ class Seq2SeqStack:
                 self.memory[i] = block.cross.project_keys(enc)  # once per source
                 dec = self._decode(i, block, dec, 0)
             else:
+                assert isinstance(block, NamedHead), f"unexpected block {type(block).__name__}"
                 return self._logits(block, dec)
         return {"hidden": dec, ENCODER: enc, "attention_mask": mask}  # type: ignore[dict-item]
 
