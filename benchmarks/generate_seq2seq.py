@@ -14,8 +14,10 @@ flavour) of ``--layers`` encoder and as many decoder layers:
              prefix) rerun at every step, the whole batch at once.
 
 Fields as in ``generate_throughput.py`` (tokens_per_s, latency median/p90 between a
-sequence's tokens, ttft_s, wall_s_all, others_cpu, load_1m, oversubscribed). No
-simulator prediction: the generation cost model there times decoder stages only.
+sequence's tokens, ttft_s, wall_s_all, others_cpu, load_1m, oversubscribed); conveyor
+lines carry the simulator's prediction the same way (``sim_*``: each stage's round 0,
+the encoder included, and a decode round timed here in one thread; every message
+costed at the decoder stream's size, so round 0's ``encoder`` tensor is under-counted).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Any
@@ -35,13 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conveyor.config import ModelConfig  # noqa: E402
 from conveyor.generation.batch import Sampling  # noqa: E402
-from conveyor.generation.seq2seq import t5_specials  # noqa: E402
+from conveyor.generation.seq2seq import Seq2SeqBatch, Seq2SeqStack, t5_specials  # noqa: E402
 from conveyor.parallel.layout import resolve_partition  # noqa: E402
 from conveyor.parallel.mesh import Mesh  # noqa: E402
 from conveyor.runtime.generate import build_stage  # noqa: E402
 from conveyor.runtime.launch import launch  # noqa: E402
 from conveyor.runtime.seq2seq import Seq2SeqGenerator  # noqa: E402
-from generate_throughput import Spec, _Clock, _line, _microbatches  # noqa: E402
+from generate_throughput import Spec, _Clock, _line, _microbatches, predict  # noqa: E402
 from sim_accuracy import _Usage  # noqa: E402
 
 GREEDY = Sampling(temperature=0, stop_at_eot=False)
@@ -116,6 +119,35 @@ def _single(spec: Spec, batches: list[int], uncached: bool) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def stage_costs(spec: Spec, pp: int, batch: int) -> tuple[list[float], list[float]]:
+    """Seconds of each stage's round 0 (encoder and start token) and of a decode round."""
+    torch.set_num_threads(1)
+    part = resolve_partition(spec.cfg, pp)
+    sb = Seq2SeqBatch(spec.prompts[:batch], spec.new_tokens, spec.cfg, _microbatches(pp, batch))
+    cpu, d = torch.device("cpu"), spec.cfg.d_model
+    prefill, decode = [], []
+    for s in range(pp):
+        blocks = build_stage(spec.cfg, part, s)
+        first = sb.tokens(sb.rows(0), cpu)
+        x_pre: Any = first if s == 0 else {
+            "hidden": torch.randn(sb.size, 1, d), "encoder": torch.randn(sb.size, sb.source_len, d),
+            "attention_mask": first["attention_mask"]}
+        x_dec = first["decoder_tokens"] if s == 0 else torch.randn(sb.size, 1, d)
+        pre, dec = [], []
+        for _ in range(5):
+            stack = Seq2SeqStack(blocks, sb.size, sb.cache_len)
+            t0 = time.perf_counter()
+            stack(x_pre, 0)
+            t1 = time.perf_counter()
+            stack(x_dec, spec.new_tokens // 2)  # half way: attention over half the cache
+            pre.append(t1 - t0)
+            dec.append(time.perf_counter() - t1)
+        prefill.append(statistics.median(pre))
+        decode.append(statistics.median(dec))
+    return prefill, decode
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run every case; print JSON lines; return them."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,6 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for b in args.batches:
             line = _line("conveyor", pp, b, pp, [per_rank[r][f"conveyor-{b}"]
                                                  for r in sorted(per_rank)], spec)
+            sb = Seq2SeqBatch(spec.prompts[:b], spec.new_tokens, cfg, _microbatches(pp, b))
+            line |= predict(spec, pp, b, stage_costs(spec, pp, b), sb)
             lines.append(line | {"family": "t5"})
             other = "single" if pp > 1 else "uncached"
             key = f"{'conveyor' if pp > 1 else 'uncached'}-{b}"

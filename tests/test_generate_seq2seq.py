@@ -188,4 +188,4 @@ def test_seq2seq_benchmark_prints_complete_json_lines(capsys: pytest.CaptureFixt
     assert [(d["impl"], d["family"]) for d in lines] == [("conveyor", "t5"), ("single", "t5")]
     for d in lines:
         assert d["batch"] == 3 and d["tokens_per_s"] > 0 and d["latency_median_s"] > 0, d
-    assert lines[0]["microbatches"] == 2
+    assert lines[0]["microbatches"] == 2 and lines[0]["sim_tokens_per_s"] > 0
