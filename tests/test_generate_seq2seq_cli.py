@@ -97,10 +97,14 @@ def test_cli_pipelined_file_matches_one_process(tmp_path: Path, tokenizer: Token
     assert {"F0 s0", "F0 s1", "F0 s2"} <= names  # round 0 (the encoder) on both, round 1
 
 
-def test_cli_refuses_bert_in_one_line_pointing_to_predict(
+def test_cli_refuses_bert_and_a_long_source_in_one_line(
     tmp_path: Path, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = _export(tmp_path, tokenizer, _cfg(tokenizer, "bert"))
     assert main(["generate", "--checkpoint", str(out), "--prompt", "The quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert "conveyor predict" in err and len(err.splitlines()) == 1
+    t5 = _export(tmp_path, tokenizer, _cfg(tokenizer))
+    assert main(["generate", "--checkpoint", str(t5), "--prompt", "The quick brown fox " * 20]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "at most 23 tokens" in err and len(err.splitlines()) == 1

@@ -199,7 +199,15 @@ class Seq2SeqStack:
 
 
 def source_ids(ids: Sequence[int], cfg: ModelConfig) -> list[int]:
-    """A tokenized source as the encoder reads it: ending in eos, as in training."""
+    """A tokenized source as the encoder reads it: ending in eos, as in training.
+
+    GenerationError if that is longer than the model's ``max_seq_len``.
+    """
+    if len(ids) + 1 > cfg.max_seq_len:
+        raise GenerationError(
+            f"the source has {len(ids)} tokens; with the eos the encoder reads after it that "
+            f"is more than the model's max_seq_len={cfg.max_seq_len}: shorten it to at most "
+            f"{cfg.max_seq_len - 1} tokens")
     return [*ids, t5_specials(cfg).eos]
 
 
