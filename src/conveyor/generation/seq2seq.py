@@ -231,6 +231,8 @@ def generate_seq2seq(
 ) -> list[list[int]]:
     """Each source's output ids, in one process: the whole model, the sources as one batch.
 
+    A finished sequence leaves the batch at once (its rows and caches dropped).
+
     Stops a sequence at T5's eos (unless ``sampling.eot_id`` names another; not
     returned), after ``max_new_tokens`` or when ``max_seq_len`` decoder positions are
     used. ``on_token(source, id)`` sees each token as it is chosen.
@@ -240,15 +242,17 @@ def generate_seq2seq(
     batch = Seq2SeqBatch(sources, max_new_tokens, cfg, 1)
     tracker = Tracker(batch, sampling, on_token)  # type: ignore[arg-type]
     device = next(next(iter(blocks.values())).parameters()).device
-    rows = batch.rows(0)
     stack = Seq2SeqStack(blocks, batch.size, batch.cache_len, device)
-    generators = [None if i < 0 or sampling.temperature == 0 else
-                  torch.Generator(device=device).manual_seed(sampling.seed) for i in rows]
-    x: Tensor | State = batch.tokens(rows, device)
+    generators = {i: torch.Generator(device=device).manual_seed(sampling.seed)
+                  for i in range(len(batch.prompts)) if sampling.temperature > 0}
     for round_ in range(batch.max_budget):
-        if all(tracker.done):
+        picks = tracker.regroup(1)  # finished sequences leave; caches follow the others
+        if not tracker.layout:
             break
-        tokens = sampling.sample(stack(x, round_), generators)  # type: ignore[arg-type]
+        if picks:
+            stack = Seq2SeqStack.gather([stack], picks[0])
+        rows = tracker.layout[0]
+        x = batch.tokens(rows, device) if round_ == 0 else tracker.newest(0, device)
+        tokens = sampling.sample(stack(x, round_), [generators.get(i) for i in rows])
         tracker.add(0, round_, tokens)
-        x = tokens.view(-1, 1)
     return tracker.out
