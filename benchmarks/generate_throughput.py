@@ -203,11 +203,17 @@ def stage_costs(spec: Spec, pp: int, batch: int) -> tuple[list[float], list[floa
     return prefill, decode
 
 
-def predict(spec: Spec, pp: int, batch: int, costs: tuple[list[float], list[float]]
-            ) -> dict[str, float]:
-    """Simulate every segment schedule of the run, one after another."""
+def predict(spec: Spec, pp: int, batch: int, costs: tuple[list[float], list[float]],
+            pb: Any = None) -> dict[str, float]:
+    """Simulate every segment schedule of the run, one after another.
+
+    ``pb``: the run's batch (a PromptBatch, or any with its microbatch count, size and
+    budget, e.g. a Seq2SeqBatch); by default the prompts' PromptBatch.
+    """
     prefill, decode = costs
-    pb = PromptBatch(spec.prompts[:batch], spec.new_tokens, spec.cfg, _microbatches(pp, batch))
+    if pb is None:
+        pb = PromptBatch(spec.prompts[:batch], spec.new_tokens, spec.cfg,
+                         _microbatches(pp, batch))
     m = pb.num_microbatches
     total, done, gaps = 0.0, 0, []
     while done < pb.max_budget:

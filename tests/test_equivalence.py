@@ -149,8 +149,9 @@ def _ragged_cases(world: int) -> list[Case]:
 
 def _family_cases(world: int) -> list[Case]:
     """BERT (masked LM + NSP) and T5 (span corruption) at pp 1, 2 and 4 with gpipe, 1f1b,
-    interleaved 1F1B and ZB-V, dp 2 and tp 2; T5 split so that one stage holds its last
-    encoder layer, the bridge and its first decoder layer (partition ``params``)."""
+    interleaved 1F1B and ZB-V, dp 2 and tp 2, full and selective recompute; T5 split so
+    that one stage holds its last encoder layer, the bridge and its first decoder layer
+    (partition ``params``)."""
     out = []
     for family, flavour in (("bert", "gpt2"), ("t5", "llama")):
         part = "params" if family == "t5" else "uniform"
@@ -161,6 +162,7 @@ def _family_cases(world: int) -> list[Case]:
                     Case("gpipe", 2, 4, family=family, flavour=flavour, partition=part),
                     Case("1f1b", 2, 2, family=family, flavour=flavour, tied=True),
                     Case("interleaved-1f1b", 2, 4, family=family, flavour=flavour, recompute=True),
+                    Case("1f1b", 2, 4, family=family, flavour=flavour, recompute="selective"),
                     Case("zb-v", 2, 4, family=family, flavour=flavour, tied=True, nccl=True,
                          partition=part)]
         if world == 4:

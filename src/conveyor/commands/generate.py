@@ -14,6 +14,12 @@ longest prompt) in ``--microbatches`` microbatches, with a
 progress bar on stderr, and written as JSON lines (``--output``, else stdout).
 Generation stops after ``--max-new-tokens``, at the end-of-text token, or when the
 model's ``max_seq_len`` positions are full (a note on stderr says so).
+
+An encoder-decoder (t5) maps each prompt, its *source*, to an output
+(:mod:`conveyor.runtime.seq2seq`): the source is encoded with T5's eos appended, as
+in training; the output stops at eos, and is printed (streamed for one ``--prompt``)
+or written as ``{"source", "output"}`` lines without special tokens. An encoder
+(bert) labels text rather than generating it: ``conveyor predict``.
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ from ..config import ConfigError, ModelConfig
 from ..data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 from ..generation import GenerationError, TextStream, check_prompt, context_budget
 from ..generation.batch import Sampling
+from ..generation.seq2seq import output_ids, source_ids
 from ..models.families import family_of
 from ..parallel.layout import resolve_partition
 from ..parallel.mesh import Mesh
-from ..runtime.generate import PipelinedGenerator, build_stage
+from ..runtime.generate import build_stage
 from ..runtime.launch import default_backend, launch
+from ..runtime.seq2seq import generator_class
 from ..schedules.validate import TimedAction
 from ..sim.render import write_chrome_trace
 from ..train.checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
@@ -69,9 +77,10 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="checkpoint dir, run dir (latest checkpoint) or exported model dir")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="text to continue, streamed to stdout")
+    what.add_argument("--prompt", help="text to continue (t5: the source), streamed to stdout")
     what.add_argument("--prompts-file", type=Path,
-                      help=".txt (one prompt a line) or .jsonl ({\"prompt\": ...} a line)")
+                      help=".txt (one prompt a line) or .jsonl ({\"prompt\": ...} or "
+                      "{\"source\": ...} a line)")
     p.add_argument("--output", type=Path, default=None,
                    help="write results here as JSON lines (unset: stdout for a prompts file, "
                    "streamed text for a prompt)")
@@ -193,10 +202,10 @@ def read_prompts(path: Path) -> list[str]:
         except json.JSONDecodeError as err:
             raise GenerationError(f"{path}:{n} is not JSON ({err.msg}); write one "
                                   '{"prompt": "..."} object per line') from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
+        prompt = record.get("prompt", record.get("source")) if isinstance(record, dict) else None
         if not isinstance(prompt, str):
-            raise GenerationError(f'{path}:{n} has no "prompt" string; write one '
-                                  '{"prompt": "..."} object per line')
+            raise GenerationError(f'{path}:{n} has no "prompt" string (or "source", for t5); '
+                                  'write one {"prompt": "..."} object per line')
         prompts.append(prompt)
     if not prompts:
         raise GenerationError(f"--prompts-file {path} holds no prompt; write one per line")
@@ -204,11 +213,13 @@ def read_prompts(path: Path) -> list[str]:
 
 
 class _Printer:
-    """Writes the prompt, then each completed piece of text, to stdout at once."""
+    """Writes the prompt (not an encoder-decoder's source), then each completed piece of text."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> None:
-        self.stream = TextStream(tokenizer.decode, prompt_ids)
-        self._write(prompt)
+    def __init__(self, tokenizer: Tokenizer, job: _Job) -> None:
+        seq2seq = family_of(job.source.cfg).seq2seq
+        self.stream = TextStream(_text_of(tokenizer, job.source.cfg),
+                                 [] if seq2seq else job.prompt_ids[0])
+        self._write("" if seq2seq else job.prompts[0])
 
     def __call__(self, index: int, token: int) -> None:
         del index  # one prompt
@@ -238,13 +249,12 @@ def _generate(job: _Job) -> tuple[list[list[int]], list[TimedAction]]:
     partition = resolve_partition(cfg, job.pp)  # weights load by name: any split works
     blocks = build_stage(cfg, partition, stage, load=job.source.loader(), device=_device())
     _check_finite(blocks, job.source.weights)  # each rank its own blocks
-    gen = PipelinedGenerator(blocks, cfg, mesh, timeout_s=job.timeout_s)
+    gen = generator_class(cfg)(blocks, cfg, mesh, timeout_s=job.timeout_s)
     gen.record = job.trace
     results: list[list[int]] = []
     timeline: list[TimedAction] = []
     if job.stream:
-        printer = _Printer(_tokenizer(job.source), job.prompts[0], job.prompt_ids[0]) \
-            if stage == 0 else None
+        printer = _Printer(_tokenizer(job.source), job) if stage == 0 else None
         results = gen.generate(job.prompt_ids, job.max_new_tokens, job.sampling,
                                microbatches=1, on_token=printer)
         if printer is not None:
@@ -269,17 +279,30 @@ def _generate(job: _Job) -> tuple[list[list[int]], list[TimedAction]]:
     return results, timeline
 
 
+def _text_of(tokenizer: Tokenizer, cfg: ModelConfig) -> Callable[[Sequence[int]], str]:
+    """How ids become text: an encoder-decoder's output loses its special tokens."""
+    if not family_of(cfg).seq2seq:
+        return tokenizer.decode
+    return lambda ids: str(tokenizer.hf.decode(output_ids(ids, cfg), skip_special_tokens=True))
+
+
 def _write_results(out: TextIO, job: _Job, results: list[list[int]], tokenizer: Tokenizer) -> None:
+    seq2seq = family_of(job.source.cfg).seq2seq
+    text = _text_of(tokenizer, job.source.cfg)
     for i, (prompt, ids, new) in enumerate(zip(job.prompts, job.prompt_ids, results, strict=True)):
-        completion = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
-        record = {"index": i, "prompt": prompt, "completion": completion, "new_tokens": len(new)}
+        if seq2seq:
+            record = {"index": i, "source": prompt, "output": text(new), "new_tokens": len(new)}
+        else:
+            completion = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
+            record = {"index": i, "prompt": prompt, "completion": completion,
+                      "new_tokens": len(new)}
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _check_sizes(args: argparse.Namespace, cfg: ModelConfig) -> None:
-    if not family_of(cfg).generates:
-        raise ConfigError(f"this model is family={cfg.family!r}; `conveyor generate` continues "
-                          "text with a decoder (family 'gpt') only")
+    if not (family_of(cfg).generates or family_of(cfg).seq2seq):
+        raise ConfigError(f"this model is family={cfg.family!r}, an encoder: it labels text "
+                          "rather than generating it; use `conveyor predict --checkpoint ...`")
     positive(args.max_new_tokens, "--max-new-tokens")
     positive(args.timeout, "--timeout", integer=False)
     if not 1 <= args.pp <= cfg.num_blocks:
@@ -299,10 +322,13 @@ def _run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompts_file is None else read_prompts(args.prompts_file)
     tokenizer = _tokenizer(source)
     check_tokenizer_fits(tokenizer, source.tokenizer, cfg.vocab_size, _own_tokenizer(args.checkpoint))
-    ids = [check_prompt(tokenizer.encode(p), cfg) for p in prompts]
+    seq2seq = family_of(cfg).seq2seq
+    # a source ends in eos as in training; its output stops at eos (the generator's default)
+    ids = [check_prompt(source_ids(tokenizer.encode(p), cfg) if seq2seq else tokenizer.encode(p),
+                        cfg) for p in prompts]
     stream = args.prompts_file is None and args.output is None
     job = _Job(source, prompts, ids, args.max_new_tokens,
-               replace(sampling, eot_id=tokenizer.eot_id), args.pp,
+               replace(sampling, eot_id=None if seq2seq else tokenizer.eot_id), args.pp,
                args.batch_size, args.microbatches, args.timeout, stream, args.trace is not None)
     if args.pp == 1:
         results, timeline = _generate(job)
@@ -321,12 +347,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.trace is not None:
         print(f"conveyor generate: wrote {write_chrome_trace({'generate': timelines}, args.trace)}",
               file=sys.stderr)
-    budgets = [context_budget(len(i), args.max_new_tokens, cfg.max_seq_len) for i in ids]
+    # the decoder's positions: the prompt's and the new tokens, or an output's alone
+    budgets = [context_budget(1 if seq2seq else len(i), args.max_new_tokens, cfg.max_seq_len)
+               for i in ids]
     full = [n for n, (b, r) in enumerate(zip(budgets, results, strict=True))
             if b < args.max_new_tokens and len(r) == b]
     if full and len(prompts) == 1:
-        print(f"conveyor generate: stopped after {budgets[0]} new tokens: the prompt's "
-              f"{len(ids[0])} tokens and these fill max_seq_len={cfg.max_seq_len}",
+        what = "the decoder's start token" if seq2seq else f"the prompt's {len(ids[0])} tokens"
+        print(f"conveyor generate: stopped after {budgets[0]} new tokens: {what} "
+              f"and these fill max_seq_len={cfg.max_seq_len}",
               file=sys.stderr)
     elif full:
         print(f"conveyor generate: {len(full)} of {len(prompts)} prompts stopped early: their "

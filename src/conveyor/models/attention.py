@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from conveyor.config import ModelConfig
 from conveyor.models.linear import Linear
@@ -53,25 +54,29 @@ class RelativePositionBias(nn.Module):
         far = far.clamp(max=buckets - 1)
         return out + torch.where(distance < exact, distance, far)
 
-    def forward(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
-        """Bias (1, heads, q_len, k_len) for queries 0.. against keys 0.."""
+    def forward(self, q_len: int, k_len: int, device: torch.device, q_start: int = 0) -> Tensor:
+        """Bias (1, heads, q_len, k_len) for queries at q_start.. against keys 0.."""
         relative = (torch.arange(k_len, device=device)[None, :]
-                    - torch.arange(q_len, device=device)[:, None])  # (q, k): key - query
+                    - torch.arange(q_start, q_start + q_len, device=device)[:, None])  # key - query
         return self.table(self._bucket(relative)).permute(2, 0, 1).unsqueeze(0)
 
 
-def attention_mask(key_mask: Tensor, q_len: int, *, causal: bool) -> Tensor:
-    """Boolean (B, 1, q_len, k_len): True where a query may attend to a key."""
+def attention_mask(key_mask: Tensor, q_len: int, *, causal: bool, q_start: int = 0) -> Tensor:
+    """Boolean (B, 1, q_len, k_len): True where a query (at q_start..) may attend to a key."""
     allowed = key_mask.bool()[:, None, None, :]  # (B, 1, 1, k)
     if causal:
         k_len = key_mask.shape[1]
         allowed = allowed & torch.ones(q_len, k_len, dtype=torch.bool,
-                                       device=key_mask.device).tril()
+                                       device=key_mask.device).tril(diagonal=q_start)
     return allowed
 
 
 class MaskedAttention(nn.Module):
     """Multi-head attention over the input itself or a memory, with a padding mask."""
+
+    recompute_core: bool = False
+    """Selective recomputation: keep q, k, v (the linears' outputs) for backward and run
+    the core (mask, relative bias, softmax attention) again there. Set by the stage runner."""
 
     def __init__(self, cfg: ModelConfig, *, causal: bool, cross: bool = False,
                  relative_bias: bool = False) -> None:
@@ -107,15 +112,38 @@ class MaskedAttention(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor, memory: Tensor | None = None) -> Tensor:
         """x (B, Tq, D) attends to itself, or to ``memory`` (B, Tk, D); key_mask is (B, Tk)."""
-        B, T, D = x.shape
         source = memory if self.cross else x
         assert source is not None, "cross-attention needs the encoder output"
-        k, v = self.kv(source).chunk(2, dim=-1)  # this rank's heads only under tp
-        q, k, v = self._heads(self.q(x)), self._heads(k), self._heads(v)
-        allowed = attention_mask(key_mask, T, causal=self.causal)  # (B, 1, Tq, Tk)
+        k, v = self.project_keys(source)  # this rank's heads only under tp
+        q = self._heads(self.q(x))
+        if self.recompute_core and torch.is_grad_enabled():
+            y = checkpoint(self._core, q, k, v, key_mask, 0, use_reentrant=False)
+        else:
+            y = self._core(q, k, v, key_mask, 0)
+        return self._merge(y)
+
+    def project_keys(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, heads, Tk, head_dim) of ``source`` (B, Tk, D)."""
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, q_start: int) -> Tensor:
+        """Queries of x (B, Tq, D), at positions q_start.., against given keys and values.
+
+        Incremental decoding: k, v hold every key so far (a cache, or a memory's keys
+        computed once), so each new position computes what the full forward computes.
+        """
+        return self._merge(self._core(self._heads(self.q(x)), k, v, key_mask, q_start))
+
+    def _merge(self, y: Tensor) -> Tensor:
+        B, _, T, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, q_start: int) -> Tensor:
+        T = q.shape[2]
+        allowed = attention_mask(key_mask, T, causal=self.causal, q_start=q_start)  # (B,1,Tq,Tk)
         mask: Tensor = allowed
         if self.relative is not None:
-            bias = self.relative(T, k.shape[2], x.device).to(q.dtype)  # (1, heads, Tq, Tk)
+            bias = self.relative(T, k.shape[2], q.device, q_start).to(q.dtype)  # (1, h, Tq, Tk)
             mask = bias.masked_fill(~allowed, float("-inf"))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Tq, hd)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Tq, hd)

@@ -54,6 +54,9 @@ class Family:
     """Whether its boundaries can be split along the sequence under tensor parallelism."""
     generates: bool = False
     """Whether ``conveyor generate`` can continue text with it (a decoder with KV caches)."""
+    seq2seq: bool = False
+    """Whether ``conveyor generate`` maps sources to outputs with it (an encoder-decoder:
+    ``runtime.seq2seq.Seq2SeqGenerator``)."""
 
 
 def _meta_blocks(cfg: ModelConfig, block: Callable[[ModelConfig, int], nn.Module]) -> list[nn.Module]:

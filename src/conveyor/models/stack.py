@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
 from conveyor.models.attention import MaskedAttention
-from conveyor.models.layers import make_mlp, make_norm
+from conveyor.models.layers import KVCache, make_mlp, make_norm
 
 __all__ = ["DecoderLayer", "EncoderLayer", "NamedBlock", "NamedEmbedding", "NamedHead", "State"]
 
@@ -81,3 +81,18 @@ class DecoderLayer(NamedBlock):
         x = x + self.cross(self.norm_cross(x), state["attention_mask"], state["encoder_out"])
         x = x + self.mlp(self.norm2(x))
         return {**state, "hidden": x}
+
+    def decode(self, x: Tensor, start: int, cache: KVCache, self_mask: Tensor,
+               memory_kv: tuple[Tensor, Tensor], memory_mask: Tensor) -> Tensor:
+        """Decoder positions start.. (x: B, T, D) with cached keys and values (generation).
+
+        ``cache`` gets x's self-attention keys/values and holds those of every earlier
+        position; ``memory_kv`` are the cross-attention's over the encoder output,
+        computed once (``cross.project_keys``). ``self_mask`` (B, start + T) marks the
+        decoder's real positions, ``memory_mask`` (B, S) the source's.
+        """
+        h = self.norm1(x)
+        k, v = cache.update(*self.attn.project_keys(h), start)
+        x = x + self.attn.attend(h, k, v, self_mask, start)
+        x = x + self.cross.attend(self.norm_cross(x), *memory_kv, memory_mask, start)
+        return x + self.mlp(self.norm2(x))

@@ -185,7 +185,8 @@ class PipelinedGenerator:
         stopping rules and errors as :func:`conveyor.generation.generate`.
         """
         m = microbatches or self.pp
-        batch = PromptBatch(prompts, max_new_tokens, self.cfg, m)
+        sampling = self._sampling(sampling)
+        batch = self._batch(prompts, max_new_tokens, m)
         run = _Run(self, batch, Tracker(batch, sampling, on_token, on_done), sampling)
         self.timeline = []
         rounds_done, t0 = 0, time.perf_counter()
@@ -196,6 +197,27 @@ class PipelinedGenerator:
             rounds = min(segment_rounds, run.tracker.rounds_left())
             self._segment(run, rounds_done, rounds, t0)
             rounds_done += rounds
+
+    # What a model family changes (runtime.seq2seq overrides these for encoder-decoders)
+
+    def _sampling(self, sampling: Sampling) -> Sampling:
+        """The sampling settings generation runs with."""
+        return sampling
+
+    def _batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               microbatches: int) -> PromptBatch:
+        """The prompts split into microbatches of one shape."""
+        return PromptBatch(prompts, max_new_tokens, self.cfg, microbatches)
+
+    def _stack(self, batch: PromptBatch, rows: Sequence[int]) -> CachedBlocks:
+        """This rank's blocks with the caches of one microbatch (``rows``: prompt indices)."""
+        return CachedBlocks(self.blocks, self.cfg, len(rows), batch.cache_len, self.device,
+                            padding=batch.padding(rows, self.device))
+
+    def _hidden_signature(self, batch: PromptBatch, size: int, round_: int,
+                          boundary: int) -> Signature:
+        """What crosses a cut within round ``round_`` (``boundary``: a virtual stage)."""
+        return boundary_signature(self.cfg, size, batch.slots(round_)[1], boundary)
 
     def _segment(self, run: _Run, first_round: int, rounds: int, t0: float) -> None:
         """Run ``rounds`` rounds of every microbatch of the current layout as one schedule."""
@@ -228,7 +250,7 @@ class PipelinedGenerator:
         kind = seg.crossing(boundary)
         if kind == HIDDEN:
             round_ = first_round + (seg.round_of(boundary) or 0)
-            return boundary_signature(self.cfg, size, batch.slots(round_)[1], boundary)
+            return self._hidden_signature(batch, size, round_, boundary)
         width = 1 if kind == NEXT else seg.rounds
         return {"tokens": TensorSpec((size, width), torch.long, grad=False)}
 
@@ -239,9 +261,7 @@ class _Run:
     def __init__(self, gen: PipelinedGenerator, batch: PromptBatch, tracker: Tracker,
                  sampling: Sampling) -> None:
         self.gen, self.batch, self.tracker, self.sampling = gen, batch, tracker, sampling
-        self.stacks = [CachedBlocks(gen.blocks, gen.cfg, len(rows), batch.cache_len, gen.device,
-                                    padding=batch.padding(rows, gen.device))
-                       for rows in tracker.layout]
+        self.stacks = [gen._stack(batch, rows) for rows in tracker.layout]
         # one generator per sequence, on the rank that samples (none for greedy)
         self.generators: dict[int, torch.Generator] = {}
         if gen.stage == gen.pp - 1 and sampling.temperature > 0:
@@ -253,7 +273,7 @@ class _Run:
         """Drop finished sequences' rows; the others' caches follow them to their new rows."""
         picks = self.tracker.regroup(max_microbatches)
         if picks is not None:
-            self.stacks = [CachedBlocks.gather(self.stacks, rows) for rows in picks]
+            self.stacks = [type(self.stacks[0]).gather(self.stacks, rows) for rows in picks]
 
     def generators_of(self, mb: int) -> list[torch.Generator | None]:
         """Each row's generator (None: greedy, or an idle row)."""
@@ -281,17 +301,18 @@ class _VirtualStage:
             self._learn(mb, inputs["tokens"])  # type: ignore[index]
             return {"tokens": inputs["tokens"]}  # type: ignore[index]
         round_ = self.first_round + self.local_round
-        if isinstance(inputs, Tensor):
-            x = inputs  # the segment's first input on rank 0: prompts or newest tokens
+        x: Tensor | dict[str, Tensor]
+        if self.v == 0:  # the segment's first input on rank 0: prompts or newest tokens
+            x = inputs
         elif "tokens" in inputs:  # the previous round's tokens, back from the last rank
-            tracker.add(mb, round_ - 1, inputs["tokens"].view(-1))
-            x = inputs["tokens"]
-        else:
-            x = inputs["hidden"]
+            tracker.add(mb, round_ - 1, inputs["tokens"].view(-1))  # type: ignore[index]
+            x = inputs["tokens"]  # type: ignore[index]
+        else:  # hidden states (an encoder-decoder's first round: named tensors)
+            x = inputs["hidden"] if len(inputs) == 1 else inputs  # type: ignore[index,arg-type]
         start, _ = self.run.batch.slots(round_)
         y = self.run.stacks[mb](x, start)
         if not self.is_last_model_stage:
-            return {"hidden": y}
+            return y if isinstance(y, dict) else {"hidden": y}
         tokens = self.run.sampling.sample(y, self.run.generators_of(mb))  # (size,)
         tracker.add(mb, round_, tokens)
         if self.local_round == 0:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import ActivationMeter, count_saved_bytes, weight_storages
+from ..models.attention import MaskedAttention
 from ..models.layers import Attention
 from ..models.linear import WeightGradStore, attach_weight_grad_store
 from ..models.objective import Targets, normalise, target_counts
@@ -55,7 +56,7 @@ class StageRunner:
         self.recompute = recompute
         for block in blocks.values():
             for module in block.modules():
-                if isinstance(module, Attention):
+                if isinstance(module, (Attention, MaskedAttention)):
                     module.recompute_core = recompute == "selective"
         self.autocast_dtype = autocast_dtype
         self.device = next(next(iter(blocks.values())).parameters()).device

@@ -63,6 +63,10 @@ class T5Embedding(NamedEmbedding):
                 "decoder_hidden": self.tok(batch["decoder_tokens"]),
                 "decoder_mask": batch["decoder_mask"]}
 
+    def embed(self, ids: Tensor) -> Tensor:
+        """One stream's token ids (B, T) -> embeddings (B, T, D) (generation embeds them apart)."""
+        return self.tok(ids)
+
 
 class T5Bridge(NamedBlock):
     """The encoder's final norm: its output becomes encoder_out, the decoder stream hidden."""
@@ -75,6 +79,10 @@ class T5Bridge(NamedBlock):
         """hidden (B, S, D), decoder_hidden (B, T, D) -> hidden (B, T, D), encoder_out (B, S, D)."""
         return {"hidden": state["decoder_hidden"], "encoder_out": self.norm(state["hidden"]),
                 "attention_mask": state["attention_mask"], "decoder_mask": state["decoder_mask"]}
+
+    def encoder_out(self, hidden: Tensor) -> Tensor:
+        """The encoder stream (B, S, D) -> encoder_out (generation runs the streams apart)."""
+        return self.norm(hidden)
 
 
 class T5Head(NamedHead):
@@ -133,4 +141,4 @@ def _example(cfg: ModelConfig, batch: int, seq: int, gen: torch.Generator) -> tu
     return inputs, {"lm": torch.randint(cfg.vocab_size, (batch, tgt), generator=gen)}
 
 
-T5 = Family("t5", _block, _signature, *estimate_costs(_block), _example)
+T5 = Family("t5", _block, _signature, *estimate_costs(_block), _example, seq2seq=True)
