@@ -172,6 +172,23 @@ def test_sequence_parallel_is_refused_for_encoder_families() -> None:
         resolve_layout(_cfg("bert"), par)
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("norm_position", "middle", "norm_position='middle' is unknown; use 'pre'"),
+    ("activation", "swish", "activation='swish' is unknown; use one of gelu_tanh"),
+    ("head_bias", "yes", "head_bias='yes' must be true or false"),
+])
+def test_model_options_refuse_bad_values_in_one_line(field: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**{field: value})  # type: ignore[arg-type]
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_flavours_own_activation_is_the_default() -> None:
+    assert ModelConfig(flavour="llama", activation="silu") == ModelConfig(flavour="llama")
+    assert ModelConfig(activation="gelu_tanh").activation is None
+    assert ModelConfig(flavour="llama", activation="gelu_tanh").act == "gelu_tanh"
+
+
 def test_unknown_family_is_one_line() -> None:
     with pytest.raises(ConfigError, match="family='xlnet' is unknown"):
         ModelConfig(family="xlnet")  # type: ignore[arg-type]

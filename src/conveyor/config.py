@@ -17,7 +17,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 from .schedules import SCHEDULES, ScheduleError, check_virtual_stages
 
 __all__ = [
+    "ACTIVATIONS",
     "FAMILIES",
+    "NORM_POSITIONS",
     "PARTITIONS",
     "RECOMPUTE_MODES",
     "ConfigError",
@@ -50,6 +52,16 @@ def _positive(obj: object, *names: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
 
+
+NORM_POSITIONS = ("pre", "post")
+"""Where a layer's norms sit (``ModelConfig.norm_position``): before each sublayer, or after
+each residual add."""
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+"""MLP activations by name (``ModelConfig.activation``; ``models.layers`` holds the functions)."""
+
+FLAVOUR_ACTIVATION = {"gpt2": "gelu_tanh", "llama": "silu"}
+"""Each flavour's own activation: what ``activation=None`` means."""
 
 FAMILIES = ("gpt", "bert", "t5")
 """Model families (``models.families`` lists each one's blocks, boundary and objective)."""
@@ -95,6 +107,16 @@ class ModelConfig:
     """Rotary base (llama only)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """'pre': each sublayer reads a normed input (x + f(norm(x))) and the head norms the
+    stream first; 'post': each residual sum is normed (norm(x + f(x))) and the head has no
+    final norm (the original transformer and BERT)."""
+    activation: Literal["gelu_tanh", "gelu", "silu", "relu"] | None = None
+    """The MLP's activation (the gate's in llama's gated MLP; also BERT's MLM transform);
+    None: the flavour's own, 'gelu_tanh' for gpt2 and 'silu' for llama. 'gelu' is the exact
+    (erf) GELU."""
+    head_bias: bool = False
+    """Whether the vocabulary projection of the head adds a bias (BERT's MLM decoder)."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -124,11 +146,27 @@ class ModelConfig:
             _positive(self, "d_ff")
         for name in ("norm_eps", "rope_theta", "init_std"):  # each gives NaN from step 0 at <= 0
             _number(self, name, inclusive=False)
+        if self.norm_position not in NORM_POSITIONS:
+            raise ConfigError(f"norm_position={self.norm_position!r} is unknown; use 'pre' "
+                              "(norm before each sublayer) or 'post' (after each residual add)")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is unknown; use one of "
+                              f"{', '.join(ACTIVATIONS)} (or leave it out for the flavour's own)")
+        if self.activation == FLAVOUR_ACTIVATION[self.flavour]:
+            # one spelling of the default, so a saved config and a fresh one compare equal
+            object.__setattr__(self, "activation", None)
+        if not isinstance(self.head_bias, bool):
+            raise ConfigError(f"head_bias={self.head_bias!r} must be true or false")
 
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.d_model // self.n_heads
+
+    @property
+    def act(self) -> str:
+        """The MLP activation actually used (``activation``, else the flavour's)."""
+        return self.activation or FLAVOUR_ACTIVATION[self.flavour]
 
     @property
     def kv_heads(self) -> int:
