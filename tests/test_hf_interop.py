@@ -236,13 +236,20 @@ def test_unsupported_settings_are_refused_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     BUILDERS[family](tmp_path / "hf")
-    _edit_config(tmp_path / "hf", **changes)
+    assert_import_refused(tmp_path / "hf", changes, needle, capsys)
+
+
+def assert_import_refused(hf_dir: Path, changes: dict[str, Any], needle: str,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``changes`` made to its config.json, importing ``hf_dir`` fails in one line."""
+    _edit_config(hf_dir, **changes)
     capsys.readouterr()
-    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    out = hf_dir.parent / "out"
+    assert main(["import", str(hf_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("conveyor import: error: ")
+    assert len(err.splitlines()) == 1 and err.startswith("conveyor import: error: "), err
     assert needle in err, err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_file_problems_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

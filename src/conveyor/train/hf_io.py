@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
 from ..data.atomic import atomic_write
-from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer
+from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer, special_token
+from ..models.build import build_block
 from ..models.hf import TensorMap, check_exportable, expected_hf_names, to_conveyor, to_hf
 from ..models.hf_families import family_of, family_of_hf
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
@@ -166,6 +167,9 @@ def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[
     """(architecture, config, parameters by Conveyor name) of a Hugging Face directory."""
     family, cfg = _hf_config(hf_dir, raw)
     stored = {family.canonical(n): t for n, t in _read_hf_tensors(hf_dir).items()}
+    for name, copy in family.copies.items():
+        if copy in stored:
+            stored[name] = stored.pop(copy)
     maps = family.tensor_maps(cfg)
     expected = expected_hf_names(maps)
     missing = [n for n in expected if n not in stored]
@@ -189,8 +193,17 @@ def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[
             "save_pretrained from the transformers that reads it"
         )
     tensors = to_conveyor(maps, stored)
-    check_shapes(tensors, param_shapes(cfg), f"{hf_dir} (converted)")
+    shapes = param_shapes(cfg)
+    tensors.update(_fresh([n for n in shapes if n not in tensors and family.is_absent(n)], cfg))
+    check_shapes(tensors, shapes, f"{hf_dir} (converted)")
     return family.architecture, cfg, tensors
+
+
+def _fresh(names: list[str], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Parameters the HF architecture lacks, as a fresh Conveyor model (seed 0) starts them."""
+    blocks = sorted({int(n.split(".")[1]) for n in names})
+    made = {f"blocks.{i}.{k}": t for i in blocks for k, t in build_block(cfg, i, 0).state_dict().items()}
+    return {n: made[n] for n in names}
 
 
 def _table_name(maps: list[TensorMap]) -> str:
@@ -271,8 +284,8 @@ def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor
     return shards
 
 
-def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], int, int] | None:
-    """(tokenizer.json bytes, tokenizer_config, bos id, eos id), or None without a tokenizer."""
+def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], dict[str, int]] | None:
+    """(tokenizer.json bytes, tokenizer_config, HF config's special ids), None without one."""
     if model.tokenizer is None:
         return None
     path = Path(model.tokenizer)
@@ -284,15 +297,17 @@ def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], int, int
         # without a class AutoTokenizer would pick the model type's, which may rebuild the
         # pipeline; the generic class loads tokenizer.json as it is
         settings.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        settings.setdefault("eos_token", tok.eot)
+        if special_token(settings, "sep") is None:  # BERT's end token is its [SEP], no eos
+            settings.setdefault("eos_token", tok.eot)
     else:
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.eot,
                     "eos_token": tok.eot, "model_max_length": model.cfg.max_seq_len,
                     "clean_up_tokenization_spaces": False}
-    bos = settings.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
-    bos_id = tok.hf.token_to_id(bos) if isinstance(bos, str) else None
-    return data, settings, tok.eot_id if bos_id is None else bos_id, tok.eot_id
+    ids = {f"{name}_token_id": tok.hf.token_to_id(token) for name in ("bos", "eos", "pad")
+           if (token := special_token(settings, name)) is not None}
+    if "eos_token_id" in ids:  # a decoder starts from its end token unless it names a bos
+        ids.setdefault("bos_token_id", tok.eot_id)
+    return data, settings, {k: v for k, v in ids.items() if v is not None}
 
 
 def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[str]:
@@ -308,11 +323,11 @@ def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[s
     hf = to_hf(maps, model.tensors)
     if cfg.tie_embeddings and family.store_tied_head:
         hf[family.head] = hf[_table_name(maps)].clone()
+    hf.update((copy, hf[name].clone()) for name, copy in family.copies.items() if name in hf)
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     config = {"architectures": [family.architecture], "model_type": family.model_type,
-              **fields, "dtype": dtype,
-              "bos_token_id": tokenizer[2] if tokenizer else None,
-              "eos_token_id": tokenizer[3] if tokenizer else None}
+              **fields, "dtype": dtype, "bos_token_id": None, "eos_token_id": None,
+              **(tokenizer[2] if tokenizer else {})}
     shards = _shards(hf, max_shard_size)
     files = [MODEL_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
