@@ -30,6 +30,7 @@ from conveyor.cli import main
 from conveyor.config import ModelConfig
 from conveyor.models import SequentialModel
 from conveyor.train.export import read_exported_config
+from conveyor.train.metrics import read_metrics, train_rows
 from test_hf_families import _conveyor_logits, _two_stage_logits
 from test_hf_interop import (
     SAMPLE,
@@ -70,7 +71,7 @@ def _hf_bert(path: Path, cls: str = "BertForMaskedLM", **config: Any) -> Any:
                                          pad_token="[PAD]", cls_token="[CLS]",
                                          sep_token="[SEP]", mask_token="[MASK]")
     cfg = transformers.BertConfig(
-        vocab_size=256, hidden_size=32, num_hidden_layers=2,
+        vocab_size=300, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=48, max_position_embeddings=32,
         pad_token_id=tok.pad_token_id, **config)
     torch.manual_seed(0)
@@ -183,3 +184,22 @@ def test_pre_norm_bert_is_refused_on_export_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "norm_position='pre' has no equivalent" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.multiprocess
+def test_train_init_of_a_bert_directory_at_pp2_matches_one_process(tmp_path: Path) -> None:
+    _hf_bert(tmp_path / "hf")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text((TEXT + SAMPLE + "\n") * (6 + i))
+    losses = {}
+    for pp in ("1", "2"):
+        assert main(["train", "--init", str(tmp_path / "hf"), "--data", str(corpus),
+                     "--batch-size", "4", "--microbatches", "2", "--steps", "2", "--lr", "1e-3",
+                     "--warmup", "1", "--val-fraction", "0", "--eval-every", "0",
+                     "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
+                     "--name", f"pp{pp}", "--pp", pp]) == 0
+        rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
+        losses[pp] = [r["loss"] for r in rows]
+    assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
