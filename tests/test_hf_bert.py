@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +29,7 @@ from tokenizers import (
 
 from conveyor.cli import main
 from conveyor.config import ModelConfig
+from conveyor.data.objectives import batch_maker, special_count
 from conveyor.models import SequentialModel
 from conveyor.train.export import read_exported_config
 from conveyor.train.metrics import read_metrics, train_rows
@@ -128,6 +130,23 @@ def test_bert_imports_with_transformers_logits_and_exports_back(
     for name in ("cls", "sep", "mask", "pad", "unk"):
         assert getattr(back_tok, f"{name}_token_id") == getattr(hf_tok, f"{name}_token_id"), name
     assert again.config.pad_token_id == hf_tok.pad_token_id
+
+
+def test_masked_lm_batches_of_an_imported_bert_use_its_tokenizers_ids(tmp_path: Path) -> None:
+    _hf_bert(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    cfg = read_exported_config(tmp_path / "ours")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = {n: getattr(hf_tok, f"{n}_token_id") for n in ("pad", "cls", "sep", "mask")}
+    assert cfg.specials == ids and special_count(cfg) == 0
+    rows = np.array([hf_tok.encode(SAMPLE * 3, add_special_tokens=False)[:40]] * 8)
+    inputs, targets = batch_maker(cfg, seed=0)(rows, np.arange(8), 0)
+    tokens = inputs["tokens"]
+    assert (tokens[:, 0] == ids["cls"]).all() and (tokens == ids["sep"]).sum(1).ge(2).all()
+    assert (tokens == ids["mask"]).any() and (targets["mlm"] != -100).any()
+    padded = inputs["attention_mask"] == 0
+    assert (tokens[padded] == ids["pad"]).all()
+    assert not np.isin(targets["mlm"].numpy(), list(ids.values())).any()  # specials never masked
 
 
 def test_bert_for_pretraining_imports_its_next_sentence_head(tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from conveyor.cli import main
 from conveyor.config import ModelConfig, ParallelConfig
+from conveyor.data.objectives import t5_specials
 from conveyor.data.tokenizer import load_tokenizer
 from conveyor.models import SequentialModel, build_blocks
 from conveyor.parallel.layout import resolve_layout
 from conveyor.train.checkpoint import save_checkpoint
-from conveyor.train.export import load_exported
+from conveyor.train.export import load_exported, read_exported_config
 from conveyor.train.metrics import read_metrics, train_rows
 from test_hf_interop import (
     SAMPLE,
@@ -43,9 +44,12 @@ DECODER = torch.tensor([[0, 12, 99, 4, 180, 6], [0, 3, 3, 71, 20, 9]])
 
 
 def _hf_t5(path: Path, **config: Any) -> Any:
-    """A T5 of the supported kind (gated-silu, unscaled head) with a BPE tokenizer, "</s>" as eos."""
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe(["<pad>", "</s>"]),
-                                               pad_token="<pad>", eos_token="</s>")
+    """A T5 of the supported kind (gated-silu, unscaled head) with a BPE tokenizer, "</s>" as
+    eos, and four sentinels at the top as HF's T5 tokenizer places them (<extra_id_0> last)."""
+    bpe = _bpe(["<pad>", "</s>"])
+    bpe.add_special_tokens([f"<extra_id_{k}>" for k in reversed(range(4))])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>",
+                                               eos_token="</s>")
     cfg = transformers.T5Config(
         vocab_size=tok.vocab_size + 4, d_model=32, d_kv=16, num_heads=2, d_ff=48, num_layers=2,
         feed_forward_proj="gated-silu", tie_word_embeddings=False, initializer_factor=4.0,
@@ -111,6 +115,11 @@ def test_t5_imports_with_transformers_logits_and_exports_back(
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ours_tok = load_tokenizer(ours / "tokenizer.json")
     assert ours_tok.encode(SAMPLE) == hf_tok.encode(SAMPLE, add_special_tokens=False)
+    # span corruption uses the model's own ids: pad (the decoder start) 0, eos 1, sentinels on top
+    specials = t5_specials(read_exported_config(ours))
+    top = hf_tok.convert_tokens_to_ids("<extra_id_0>")
+    assert (specials.pad, specials.eos, specials.sentinels) == (0, 1, 4)
+    assert [specials.sentinel(k) for k in range(4)] == [top, top - 1, top - 2, top - 3]
 
     assert main(["export", "--checkpoint", str(ours), "--out", str(back), "--format", "hf"]) == 0
     again, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(back, output_loading_info=True)

@@ -63,6 +63,10 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 FLAVOUR_ACTIVATION = {"gpt2": "gelu_tanh", "llama": "silu"}
 """Each flavour's own activation: what ``activation=None`` means."""
 
+SPECIAL_NAMES = {"gpt": (), "bert": ("pad", "cls", "sep", "mask"), "t5": ("pad", "eos")}
+"""The special ids a family's objective needs (``ModelConfig.special_ids``); t5 also takes
+``sentinel_0``, ``sentinel_1``... (at least one, numbered from 0 without gaps)."""
+
 FAMILIES = ("gpt", "bert", "t5")
 """Model families (``models.families`` lists each one's blocks, boundary and objective)."""
 
@@ -74,6 +78,33 @@ def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True)
     if not ok or (value < low if inclusive else value <= low):
         bound = f">= {low:g}" if inclusive else f"> {low:g}"
         raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
+
+
+def _special_ids(cfg: Any) -> tuple[tuple[str, int], ...]:
+    """``cfg.special_ids`` (pairs, or a mapping from TOML/JSON) checked, as sorted pairs."""
+    raw = cfg.special_ids
+    try:
+        pairs = dict(raw.items() if isinstance(raw, Mapping) else raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"special_ids={raw!r} must be a table of token name = id") from None
+    names = SPECIAL_NAMES[cfg.family]
+    sentinels = sum(1 for n in pairs if isinstance(n, str) and n.startswith("sentinel_"))
+    known = set(names) | ({f"sentinel_{k}" for k in range(sentinels)} if cfg.family == "t5"
+                          else set())
+    for name, value in pairs.items():
+        if name not in known:
+            raise ConfigError(f"special_ids: {name!r} is no special id of family="
+                              f"{cfg.family!r}; use {', '.join(names) or 'none'}"
+                              + (", sentinel_0, sentinel_1..." if cfg.family == "t5" else ""))
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                not 0 <= value < cfg.vocab_size:
+            raise ConfigError(f"special_ids: {name}={value!r} must be an id below "
+                              f"vocab_size={cfg.vocab_size}")
+    if pairs and (missing := [n for n in names if n not in pairs]
+                  + (["sentinel_0"] if cfg.family == "t5" and not sentinels else [])):
+        raise ConfigError(f"special_ids names no {', '.join(missing)}; give every one of "
+                          f"family={cfg.family!r}'s, or none for its own")
+    return tuple(sorted(pairs.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +148,11 @@ class ModelConfig:
     (erf) GELU."""
     head_bias: bool = False
     """Whether the vocabulary projection of the head adds a bias (BERT's MLM decoder)."""
+    special_ids: tuple[tuple[str, int], ...] = ()
+    """The objective's special token ids as (name, id) pairs (a table in TOML), taken from
+    the model's own tokenizer: an imported BERT's [PAD]/[CLS]/[SEP]/[MASK], an imported T5's
+    pad, eos and <extra_id_k> sentinels (names in SPECIAL_NAMES). Empty: the family's own
+    ids, placed after the tokenizer's."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -157,6 +193,12 @@ class ModelConfig:
             object.__setattr__(self, "activation", None)
         if not isinstance(self.head_bias, bool):
             raise ConfigError(f"head_bias={self.head_bias!r} must be true or false")
+        object.__setattr__(self, "special_ids", _special_ids(self))
+
+    @property
+    def specials(self) -> dict[str, int]:
+        """``special_ids`` as a dict (empty: the family's own ids after the tokenizer's)."""
+        return dict(self.special_ids)
 
     @property
     def head_dim(self) -> int:

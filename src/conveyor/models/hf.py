@@ -127,7 +127,8 @@ def check_exportable(cfg: ModelConfig, family: HFFamily) -> None:
     default = ModelConfig(family=cfg.family, flavour=cfg.flavour)
     for field in dataclasses.fields(ModelConfig):
         name = field.name
-        if name in family.exported_fields or name in ("family", "flavour"):
+        # special_ids are the tokenizer's numbering, which goes along with it
+        if name in family.exported_fields or name in ("family", "flavour", "special_ids"):
             continue
         if getattr(cfg, name) != getattr(default, name):
             raise ConfigError(

@@ -17,6 +17,7 @@ or a Conveyor export or checkpoint. The name maps are the families'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
 from ..data.atomic import atomic_write
+from ..data.objectives import SENTINELS
 from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer, special_token
 from ..models.build import build_block
 from ..models.hf import TensorMap, check_exportable, expected_hf_names, to_conveyor, to_hf
@@ -160,7 +162,8 @@ def _hf_config(hf_dir: Path, raw: dict[str, Any]) -> tuple[Any, ModelConfig]:
     """The family of a Hugging Face config.json and its ModelConfig (refusing what has none)."""
     where = str(hf_dir / CONFIG_FILE)
     family = family_of_hf(raw, where)
-    return family, family.config_from_hf(raw, where)
+    cfg = family.config_from_hf(raw, where)
+    return family, dataclasses.replace(cfg, special_ids=_special_ids(cfg, hf_dir))
 
 
 def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[str, Tensor]]:
@@ -204,6 +207,32 @@ def _fresh(names: list[str], cfg: ModelConfig) -> dict[str, Tensor]:
     blocks = sorted({int(n.split(".")[1]) for n in names})
     made = {f"blocks.{i}.{k}": t for i in blocks for k, t in build_block(cfg, i, 0).state_dict().items()}
     return {n: made[n] for n in names}
+
+
+def _special_ids(cfg: ModelConfig, hf_dir: Path) -> tuple[tuple[str, int], ...]:
+    """The objective's special ids as the directory's tokenizer numbers them (BERT's [CLS]...,
+    T5's pad, eos, <extra_id_k>); none (Conveyor's own, after the tokenizer's) if it lacks one."""
+    names = {"bert": {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+             "t5": {"pad": "<pad>", "eos": "</s>"}}.get(cfg.family)
+    path = hf_dir / TOKENIZER_FILE
+    if names is None or not path.is_file():
+        return ()
+    sidecar = hf_dir / TOKENIZER_CONFIG
+    settings = _read_json(sidecar, "tokenizer settings") if sidecar.is_file() else {}
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception:  # tokenizers raises a bare Exception; the tokenizer's readers report it
+        return ()
+    tokens = {name: special_token(settings, name) or default for name, default in names.items()}
+    ids = {name: tok.token_to_id(token) for name, token in tokens.items()}
+    if cfg.family == "t5":  # HF's sentinels (<extra_id_0> the highest id), as many as we use
+        for k in range(SENTINELS):
+            ids[f"sentinel_{k}"] = tok.token_to_id(f"<extra_id_{k}>")
+            if ids[f"sentinel_{k}"] is None:
+                break
+    found = {n: i for n, i in ids.items() if i is not None and i < cfg.vocab_size}
+    complete = set(names) <= set(found) and (cfg.family != "t5" or "sentinel_0" in found)
+    return tuple(found.items()) if complete else ()
 
 
 def _table_name(maps: list[TensorMap]) -> str:
