@@ -31,7 +31,8 @@ from conveyor.cli import main
 from conveyor.config import ModelConfig
 from conveyor.data.objectives import batch_maker, special_count
 from conveyor.models import SequentialModel
-from conveyor.train.export import read_exported_config
+from conveyor.train.checkpoint import save_checkpoint
+from conveyor.train.export import load_exported, read_exported_config
 from conveyor.train.metrics import read_metrics, train_rows
 from test_hf_families import _conveyor_logits, _two_stage_logits
 from test_hf_interop import (
@@ -222,3 +223,38 @@ def test_train_init_of_a_bert_directory_at_pp2_matches_one_process(tmp_path: Pat
         rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
         losses[pp] = [r["loss"] for r in rows]
     assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
+
+
+needs_classifier = pytest.mark.skipif(
+    "num_labels" not in {f.name for f in dataclasses.fields(ModelConfig)},
+    reason="ModelConfig.num_labels (the fine-tuning classifier head) has not landed yet")
+
+
+@needs_classifier
+def test_sequence_classifier_converts_both_ways_with_its_labels(tmp_path: Path) -> None:
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    hf_model = _hf_bert(tmp_path / "hf", "BertForSequenceClassification", id2label=labels,
+                        label2id={v: k for k, v in labels.items()})
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    cfg = read_exported_config(tmp_path / "ours")
+    assert cfg.num_labels == 3 and cfg.norm_position == "post"
+    expected = _hf_out(hf_model).logits
+    torch.testing.assert_close(_conveyor_logits(tmp_path / "ours", _batch()), expected,
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(_two_stage_logits(tmp_path / "ours", _batch()), expected,
+                               rtol=0, atol=1e-4)
+
+    # a fine-tuned checkpoint names its labels in its task meta; the export carries them
+    single, _ = load_exported(tmp_path / "ours")
+    meta = {"model": dataclasses.asdict(cfg), "task": {"labels": list(labels.values())}}
+    save_checkpoint(tmp_path / "run", 5, tensors=single.state_dict(), meta=meta)
+    for source, out in ((tmp_path / "ours", "back"), (tmp_path / "run", "named")):
+        assert main(["export", "--checkpoint", str(source), "--out", str(tmp_path / out),
+                     "--format", "hf"]) == 0
+        again, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert type(again) is type(hf_model)
+        torch.testing.assert_close(_hf_out(again.eval()).logits, expected, rtol=0, atol=0)
+    _same_tensors(tmp_path / "hf", tmp_path / "back")
+    assert again.config.id2label == labels

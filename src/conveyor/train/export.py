@@ -51,6 +51,8 @@ class ModelFiles:
     """The checkpoint's step; None for an exported directory."""
     source: Path
     """The checkpoint or exported directory it was read from."""
+    labels: tuple[str, ...] = ()
+    """A fine-tuned classifier's class names in id order (its checkpoint's task meta)."""
 
 
 def is_exported(path: Path) -> bool:
@@ -78,8 +80,11 @@ def read_model(path: Path, *, tokenizer: Path | None = None) -> ModelFiles:
     shapes = param_shapes(cfg)
     tensors = load_tensors(ckpt, shapes)
     check_shapes(tensors, shapes, f"checkpoint {ckpt}")
+    task = meta.get("task")
+    labels = task.get("labels") if isinstance(task, dict) else None
     return ModelFiles(cfg, tensors, tokenizer or checkpoint_tokenizer(ckpt, meta),
-                      int(meta["step"]) if "step" in meta else None, ckpt)
+                      int(meta["step"]) if "step" in meta else None, ckpt,
+                      tuple(str(label) for label in labels) if isinstance(labels, list) else ())
 
 
 def read_tokenizer_bytes(path: Path) -> bytes:

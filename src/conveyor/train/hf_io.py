@@ -347,6 +347,9 @@ def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[s
     family = family_of(cfg)
     check_exportable(cfg, family)
     fields = family.config_to_hf(cfg)  # refuses a setting the HF config cannot express
+    if family.labels and len(model.labels) == len(fields["id2label"]):
+        fields["id2label"] = dict(enumerate(model.labels))  # the fine-tuning task's names
+        fields["label2id"] = {label: i for i, label in enumerate(model.labels)}
     tokenizer = _tokenizer_files(model)
     maps = family.tensor_maps(cfg)
     hf = to_hf(maps, model.tensors)
