@@ -75,7 +75,8 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         n_heads=get("num_attention_heads"),
         d_ff=None if d_ff == 4 * d_model else d_ff,
         max_seq_len=get("max_position_embeddings"),
-        tie_embeddings=bool(get("tie_word_embeddings")),
+        # a classifier has no LM head to tie (tie_word_embeddings is BertConfig's default)
+        tie_embeddings=bool(get("tie_word_embeddings")) and not fields,
         norm_eps=float(get("layer_norm_eps")),
         init_std=float(get("initializer_range")),
         norm_position="post",
@@ -110,7 +111,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "classifier_dropout": 0.0,
         "is_decoder": False,
         "add_cross_attention": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,  # false for a classifier: nothing to tie
         **_label_fields(int(getattr(cfg, "num_labels", 0) or 0)),
     }
 
@@ -176,7 +177,8 @@ def _classifier_maps(cfg: ModelConfig) -> list[TensorMap]:
             *_linear(f"{head}.classifier", "classifier")]
 
 
-_FIELDS = SHAPE_FIELDS | {"rope_theta", "n_kv_heads", "norm_position", "activation", "head_bias"}
+_FIELDS = SHAPE_FIELDS | {"rope_theta", "n_kv_heads", "norm_position", "activation", "head_bias",
+                          "num_labels"}
 _IGNORED = (r"bert\.embeddings\.position_ids",)  # a saved buffer of older transformers
 _BERT = HFFamily(
     flavour="gpt2",
