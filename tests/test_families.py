@@ -195,7 +195,7 @@ def test_special_ids_are_checked_in_one_line(family: str, ids: object, needle: s
         ModelConfig(family=family, special_ids=ids)  # type: ignore[arg-type]
     assert needle in str(err.value) and "\n" not in str(err.value), err.value
     t5 = ModelConfig(family="t5", special_ids={"sentinel_0": 9, "eos": 1, "pad": 0})
-    assert t5.specials == {"eos": 1, "pad": 0, "sentinel_0": 9} and hash(t5)
+    assert t5.special_ids == {"eos": 1, "pad": 0, "sentinel_0": 9} and hash(t5)
 
 
 def test_the_flavours_own_activation_is_the_default() -> None:

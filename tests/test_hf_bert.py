@@ -139,7 +139,7 @@ def test_masked_lm_batches_of_an_imported_bert_use_its_tokenizers_ids(tmp_path: 
     cfg = read_exported_config(tmp_path / "ours")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = {n: getattr(hf_tok, f"{n}_token_id") for n in ("pad", "cls", "sep", "mask")}
-    assert cfg.specials == ids and special_count(cfg) == 0
+    assert cfg.special_ids == ids and special_count(cfg) == 0
     rows = np.array([hf_tok.encode(SAMPLE * 3, add_special_tokens=False)[:40]] * 8)
     inputs, targets = batch_maker(cfg, seed=0)(rows, np.arange(8), 0)
     tokens = inputs["tokens"]

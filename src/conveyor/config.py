@@ -80,9 +80,11 @@ def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True)
         raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
 
 
-def _special_ids(cfg: Any) -> tuple[tuple[str, int], ...]:
-    """``cfg.special_ids`` (pairs, or a mapping from TOML/JSON) checked, as sorted pairs."""
+def _special_ids(cfg: Any) -> dict[str, int] | None:
+    """``cfg.special_ids`` (a mapping, or (name, id) pairs) checked, sorted by name; None if none."""
     raw = cfg.special_ids
+    if not raw:
+        return None
     try:
         pairs = dict(raw.items() if isinstance(raw, Mapping) else raw)
     except (TypeError, ValueError):
@@ -104,7 +106,7 @@ def _special_ids(cfg: Any) -> tuple[tuple[str, int], ...]:
                   + (["sentinel_0"] if cfg.family == "t5" and not sentinels else [])):
         raise ConfigError(f"special_ids names no {', '.join(missing)}; give every one of "
                           f"family={cfg.family!r}'s, or none for its own")
-    return tuple(sorted(pairs.items()))
+    return dict(sorted(pairs.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,10 +150,10 @@ class ModelConfig:
     (erf) GELU."""
     head_bias: bool = False
     """Whether the vocabulary projection of the head adds a bias (BERT's MLM decoder)."""
-    special_ids: tuple[tuple[str, int], ...] = ()
-    """The objective's special token ids as (name, id) pairs (a table in TOML), taken from
+    special_ids: dict[str, int] | None = None
+    """The objective's special token ids by name (a table in TOML), taken from
     the model's own tokenizer: an imported BERT's [PAD]/[CLS]/[SEP]/[MASK], an imported T5's
-    pad, eos and <extra_id_k> sentinels (names in SPECIAL_NAMES). Empty: the family's own
+    pad, eos and <extra_id_k> sentinels (names in SPECIAL_NAMES). None: the family's own
     ids, placed after the tokenizer's."""
 
     def __post_init__(self) -> None:
@@ -195,10 +197,10 @@ class ModelConfig:
             raise ConfigError(f"head_bias={self.head_bias!r} must be true or false")
         object.__setattr__(self, "special_ids", _special_ids(self))
 
-    @property
-    def specials(self) -> dict[str, int]:
-        """``special_ids`` as a dict (empty: the family's own ids after the tokenizer's)."""
-        return dict(self.special_ids)
+    def __hash__(self) -> int:
+        # the one dict field hashes as its sorted items (configs key caches, plan._partition)
+        return hash(tuple((f.name, tuple(v.items()) if isinstance(v := getattr(self, f.name), dict)
+                           else v) for f in dataclasses.fields(self)))
 
     @property
     def head_dim(self) -> int:

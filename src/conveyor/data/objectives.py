@@ -3,8 +3,9 @@
 A family's special ids (mask, separators, sentinels) sit after the tokenizer's own ids,
 so the tokenizer is trained with ``vocab_size - special_count(model)`` ids and the
 model keeps the configured ``vocab_size`` -- unless the model names its own
-(``ModelConfig.special_ids``: an imported Hugging Face model's, from its tokenizer). Rows are packed a little shorter than
-``max_seq_len`` where an example adds tokens around them (``packed_seq_len``).
+(``ModelConfig.special_ids``: an imported Hugging Face model's, from its tokenizer).
+Rows are packed a little shorter than ``max_seq_len`` where an example adds tokens
+around them (``packed_seq_len``).
 """
 
 from __future__ import annotations
@@ -57,14 +58,14 @@ def special_count(model: ModelConfig) -> int:
 
 def bert_specials(model: ModelConfig) -> BertSpecials:
     """The masked-LM special ids of ``model``: its own (``special_ids``) or after the tokenizer's."""
-    return BertSpecials(model.vocab_size - special_count(model), model.special_ids)
+    return BertSpecials(model.vocab_size - special_count(model), tuple((model.special_ids or {}).items()))
 
 
 def t5_specials(model: ModelConfig) -> T5Specials:
     """The span-corruption special ids of ``model``: its own or after the tokenizer's."""
-    given = sum(1 for name, _ in model.special_ids if name.startswith("sentinel_"))
+    given = sum(1 for name in model.special_ids or {} if name.startswith("sentinel_"))
     return T5Specials(model.vocab_size - special_count(model), given or SENTINELS,
-                      model.special_ids)
+                      tuple((model.special_ids or {}).items()))
 
 
 def packed_seq_len(model: ModelConfig) -> int:

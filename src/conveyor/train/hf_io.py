@@ -209,20 +209,20 @@ def _fresh(names: list[str], cfg: ModelConfig) -> dict[str, Tensor]:
     return {n: made[n] for n in names}
 
 
-def _special_ids(cfg: ModelConfig, hf_dir: Path) -> tuple[tuple[str, int], ...]:
+def _special_ids(cfg: ModelConfig, hf_dir: Path) -> dict[str, int] | None:
     """The objective's special ids as the directory's tokenizer numbers them (BERT's [CLS]...,
     T5's pad, eos, <extra_id_k>); none (Conveyor's own, after the tokenizer's) if it lacks one."""
     names = {"bert": {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
              "t5": {"pad": "<pad>", "eos": "</s>"}}.get(cfg.family)
     path = hf_dir / TOKENIZER_FILE
     if names is None or not path.is_file():
-        return ()
+        return None
     sidecar = hf_dir / TOKENIZER_CONFIG
     settings = _read_json(sidecar, "tokenizer settings") if sidecar.is_file() else {}
     try:
         tok = HFTokenizer.from_file(str(path))
     except Exception:  # tokenizers raises a bare Exception; the tokenizer's readers report it
-        return ()
+        return None
     tokens = {name: special_token(settings, name) or default for name, default in names.items()}
     ids = {name: tok.token_to_id(token) for name, token in tokens.items()}
     if cfg.family == "t5":  # HF's sentinels (<extra_id_0> the highest id), as many as we use
@@ -232,7 +232,7 @@ def _special_ids(cfg: ModelConfig, hf_dir: Path) -> tuple[tuple[str, int], ...]:
                 break
     found = {n: i for n, i in ids.items() if i is not None and i < cfg.vocab_size}
     complete = set(names) <= set(found) and (cfg.family != "t5" or "sentinel_0" in found)
-    return tuple(found.items()) if complete else ()
+    return found if complete else None
 
 
 def _table_name(maps: list[TensorMap]) -> str:
