@@ -30,6 +30,7 @@ from tokenizers import (
 from conveyor.cli import main
 from conveyor.config import ModelConfig
 from conveyor.data.objectives import batch_maker, special_count
+from conveyor.data.tokenizer import load_tokenizer
 from conveyor.models import SequentialModel
 from conveyor.train.checkpoint import save_checkpoint
 from conveyor.train.export import load_exported, read_exported_config
@@ -179,6 +180,21 @@ def test_conveyor_bert_exports_to_transformers(cfg: ModelConfig, tmp_path: Path)
     with torch.no_grad():
         ours = single(_batch())["logits"]
     torch.testing.assert_close(_hf_out(hf.eval()).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_a_conveyor_berts_tokenizer_exports_with_its_special_tokens(tmp_path: Path) -> None:
+    base = POST.vocab_size - 4  # conveyor train's tokenizer leaves four ids to pad, cls, sep, mask
+    run, _ = _conveyor_run(tmp_path, POST, tokenizer_vocab=base)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf"),
+                 "--format", "hf"]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = [hf_tok.pad_token_id, hf_tok.cls_token_id, hf_tok.sep_token_id, hf_tok.mask_token_id]
+    assert ids == [base, base + 1, base + 2, base + 3]  # where Conveyor's masked LM put them
+    ours = load_tokenizer(tmp_path / "tokenizer.json").encode(SAMPLE)
+    assert hf_tok(SAMPLE)["input_ids"] == [base + 1, *ours, base + 2]
+    assert hf_tok.decode(hf_tok(SAMPLE)["input_ids"], skip_special_tokens=True) == SAMPLE
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.pad_token_id == base
 
 
 @pytest.mark.parametrize("changes, needle", [

@@ -173,7 +173,10 @@ def test_conveyor_t5_exports_when_each_stack_has_one_relative_bias(
     assert len(err.splitlines()) == 1 and "relative_attention_bias.weight" in err, err
     assert "blocks.2.attn.relative.table.weight differs" in err, err
 
-    model, meta = SequentialModel(T5_CFG, seed=0), {"model": dataclasses.asdict(T5_CFG)}
+    base = T5_CFG.vocab_size - 18  # conveyor train leaves pad, eos and 16 sentinels after it
+    _bpe(["<|endoftext|>"], vocab_size=base).save(str(tmp_path / "t5_tokenizer.json"))
+    model = SequentialModel(T5_CFG, seed=0)
+    meta = {"model": dataclasses.asdict(T5_CFG), "tokenizer_path": str(tmp_path / "t5_tokenizer.json")}
     tensors = model.state_dict()
     for first in (1, T5_CFG.n_layers + 2):  # the encoder's layers, the decoder's
         for i in range(first + 1, first + T5_CFG.n_layers):
@@ -189,6 +192,11 @@ def test_conveyor_t5_exports_when_each_stack_has_one_relative_bias(
     with torch.no_grad():
         ours = model.eval()(_batch())
     torch.testing.assert_close(_hf_logits(hf.eval()), ours, rtol=0, atol=1e-4)
+    # the tokenizer names the ids span corruption trained with, as HF's T5 tokenizer does
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tok.pad_token_id, hf_tok.eos_token_id) == (base, base + 1)
+    assert hf_tok.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_15>"]) == [base + 2, base + 17]
+    assert hf.config.decoder_start_token_id == hf.config.pad_token_id == base
 
 
 @pytest.mark.parametrize("changes, needle", [
@@ -226,3 +234,14 @@ def test_untied_t5_is_refused_on_export(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tie_embeddings=False has no equivalent" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_t5_sentinels_default_to_the_unused_top_rows(tmp_path: Path) -> None:
+    hf = _hf_t5(tmp_path / "hf")
+    plain = _bpe(["<pad>", "</s>"])  # no <extra_id_k>
+    plain.save(str(tmp_path / "hf/tokenizer.json"))
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    specials = t5_specials(read_exported_config(tmp_path / "ours"))
+    top, free = hf.config.vocab_size - 1, hf.config.vocab_size - plain.get_vocab_size()
+    assert (specials.pad, specials.eos, specials.sentinels) == (0, 1, free)
+    assert [specials.sentinel(k) for k in range(free)] == [top - k for k in range(free)]

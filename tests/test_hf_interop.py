@@ -159,9 +159,11 @@ def test_import_matches_transformers_and_exports_back(
     assert back_tok.encode(SAMPLE, add_special_tokens=False) == ours_tok.encode(SAMPLE)
 
 
-def _conveyor_run(tmp_path: Path, cfg: ModelConfig) -> tuple[Path, Transformer]:
-    """A checkpoint of a Conveyor model with a tokenizer trained the way `conveyor train` does."""
-    tok = _bpe(["<|endoftext|>"], vocab_size=cfg.vocab_size)
+def _conveyor_run(tmp_path: Path, cfg: ModelConfig,
+                  tokenizer_vocab: int | None = None) -> tuple[Path, Transformer]:
+    """A checkpoint of a Conveyor model with a tokenizer trained the way `conveyor train` does
+    (of ``tokenizer_vocab`` ids, leaving the rest to the family's special ids)."""
+    tok = _bpe(["<|endoftext|>"], vocab_size=tokenizer_vocab or cfg.vocab_size)
     tok.save(str(tmp_path / "tokenizer.json"))
     model = Transformer(cfg, seed=0).eval()
     meta = {"model": dataclasses.asdict(cfg), "tokenizer_path": str(tmp_path / "tokenizer.json")}

@@ -119,7 +119,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         # false is what tells transformers not to rescale the decoder output (it ties anyway)
         "tie_word_embeddings": False,
         "scale_decoder_outputs": False,
-        "decoder_start_token_id": (cfg.special_ids or {}).get("pad", 0),  # T5 starts from its pad
+        "decoder_start_token_id": 0,  # hf_io writes the pad span corruption trained with
         "use_cache": True,
     }
 

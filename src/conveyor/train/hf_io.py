@@ -27,12 +27,13 @@ from typing import Any
 import safetensors
 import safetensors.torch
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
 from ..data.atomic import atomic_write
-from ..data.objectives import SENTINELS
-from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer, special_token
+from ..data.objectives import SENTINELS, bert_specials, t5_specials
+from ..data.tokenizer import EOT, TOKENIZER_CONFIG, Tokenizer, load_tokenizer, special_token
 from ..models.build import build_block
 from ..models.hf import TensorMap, check_exportable, expected_hf_names, to_conveyor, to_hf
 from ..models.hf_families import family_of, family_of_hf
@@ -230,6 +231,9 @@ def _special_ids(cfg: ModelConfig, hf_dir: Path) -> dict[str, int] | None:
             ids[f"sentinel_{k}"] = tok.token_to_id(f"<extra_id_{k}>")
             if ids[f"sentinel_{k}"] is None:
                 break
+        if ids["sentinel_0"] is None:  # none named: HF's place, the model's unused top rows
+            free = min(cfg.vocab_size - tok.get_vocab_size(), SENTINELS)
+            ids.update((f"sentinel_{k}", cfg.vocab_size - 1 - k) for k in range(free))
     found = {n: i for n, i in ids.items() if i is not None and i < cfg.vocab_size}
     complete = set(names) <= set(found) and (cfg.family != "t5" or "sentinel_0" in found)
     return found if complete else None
@@ -332,11 +336,53 @@ def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], dict[str
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.eot,
                     "eos_token": tok.eot, "model_max_length": model.cfg.max_seq_len,
                     "clean_up_tokenization_spaces": False}
+        data, named = _with_family_tokens(data, model.cfg)
+        settings.update(named)
+        tok = Tokenizer(HFTokenizer.from_str(data.decode()), tok.eot)
     ids = {f"{name}_token_id": tok.hf.token_to_id(token) for name in ("bos", "eos", "pad")
            if (token := special_token(settings, name)) is not None}
     if "eos_token_id" in ids:  # a decoder starts from its end token unless it names a bos
         ids.setdefault("bos_token_id", tok.eot_id)
     return data, settings, {k: v for k, v in ids.items() if v is not None}
+
+
+# a family's special ids (``objectives``) -> the tokens Hugging Face's tokenizers name them by
+_FAMILY_TOKENS = {"bert": {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+                  "t5": {"pad": "<pad>", "eos": "</s>"}}
+
+
+def _with_family_tokens(data: bytes, cfg: ModelConfig) -> tuple[bytes, dict[str, Any]]:
+    """A Conveyor-trained tokenizer with the family's special ids added as HF names them
+    ([CLS] a [SEP] around BERT's input), and the tokenizer_config entries naming them."""
+    names = _FAMILY_TOKENS.get(cfg.family)
+    raw = json.loads(data)
+    vocab = (raw.get("model") or {}).get("vocab")
+    if names is None or cfg.special_ids or not isinstance(vocab, dict):
+        return data, {}  # an imported model's ids are its tokenizer's already
+    if cfg.family == "bert":
+        sp: Any = bert_specials(cfg)
+        ids = {name: getattr(sp, name) for name in names}
+        extra = {}
+    else:
+        sp = t5_specials(cfg)
+        ids = {"pad": sp.pad, "eos": sp.eos}
+        extra = {f"<extra_id_{k}>": sp.sentinel(k) for k in range(sp.sentinels)}
+    tokens = {names[n]: i for n, i in ids.items()} | extra
+    if any(i in vocab.values() for i in tokens.values()) or any(t in vocab for t in tokens):
+        return data, {}  # the tokenizer fills the vocabulary: nowhere to put them
+    raw["model"]["vocab"] = {**vocab, **tokens}  # at the ids the model was trained with
+    hf = HFTokenizer.from_str(json.dumps(raw))
+    hf.add_special_tokens(list(tokens))
+    if cfg.family == "bert":
+        template = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", ids["cls"]), ("[SEP]", ids["sep"])])
+        old = hf.post_processor
+        hf.post_processor = template if old is None else processors.Sequence([old, template])
+    named: dict[str, Any] = {f"{n}_token": names[n] for n in ids}
+    if extra:
+        named["additional_special_tokens"] = list(extra)
+    return hf.to_str().encode(), named
 
 
 def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[str]:
@@ -347,6 +393,8 @@ def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[s
     family = family_of(cfg)
     check_exportable(cfg, family)
     fields = family.config_to_hf(cfg)  # refuses a setting the HF config cannot express
+    if "decoder_start_token_id" in fields:  # the decoder starts from the objective's pad
+        fields["decoder_start_token_id"] = t5_specials(cfg).pad
     if family.labels and len(model.labels) == len(fields["id2label"]):
         fields["id2label"] = dict(enumerate(model.labels))  # the fine-tuning task's names
         fields["label2id"] = {label: i for i, label in enumerate(model.labels)}
