@@ -27,12 +27,11 @@ from typing import Any
 import safetensors
 import safetensors.torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
 from ..data.atomic import atomic_write
-from ..data.objectives import SENTINELS, bert_specials, t5_specials
+from ..data.objectives import t5_specials
 from ..data.tokenizer import EOT, TOKENIZER_CONFIG, Tokenizer, load_tokenizer, special_token
 from ..models.build import build_block
 from ..models.hf import TensorMap, check_exportable, expected_hf_names, to_conveyor, to_hf
@@ -51,6 +50,7 @@ from .export import (
     read_tokenizer_bytes,
     write_export,
 )
+from .hf_tokens import special_ids_of, with_family_tokens
 
 __all__ = ["INDEX_FILE", "DEFAULT_MAX_SHARD_SIZE", "Imported", "import_hf", "export_hf",
            "write_hf", "parse_size", "is_hf_dir", "init_config", "read_init"]
@@ -164,7 +164,7 @@ def _hf_config(hf_dir: Path, raw: dict[str, Any]) -> tuple[Any, ModelConfig]:
     where = str(hf_dir / CONFIG_FILE)
     family = family_of_hf(raw, where)
     cfg = family.config_from_hf(raw, where)
-    return family, dataclasses.replace(cfg, special_ids=_special_ids(cfg, hf_dir))
+    return family, dataclasses.replace(cfg, special_ids=special_ids_of(cfg, hf_dir))
 
 
 def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[str, Tensor]]:
@@ -208,35 +208,6 @@ def _fresh(names: list[str], cfg: ModelConfig) -> dict[str, Tensor]:
     blocks = sorted({int(n.split(".")[1]) for n in names})
     made = {f"blocks.{i}.{k}": t for i in blocks for k, t in build_block(cfg, i, 0).state_dict().items()}
     return {n: made[n] for n in names}
-
-
-def _special_ids(cfg: ModelConfig, hf_dir: Path) -> dict[str, int] | None:
-    """The objective's special ids as the directory's tokenizer numbers them (BERT's [CLS]...,
-    T5's pad, eos, <extra_id_k>); none (Conveyor's own, after the tokenizer's) if it lacks one."""
-    names = {"bert": {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
-             "t5": {"pad": "<pad>", "eos": "</s>"}}.get(cfg.family)
-    path = hf_dir / TOKENIZER_FILE
-    if names is None or not path.is_file():
-        return None
-    sidecar = hf_dir / TOKENIZER_CONFIG
-    settings = _read_json(sidecar, "tokenizer settings") if sidecar.is_file() else {}
-    try:
-        tok = HFTokenizer.from_file(str(path))
-    except Exception:  # tokenizers raises a bare Exception; the tokenizer's readers report it
-        return None
-    tokens = {name: special_token(settings, name) or default for name, default in names.items()}
-    ids = {name: tok.token_to_id(token) for name, token in tokens.items()}
-    if cfg.family == "t5":  # HF's sentinels (<extra_id_0> the highest id), as many as we use
-        for k in range(SENTINELS):
-            ids[f"sentinel_{k}"] = tok.token_to_id(f"<extra_id_{k}>")
-            if ids[f"sentinel_{k}"] is None:
-                break
-        if ids["sentinel_0"] is None:  # none named: HF's place, the model's unused top rows
-            free = min(cfg.vocab_size - tok.get_vocab_size(), SENTINELS)
-            ids.update((f"sentinel_{k}", cfg.vocab_size - 1 - k) for k in range(free))
-    found = {n: i for n, i in ids.items() if i is not None and i < cfg.vocab_size}
-    complete = set(names) <= set(found) and (cfg.family != "t5" or "sentinel_0" in found)
-    return found if complete else None
 
 
 def _table_name(maps: list[TensorMap]) -> str:
@@ -336,7 +307,7 @@ def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], dict[str
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.eot,
                     "eos_token": tok.eot, "model_max_length": model.cfg.max_seq_len,
                     "clean_up_tokenization_spaces": False}
-        data, named = _with_family_tokens(data, model.cfg)
+        data, named = with_family_tokens(data, model.cfg)
         settings.update(named)
         tok = Tokenizer(HFTokenizer.from_str(data.decode()), tok.eot)
     ids = {f"{name}_token_id": tok.hf.token_to_id(token) for name in ("bos", "eos", "pad")
@@ -344,45 +315,6 @@ def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], dict[str
     if "eos_token_id" in ids:  # a decoder starts from its end token unless it names a bos
         ids.setdefault("bos_token_id", tok.eot_id)
     return data, settings, {k: v for k, v in ids.items() if v is not None}
-
-
-# a family's special ids (``objectives``) -> the tokens Hugging Face's tokenizers name them by
-_FAMILY_TOKENS = {"bert": {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
-                  "t5": {"pad": "<pad>", "eos": "</s>"}}
-
-
-def _with_family_tokens(data: bytes, cfg: ModelConfig) -> tuple[bytes, dict[str, Any]]:
-    """A Conveyor-trained tokenizer with the family's special ids added as HF names them
-    ([CLS] a [SEP] around BERT's input), and the tokenizer_config entries naming them."""
-    names = _FAMILY_TOKENS.get(cfg.family)
-    raw = json.loads(data)
-    vocab = (raw.get("model") or {}).get("vocab")
-    if names is None or cfg.special_ids or not isinstance(vocab, dict):
-        return data, {}  # an imported model's ids are its tokenizer's already
-    if cfg.family == "bert":
-        sp: Any = bert_specials(cfg)
-        ids = {name: getattr(sp, name) for name in names}
-        extra = {}
-    else:
-        sp = t5_specials(cfg)
-        ids = {"pad": sp.pad, "eos": sp.eos}
-        extra = {f"<extra_id_{k}>": sp.sentinel(k) for k in range(sp.sentinels)}
-    tokens = {names[n]: i for n, i in ids.items()} | extra
-    if any(i in vocab.values() for i in tokens.values()) or any(t in vocab for t in tokens):
-        return data, {}  # the tokenizer fills the vocabulary: nowhere to put them
-    raw["model"]["vocab"] = {**vocab, **tokens}  # at the ids the model was trained with
-    hf = HFTokenizer.from_str(json.dumps(raw))
-    hf.add_special_tokens(list(tokens))
-    if cfg.family == "bert":
-        template = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", ids["cls"]), ("[SEP]", ids["sep"])])
-        old = hf.post_processor
-        hf.post_processor = template if old is None else processors.Sequence([old, template])
-    named: dict[str, Any] = {f"{n}_token": names[n] for n in ids}
-    if extra:
-        named["additional_special_tokens"] = list(extra)
-    return hf.to_str().encode(), named
 
 
 def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[str]:
