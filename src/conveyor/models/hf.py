@@ -1,10 +1,10 @@
 """Hugging Face ``transformers`` checkpoints and Conveyor's: what every family's name map shares.
 
-A family module (``hf_gpt2``, ``hf_llama``, ``hf_t5``, ``hf_bert``; registered in ``hf_families``) describes,
-for one ModelConfig, which Conveyor tensor is which HF tensor (:class:`TensorMap`)
-and how the two configs translate. This module converts name -> tensor dicts both
-ways with those maps. No files are read here and ``transformers`` is never imported:
-the formats are plain safetensors and JSON.
+A family module (``hf_gpt2``, ``hf_llama``, ``hf_t5``, ``hf_bert``; registered in
+``hf_families``) describes, for one ModelConfig, which Conveyor tensor is which HF tensor
+(:class:`TensorMap`) and how the two configs translate. This module converts name ->
+tensor dicts both ways with those maps. No files are read here and ``transformers`` is
+never imported: the formats are plain safetensors and JSON.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""BERT (``BertForMaskedLM``, ``BertForPreTraining``) <-> Conveyor's ``bert`` family.
+"""BERT (``BertForMaskedLM``, ``BertForPreTraining``, ``BertForSequenceClassification``)
+<-> Conveyor's ``bert`` family.
 
 Hugging Face's BERT is Conveyor's bert family, gpt2 flavour, with the model options
 ``norm_position="post"`` (LayerNorm after each residual add, no final norm),
@@ -10,8 +11,10 @@ to the word embeddings by default.
 
 ``BertForMaskedLM`` has no pooler and no next-sentence classifier: import starts
 Conveyor's (``HFFamily.absent``) as a fresh model would, export leaves them out.
-``BertForPreTraining`` holds both, so it converts exactly (import only). Dropout is
-dropped on import and written as 0 on export, as for GPT-2.
+``BertForPreTraining`` holds both, so it converts exactly (import only).
+``BertForSequenceClassification`` is a fine-tuned classifier (``num_labels`` > 0): its
+pooler and ``classifier`` are the classification head's. Dropout is dropped on import
+and written as 0 on export, as for GPT-2.
 """
 
 from __future__ import annotations

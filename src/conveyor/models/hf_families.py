@@ -54,6 +54,10 @@ def family_of(cfg: ModelConfig) -> HFFamily:
         if family.exports and (family.family, family.flavour, family.labels) == (
                 cfg.family, cfg.flavour, classifier):
             return family
+    if classifier:
+        raise ConfigError(f"num_labels={_num_labels(cfg)} (a classifier) of family={cfg.family!r} "
+                          "has no Hugging Face export; Conveyor exports classifiers as "
+                          "BertForSequenceClassification (family bert, flavour gpt2)")
     exported = ", ".join(f.architecture for f in HF_FAMILIES if f.exports)
     raise ConfigError(f"family={cfg.family!r} with flavour={cfg.flavour!r} has no Hugging Face "
                       f"export; Conveyor exports {exported} (t5 with flavour='llama', bert "
