@@ -260,7 +260,7 @@ def test_sequence_classifier_converts_both_ways_with_its_labels(tmp_path: Path) 
     torch.testing.assert_close(_two_stage_logits(tmp_path / "ours", _batch()), expected,
                                rtol=0, atol=1e-4)
 
-    # a fine-tuned checkpoint names its labels in its task meta; the export carries them
+    # the import keeps the names (labels.json); a fine-tuned checkpoint has them in its meta
     single, _ = load_exported(tmp_path / "ours")
     meta = {"model": dataclasses.asdict(cfg), "task": {"labels": list(labels.values())}}
     save_checkpoint(tmp_path / "run", 5, tensors=single.state_dict(), meta=meta)
@@ -272,5 +272,5 @@ def test_sequence_classifier_converts_both_ways_with_its_labels(tmp_path: Path) 
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert type(again) is type(hf_model)
         torch.testing.assert_close(_hf_out(again.eval()).logits, expected, rtol=0, atol=0)
+        assert again.config.id2label == labels
     _same_tensors(tmp_path / "hf", tmp_path / "back")
-    assert again.config.id2label == labels

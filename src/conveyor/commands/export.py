@@ -71,6 +71,6 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported {what} to {args.out} as Hugging Face {family_of(model.cfg).architecture} "
               f"({weights} weight file{'s' if weights > 1 else ''})")
     else:
-        write_export(args.out, model.cfg, model.tensors, model.tokenizer)
+        write_export(args.out, model.cfg, model.tensors, model.tokenizer, model.labels)
         print(f"exported {what} to {args.out}")
     return 0

@@ -153,10 +153,22 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Imported:
     architecture, cfg, tensors = _convert(hf_dir, raw)
     tokenizer = hf_dir / TOKENIZER_FILE
     has_tokenizer = tokenizer.is_file()
-    write_export(out_dir, cfg, tensors, tokenizer if has_tokenizer else None)
+    write_export(out_dir, cfg, tensors, tokenizer if has_tokenizer else None, _labels(raw))
     if has_tokenizer:
         _name_end_token(out_dir, raw.get("eos_token_id"))
     return Imported(cfg, architecture, out_dir, has_tokenizer)
+
+
+def _labels(raw: dict[str, Any]) -> tuple[str, ...]:
+    """A classifier's class names in id order (HF's id2label), () for any other model."""
+    names = raw.get("id2label")
+    if "BertForSequenceClassification" not in (raw.get("architectures") or []) or \
+            not isinstance(names, dict):
+        return ()
+    try:
+        return tuple(str(names[k]) for k in sorted(names, key=int))
+    except (TypeError, ValueError):
+        return ()  # ids that are no numbers: HF's generic LABEL_i names are written back
 
 
 def _hf_config(hf_dir: Path, raw: dict[str, Any]) -> tuple[Any, ModelConfig]:
@@ -251,9 +263,11 @@ def read_init(path: Path) -> ModelFiles:
     path = Path(path)
     if not is_hf_dir(path):
         return read_model(path)
-    _, cfg, tensors = _convert(path, _read_json(path / CONFIG_FILE, "config.json"))
+    raw = _read_json(path / CONFIG_FILE, "config.json")
+    _, cfg, tensors = _convert(path, raw)
     tokenizer = path / TOKENIZER_FILE
-    return ModelFiles(cfg, tensors, tokenizer if tokenizer.is_file() else None, None, path)
+    return ModelFiles(cfg, tensors, tokenizer if tokenizer.is_file() else None, None, path,
+                      _labels(raw))
 
 
 def _name_end_token(out_dir: Path, eos_id: Any) -> None:
