@@ -32,6 +32,10 @@ PARAM_RTOL = 1e-4
 BASE = ModelConfig(vocab_size=64, n_layers=6, d_model=32, n_heads=4, max_seq_len=SEQ)
 
 
+POST_NORM_BERT = (("norm_position", "post"), ("activation", "gelu"), ("head_bias", True))
+"""The model options that make Hugging Face's BERT (post-norm, erf GELU, biased MLM decoder)."""
+
+
 @dataclass(frozen=True)
 class Case:
     """One layout to compare against the reference."""
@@ -71,6 +75,8 @@ class Case:
     partition: str = ParallelConfig.partition
     """How blocks split into stages (``params`` puts T5's last encoder layer, bridge and
     first decoder layer on one stage)."""
+    options: tuple[tuple[str, object], ...] = ()
+    """Further ModelConfig fields as (name, value) pairs, e.g. ``POST_NORM_BERT``."""
 
     @property
     def world(self) -> int:
@@ -84,7 +90,7 @@ class Case:
         if self.family == "t5":
             extra["n_layers"] = 3
         return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied,
-                       vocab_size=self.vocab, family=self.family, **extra)
+                       vocab_size=self.vocab, family=self.family, **extra, **dict(self.options))
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -122,6 +128,7 @@ class Case:
         flags += ["compiled"] * self.compile
         flags += ["ragged"] * self.ragged
         flags += [self.partition] * (self.partition != ParallelConfig.partition)
+        flags += [f"{name}={value}" for name, value in self.options]
         return f"{self.schedule}-" + "-".join(flags)
 
 
@@ -212,6 +219,12 @@ def reference(case: Case) -> Result:
         for k, v in model.state_dict().items()
     }
     return losses, params, eval_loss, (0, 0)
+
+
+def reference_of(case: Case) -> Case:
+    """The single-process case whose run ``case`` must reproduce (same model and batches)."""
+    return Case("1f1b", 1, 1, tied=case.tied, flavour=case.flavour, batch=case.batch,
+                vocab=case.vocab, ragged=case.ragged, family=case.family, options=case.options)
 
 
 def _run_cases(cases: list[Case]) -> dict[str, Result]:

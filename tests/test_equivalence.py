@@ -29,7 +29,15 @@ from functools import cache
 
 import pytest
 
-from equivalence import BATCH, Case, assert_equivalent, reference, run_pipeline_cases
+from equivalence import (
+    BATCH,
+    POST_NORM_BERT,
+    Case,
+    assert_equivalent,
+    reference,
+    reference_of,
+    run_pipeline_cases,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -177,10 +185,24 @@ def _family_cases(world: int) -> list[Case]:
     return out
 
 
+def _option_cases(world: int) -> list[Case]:
+    """Model options: Hugging Face's BERT (post-norm, erf GELU, MLM decoder bias) at pp 1
+    and 2; a post-norm decoder with a head bias under tp (the bias padded with the
+    vocabulary); a post-norm T5 with a GeGLU MLP split at pp 2."""
+    if world == 1:
+        return [Case("1f1b", 1, 4, family="bert", tied=True, options=POST_NORM_BERT)]
+    if world == 2:
+        return [Case("1f1b", 2, 2, family="bert", tied=True, nccl=True, options=POST_NORM_BERT),
+                Case("1f1b", 1, 2, tp=2, tied=True, vocab=61, options=POST_NORM_BERT),
+                Case("gpipe", 2, 4, family="t5", flavour="llama", partition="params",
+                     options=(("norm_position", "post"), ("activation", "gelu_tanh")))]
+    return []
+
+
 WORLDS = (1, 2, 3, 4, 8)
 # by world size: one spawned group each
 CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)
-                  + _ragged_cases(w) + _family_cases(w)}.values())
+                  + _ragged_cases(w) + _family_cases(w) + _option_cases(w)}.values())
          for w in WORLDS}
 
 
@@ -194,10 +216,8 @@ def _results(world: int) -> dict | Exception:
 
 
 @cache
-def _reference(flavour: str, tied: bool, batch: int, vocab: int, ragged: bool,
-               family: str) -> tuple:
-    return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab,
-                          ragged=ragged, family=family))
+def _reference(case: Case) -> tuple:
+    return reference(case)
 
 
 @pytest.mark.parametrize("case", [c for world in WORLDS for c in CASES[world]], ids=str)
@@ -208,5 +228,4 @@ def test_matches_single_process(case: Case) -> None:
         pytest.fail(f"group of {world} ranks failed: {results}")
     got = results[str(case)]
     assert set(got) == set(range(world))
-    assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab,
-                                            case.ragged, case.family))
+    assert_equivalent(case, got, _reference(reference_of(case)))

@@ -172,6 +172,38 @@ def test_sequence_parallel_is_refused_for_encoder_families() -> None:
         resolve_layout(_cfg("bert"), par)
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("norm_position", "middle", "norm_position='middle' is unknown; use 'pre'"),
+    ("activation", "swish", "activation='swish' is unknown; use one of gelu_tanh"),
+    ("head_bias", "yes", "head_bias='yes' must be true or false"),
+])
+def test_model_options_refuse_bad_values_in_one_line(field: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**{field: value})  # type: ignore[arg-type]
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family, ids, needle", [
+    ("bert", {"pad": 0, "cls": 1}, "special_ids names no sep, mask"),
+    ("bert", {"pad": 0, "cls": 1, "sep": 2, "mask": 8192}, "mask=8192 must be an id below"),
+    ("t5", {"pad": 0, "eos": 1, "sentinel_1": 5}, "'sentinel_1' is no special id"),
+    ("gpt", {"pad": 0}, "'pad' is no special id of family='gpt'"),
+    ("t5", 7, "special_ids=7 must be a table"),
+])
+def test_special_ids_are_checked_in_one_line(family: str, ids: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(family=family, special_ids=ids)  # type: ignore[arg-type]
+    assert needle in str(err.value) and "\n" not in str(err.value), err.value
+    t5 = ModelConfig(family="t5", special_ids={"sentinel_0": 9, "eos": 1, "pad": 0})
+    assert t5.special_ids == {"eos": 1, "pad": 0, "sentinel_0": 9} and hash(t5)
+
+
+def test_the_flavours_own_activation_is_the_default() -> None:
+    assert ModelConfig(flavour="llama", activation="silu") == ModelConfig(flavour="llama")
+    assert ModelConfig(activation="gelu_tanh").activation is None
+    assert ModelConfig(flavour="llama", activation="gelu_tanh").act == "gelu_tanh"
+
+
 def test_unknown_family_is_one_line() -> None:
     with pytest.raises(ConfigError, match="family='xlnet' is unknown"):
         ModelConfig(family="xlnet")  # type: ignore[arg-type]

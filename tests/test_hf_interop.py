@@ -159,9 +159,11 @@ def test_import_matches_transformers_and_exports_back(
     assert back_tok.encode(SAMPLE, add_special_tokens=False) == ours_tok.encode(SAMPLE)
 
 
-def _conveyor_run(tmp_path: Path, cfg: ModelConfig) -> tuple[Path, Transformer]:
-    """A checkpoint of a Conveyor model with a tokenizer trained the way `conveyor train` does."""
-    tok = _bpe(["<|endoftext|>"], vocab_size=cfg.vocab_size)
+def _conveyor_run(tmp_path: Path, cfg: ModelConfig,
+                  tokenizer_vocab: int | None = None) -> tuple[Path, Transformer]:
+    """A checkpoint of a Conveyor model with a tokenizer trained the way `conveyor train` does
+    (of ``tokenizer_vocab`` ids, leaving the rest to the family's special ids)."""
+    tok = _bpe(["<|endoftext|>"], vocab_size=tokenizer_vocab or cfg.vocab_size)
     tok.save(str(tmp_path / "tokenizer.json"))
     model = Transformer(cfg, seed=0).eval()
     meta = {"model": dataclasses.asdict(cfg), "tokenizer_path": str(tmp_path / "tokenizer.json")}
@@ -236,13 +238,20 @@ def test_unsupported_settings_are_refused_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     BUILDERS[family](tmp_path / "hf")
-    _edit_config(tmp_path / "hf", **changes)
+    assert_import_refused(tmp_path / "hf", changes, needle, capsys)
+
+
+def assert_import_refused(hf_dir: Path, changes: dict[str, Any], needle: str,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``changes`` made to its config.json, importing ``hf_dir`` fails in one line."""
+    _edit_config(hf_dir, **changes)
     capsys.readouterr()
-    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    out = hf_dir.parent / "out"
+    assert main(["import", str(hf_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("conveyor import: error: ")
+    assert len(err.splitlines()) == 1 and err.startswith("conveyor import: error: "), err
     assert needle in err, err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_file_problems_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,8 @@ CONFIGS = {
     "llama-gqa": ModelConfig(flavour="llama", n_kv_heads=2, **TINY),
     "gpt2-tied": ModelConfig(flavour="gpt2", tie_embeddings=True, **TINY),
     "llama-gqa-tied": ModelConfig(flavour="llama", n_kv_heads=2, tie_embeddings=True, **TINY),
+    "gpt2-post-bias": ModelConfig(flavour="gpt2", norm_position="post", activation="gelu",
+                                  head_bias=True, **TINY),
 }
 UNTIED = ["gpt2", "llama", "llama-gqa"]
 ALL = list(CONFIGS)

@@ -17,7 +17,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 from .schedules import SCHEDULES, ScheduleError, check_virtual_stages
 
 __all__ = [
+    "ACTIVATIONS",
     "FAMILIES",
+    "NORM_POSITIONS",
     "PARTITIONS",
     "RECOMPUTE_MODES",
     "ConfigError",
@@ -51,6 +53,20 @@ def _positive(obj: object, *names: str) -> None:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
+NORM_POSITIONS = ("pre", "post")
+"""Where a layer's norms sit (``ModelConfig.norm_position``): before each sublayer, or after
+each residual add."""
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+"""MLP activations by name (``ModelConfig.activation``; ``models.layers`` holds the functions)."""
+
+FLAVOUR_ACTIVATION = {"gpt2": "gelu_tanh", "llama": "silu"}
+"""Each flavour's own activation: what ``activation=None`` means."""
+
+SPECIAL_NAMES = {"gpt": (), "bert": ("pad", "cls", "sep", "mask"), "t5": ("pad", "eos")}
+"""The special ids a family's objective needs (``ModelConfig.special_ids``); t5 also takes
+``sentinel_0``, ``sentinel_1``... (at least one, numbered from 0 without gaps)."""
+
 FAMILIES = ("gpt", "bert", "t5")
 """Model families (``models.families`` lists each one's blocks, boundary and objective)."""
 
@@ -62,6 +78,35 @@ def _number(obj: object, name: str, *, low: float = 0.0, inclusive: bool = True)
     if not ok or (value < low if inclusive else value <= low):
         bound = f">= {low:g}" if inclusive else f"> {low:g}"
         raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
+
+
+def _special_ids(cfg: Any) -> dict[str, int] | None:
+    """``cfg.special_ids`` (a mapping, or (name, id) pairs) checked, sorted by name; None if none."""
+    raw = cfg.special_ids
+    if not raw:
+        return None
+    try:
+        pairs = dict(raw.items() if isinstance(raw, Mapping) else raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"special_ids={raw!r} must be a table of token name = id") from None
+    names = SPECIAL_NAMES[cfg.family]
+    sentinels = sum(1 for n in pairs if isinstance(n, str) and n.startswith("sentinel_"))
+    known = set(names) | ({f"sentinel_{k}" for k in range(sentinels)} if cfg.family == "t5"
+                          else set())
+    for name, value in pairs.items():
+        if name not in known:
+            raise ConfigError(f"special_ids: {name!r} is no special id of family="
+                              f"{cfg.family!r}; use {', '.join(names) or 'none'}"
+                              + (", sentinel_0, sentinel_1..." if cfg.family == "t5" else ""))
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                not 0 <= value < cfg.vocab_size:
+            raise ConfigError(f"special_ids: {name}={value!r} must be an id below "
+                              f"vocab_size={cfg.vocab_size}")
+    if pairs and (missing := [n for n in names if n not in pairs]
+                  + (["sentinel_0"] if cfg.family == "t5" and not sentinels else [])):
+        raise ConfigError(f"special_ids names no {', '.join(missing)}; give every one of "
+                          f"family={cfg.family!r}'s, or none for its own")
+    return dict(sorted(pairs.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +140,21 @@ class ModelConfig:
     """Rotary base (llama only)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """'pre': each sublayer reads a normed input (x + f(norm(x))) and the head norms the
+    stream first; 'post': each residual sum is normed (norm(x + f(x))) and the head has no
+    final norm (the original transformer and BERT)."""
+    activation: Literal["gelu_tanh", "gelu", "silu", "relu"] | None = None
+    """The MLP's activation (the gate's in llama's gated MLP; also BERT's MLM transform);
+    None: the flavour's own, 'gelu_tanh' for gpt2 and 'silu' for llama. 'gelu' is the exact
+    (erf) GELU."""
+    head_bias: bool = False
+    """Whether the vocabulary projection of the head adds a bias (BERT's MLM decoder)."""
+    special_ids: dict[str, int] | None = None
+    """The objective's special token ids by name (a table in TOML), taken from
+    the model's own tokenizer: an imported BERT's [PAD]/[CLS]/[SEP]/[MASK], an imported T5's
+    pad, eos and <extra_id_k> sentinels (names in SPECIAL_NAMES). None: the family's own
+    ids, placed after the tokenizer's."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -124,11 +184,33 @@ class ModelConfig:
             _positive(self, "d_ff")
         for name in ("norm_eps", "rope_theta", "init_std"):  # each gives NaN from step 0 at <= 0
             _number(self, name, inclusive=False)
+        if self.norm_position not in NORM_POSITIONS:
+            raise ConfigError(f"norm_position={self.norm_position!r} is unknown; use 'pre' "
+                              "(norm before each sublayer) or 'post' (after each residual add)")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is unknown; use one of "
+                              f"{', '.join(ACTIVATIONS)} (or leave it out for the flavour's own)")
+        if self.activation == FLAVOUR_ACTIVATION[self.flavour]:
+            # one spelling of the default, so a saved config and a fresh one compare equal
+            object.__setattr__(self, "activation", None)
+        if not isinstance(self.head_bias, bool):
+            raise ConfigError(f"head_bias={self.head_bias!r} must be true or false")
+        object.__setattr__(self, "special_ids", _special_ids(self))
+
+    def __hash__(self) -> int:
+        # the one dict field hashes as its sorted items (configs key caches, plan._partition)
+        return hash(tuple((f.name, tuple(v.items()) if isinstance(v := getattr(self, f.name), dict)
+                           else v) for f in dataclasses.fields(self)))
 
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.d_model // self.n_heads
+
+    @property
+    def act(self) -> str:
+        """The MLP activation actually used (``activation``, else the flavour's)."""
+        return self.activation or FLAVOUR_ACTIVATION[self.flavour]
 
     @property
     def kv_heads(self) -> int:

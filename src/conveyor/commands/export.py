@@ -3,7 +3,7 @@
 ``--format conveyor`` (the default) writes model.safetensors + config.json +
 tokenizer.json; ``--format hf`` writes a directory ``transformers`` loads with
 ``from_pretrained`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
-``T5ForConditionalGeneration``) and ``AutoTokenizer`` reads, sharded above ``--max-shard-size``.
+``T5ForConditionalGeneration``, ``BertForMaskedLM``, ``BertForSequenceClassification``) and ``AutoTokenizer`` reads, sharded above ``--max-shard-size``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def register(sub: Any) -> None:
     p.add_argument("--format", choices=("conveyor", "hf"), default="conveyor",
                    help="conveyor: config.json + model.safetensors for Conveyor; hf: a "
                         "Hugging Face transformers directory (GPT2LMHeadModel, LlamaForCausalLM, "
-                        "T5ForConditionalGeneration)")
+                        "T5ForConditionalGeneration, BertForMaskedLM, "
+                        "BertForSequenceClassification)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                    help="with --format hf: split the weights into files of at most this size "
                         "(e.g. 5GB, 500MB), listed in model.safetensors.index.json")
@@ -70,6 +71,6 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported {what} to {args.out} as Hugging Face {family_of(model.cfg).architecture} "
               f"({weights} weight file{'s' if weights > 1 else ''})")
     else:
-        write_export(args.out, model.cfg, model.tensors, model.tokenizer)
+        write_export(args.out, model.cfg, model.tensors, model.tokenizer, model.labels)
         print(f"exported {what} to {args.out}")
     return 0

@@ -1,7 +1,7 @@
 """``conveyor import``: a Hugging Face model directory as a Conveyor export.
 
 Reads config.json, model.safetensors (or its shards and index) and tokenizer.json
-of a ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or ``T5ForConditionalGeneration`` and
+of a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``T5ForConditionalGeneration`` or BERT and
 writes what ``conveyor export`` writes, so ``conveyor generate --checkpoint OUT`` runs it. (The module is ``import_``
 because ``import`` is a Python keyword.)
 """
@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
     """Add ``import`` to the CLI."""
     p = sub.add_parser(
         "import",
-        help="convert a Hugging Face model directory (GPT-2, Llama, T5) into a Conveyor export",
+        help="convert a Hugging Face model directory (GPT-2, Llama, T5, BERT) into a Conveyor export",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR",

@@ -25,7 +25,7 @@ def mlm_batch(
     """Inputs tokens, segments, attention_mask; targets mlm (and nsp)."""
     rng = np.random.default_rng([seed, salt])
     pairs = sentence_pairs(rows, indices, seq_len, specials, rng)
-    maskable = pairs["tokens"] < specials.base  # never a special token or padding
+    maskable = specials.maskable(pairs["tokens"])
     inputs, labels = mask_tokens(pairs["tokens"], maskable, rng, mask_id=specials.mask,
                                  random_below=specials.base)
     x = {"tokens": inputs, "segments": pairs["segments"], "attention_mask": pairs["attention_mask"]}

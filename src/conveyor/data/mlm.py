@@ -24,34 +24,46 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class BertSpecials:
-    """Special ids placed after a tokenizer's ``base`` ids."""
+    """Special ids placed after a tokenizer's ``base`` ids, or ``given`` by the model's tokenizer."""
 
     base: int
+    """Ids below it are ordinary tokens (random replacements are drawn from them)."""
+    given: tuple[tuple[str, int], ...] = ()
+    """(name, id) pairs of an imported model's own ids (``ModelConfig.special_ids``)."""
+
+    def _id(self, name: str, offset: int) -> int:
+        return dict(self.given).get(name, self.base + offset)
 
     @property
     def pad(self) -> int:
         """Padding (attention mask 0)."""
-        return self.base
+        return self._id("pad", 0)
 
     @property
     def cls(self) -> int:
         """First token; the next-sentence head reads it."""
-        return self.base + 1
+        return self._id("cls", 1)
 
     @property
     def sep(self) -> int:
         """Ends each sentence."""
-        return self.base + 2
+        return self._id("sep", 2)
 
     @property
     def mask(self) -> int:
         """Replaces 80% of the chosen tokens."""
-        return self.base + 3
+        return self._id("mask", 3)
 
     @property
     def vocab_size(self) -> int:
         """The model's vocabulary: the tokenizer's ids and these four."""
         return self.base + 4
+
+    def maskable(self, tokens: np.ndarray) -> np.ndarray:
+        """Which tokens masking may choose: never a special token or padding."""
+        if not self.given:
+            return tokens < self.base  # the specials are the ids from base on
+        return ~np.isin(tokens, [self.pad, self.cls, self.sep, self.mask])
 
 
 def mask_tokens(

@@ -2,8 +2,10 @@
 
 A family's special ids (mask, separators, sentinels) sit after the tokenizer's own ids,
 so the tokenizer is trained with ``vocab_size - special_count(model)`` ids and the
-model keeps the configured ``vocab_size``. Rows are packed a little shorter than
-``max_seq_len`` where an example adds tokens around them (``packed_seq_len``).
+model keeps the configured ``vocab_size`` -- unless the model names its own
+(``ModelConfig.special_ids``: an imported Hugging Face model's, from its tokenizer).
+Rows are packed a little shorter than ``max_seq_len`` where an example adds tokens
+around them (``packed_seq_len``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from conveyor.data.family_batches import mlm_batch, span_corruption_batch
 from conveyor.data.mlm import BertSpecials
 from conveyor.data.spans import T5Specials
 
-__all__ = ["BatchMaker", "batch_maker", "check_objective", "packed_seq_len", "special_count",
+__all__ = ["BatchMaker", "batch_maker", "bert_specials", "t5_specials", "check_objective", "packed_seq_len", "special_count",
            "span_target_len"]
 
 BatchMaker = Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]
@@ -50,8 +52,20 @@ def check_objective(model: ModelConfig) -> None:
 
 
 def special_count(model: ModelConfig) -> int:
-    """Ids the family reserves after the tokenizer's."""
-    return _SPECIALS[model.family]
+    """Ids the family reserves after the tokenizer's (none when the model names its own)."""
+    return 0 if model.special_ids else _SPECIALS[model.family]
+
+
+def bert_specials(model: ModelConfig) -> BertSpecials:
+    """The masked-LM special ids of ``model``: its own (``special_ids``) or after the tokenizer's."""
+    return BertSpecials(model.vocab_size - special_count(model), tuple((model.special_ids or {}).items()))
+
+
+def t5_specials(model: ModelConfig) -> T5Specials:
+    """The span-corruption special ids of ``model``: its own or after the tokenizer's."""
+    given = sum(1 for name in model.special_ids or {} if name.startswith("sentinel_"))
+    return T5Specials(model.vocab_size - special_count(model), given or SENTINELS,
+                      tuple((model.special_ids or {}).items()))
 
 
 def packed_seq_len(model: ModelConfig) -> int:
@@ -67,12 +81,11 @@ def span_target_len(row_len: int) -> int:
 
 def batch_maker(model: ModelConfig, seed: int) -> BatchMaker:
     """How the trainer turns sampled rows into the family's (inputs, targets)."""
-    base = model.vocab_size - special_count(model)
     if model.family == "bert":
-        bert = BertSpecials(base)
+        bert = bert_specials(model)
         return lambda rows, idx, salt: mlm_batch(rows, idx, model.max_seq_len, bert, seed, salt)
     if model.family == "t5":
-        t5 = T5Specials(base, SENTINELS)
+        t5 = t5_specials(model)
 
         def spans(rows: np.ndarray, idx: np.ndarray, salt: int) -> tuple[Any, Any]:
             return span_corruption_batch(rows, idx, model.max_seq_len,

@@ -26,24 +26,30 @@ __all__ = ["T5Specials", "corrupt_spans", "span_batch"]
 
 @dataclass(frozen=True)
 class T5Specials:
-    """Special ids after a tokenizer's ``base`` ids: pad (= decoder start), eos, sentinels."""
+    """Special ids after a tokenizer's ``base`` ids: pad (= decoder start), eos, sentinels;
+    or ``given`` by the model's own tokenizer (HF T5: pad 0, eos 1, <extra_id_k> at the top)."""
 
     base: int
     sentinels: int = 16
+    given: tuple[tuple[str, int], ...] = ()
+    """(name, id) pairs of an imported model's own ids (``ModelConfig.special_ids``)."""
+
+    def _id(self, name: str, offset: int) -> int:
+        return dict(self.given).get(name, self.base + offset)
 
     @property
     def pad(self) -> int:
         """Padding, and the decoder's start token."""
-        return self.base
+        return self._id("pad", 0)
 
     @property
     def eos(self) -> int:
         """Ends the input and the target."""
-        return self.base + 1
+        return self._id("eos", 1)
 
     def sentinel(self, k: int) -> int:
         """The id standing for the k-th corrupted span."""
-        return self.base + 2 + k
+        return self._id(f"sentinel_{k}", 2 + k)
 
     @property
     def vocab_size(self) -> int:

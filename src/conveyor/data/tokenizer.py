@@ -15,7 +15,7 @@ from conveyor.data.atomic import atomic_write
 from conveyor.data.corpus import Corpus
 from conveyor.data.errors import DataError
 
-__all__ = ["EOT", "DEFAULT_MAX_BYTES", "TOKENIZER_CONFIG", "Tokenizer", "train_tokenizer",
+__all__ = ["EOT", "special_token", "DEFAULT_MAX_BYTES", "TOKENIZER_CONFIG", "Tokenizer", "train_tokenizer",
            "load_tokenizer", "end_of_text_token", "tokenizer_cache_path", "check_tokenizer_fits"]
 
 log = logging.getLogger("conveyor.data")
@@ -79,17 +79,24 @@ class Tokenizer:
             atomic_write(Path(path).parent / TOKENIZER_CONFIG, lambda f: f.write(config))
 
 
+def special_token(settings: dict, name: str) -> str | None:
+    """The ``<name>_token`` a Hugging Face tokenizer_config names (``eos``, ``pad``...), or None."""
+    token = settings.get(f"{name}_token")
+    if isinstance(token, dict):  # an AddedToken written out by older transformers
+        token = token.get("content")
+    return token if isinstance(token, str) and token else None
+
+
 def end_of_text_token(path: Path) -> str:
-    """EOT, or the ``eos_token`` of a Hugging Face tokenizer_config.json beside ``path``."""
+    """EOT, or the ``eos_token`` of a Hugging Face tokenizer_config.json beside ``path`` (else
+    its ``sep_token``: BERT names no eos, and ends every segment with [SEP])."""
     # Imported models keep their own end token (Llama's "</s>"), named where HF names it
     config = Path(path).parent / TOKENIZER_CONFIG
     try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        return special_token(settings, "eos") or special_token(settings, "sep") or EOT
     except (OSError, ValueError, AttributeError):
         return EOT
-    if isinstance(eos, dict):  # an AddedToken written out by older transformers
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) and eos else EOT
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..data.objectives import SENTINELS, special_count
-from ..data.spans import T5Specials
+from ..data.objectives import t5_specials
 from ..models.families.t5 import T5Bridge, T5Embedding
 from ..models.layers import KVCache
 from ..models.stack import DecoderLayer, EncoderLayer, NamedHead, State
@@ -43,15 +42,11 @@ ENCODER = "encoder"
 encoder_out after it (a stage knows which from its own blocks)."""
 
 
-def t5_specials(cfg: ModelConfig) -> T5Specials:
-    """The t5 family's special ids for ``cfg``: pad (= decoder start), eos, sentinels."""
-    return T5Specials(cfg.vocab_size - special_count(cfg), SENTINELS)
-
-
 def output_ids(ids: Sequence[int], cfg: ModelConfig) -> list[int]:
     """An output without the family's special ids (pad, eos, sentinels): what to detokenize."""
-    base = t5_specials(cfg).pad  # the specials follow the tokenizer's ids
-    return [t for t in ids if t < base]
+    sp = t5_specials(cfg)  # the model's own ids (an import's) or those after the tokenizer's
+    special = {sp.pad, sp.eos, *(sp.sentinel(k) for k in range(sp.sentinels))}
+    return [t for t in ids if t not in special]
 
 
 class Seq2SeqBatch:

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
-from conveyor.models.layers import Attention, KVCache, LeftPadding, make_mlp, make_norm
+from conveyor.models.layers import (
+    Attention,
+    KVCache,
+    LeftPadding,
+    make_final_norm,
+    make_mlp,
+    make_norm,
+    residual,
+)
 from conveyor.models.linear import Linear
 from conveyor.models.objective import IGNORE_INDEX, cross_entropy_sum
 
@@ -75,7 +83,7 @@ class EmbeddingBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Residual block: x + attn(norm1(x)), then x + mlp(norm2(x)); post-norm: norm1(x + attn(x)) and so on."""
 
     role: ClassVar[str] = "layer"
 
@@ -85,16 +93,16 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
+        self.post = cfg.norm_position == "post"
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
         """Hidden states (B, T, D) -> (B, T, D); with a cache, x holds positions start_pos.."""
-        x = x + self.attn(self.norm1(x), kv_cache, start_pos)
-        x = x + self.mlp(self.norm2(x))
-        return x
+        x = residual(x, self.norm1, lambda h: self.attn(h, kv_cache, start_pos), self.post)
+        return residual(x, self.norm2, self.mlp, self.post)
 
 
 class HeadBlock(nn.Module):
-    """Final norm and the linear LM head (no bias), and the loss of its logits."""
+    """Final norm (none under post-norm), the linear LM head, and the loss of its logits."""
 
     role: ClassVar[str] = "head"
     tied_param_name: ClassVar[str] = "proj.weight"
@@ -102,8 +110,8 @@ class HeadBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm = make_norm(cfg)
-        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm = make_final_norm(cfg)
+        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         # what turns this head's logits into the summed loss: replaced when the logits
         # are split over ranks (parallel.tp_blocks: vocabulary-parallel cross-entropy)
         self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
@@ -200,7 +208,8 @@ def block_param_counts(cfg: ModelConfig) -> list[int]:
         mlp = 3 * D * Fd
         embedding = V * D
     layer = 2 * norm + attn + mlp
-    return [embedding] + [layer] * cfg.n_layers + [norm + V * D]
+    head = norm * (cfg.norm_position == "pre") + V * D + V * cfg.head_bias
+    return [embedding] + [layer] * cfg.n_layers + [head]
 
 
 def block_forward_flops(cfg: ModelConfig, seq_len: int) -> list[float]:

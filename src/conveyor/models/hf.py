@@ -1,10 +1,10 @@
 """Hugging Face ``transformers`` checkpoints and Conveyor's: what every family's name map shares.
 
-A family module (``hf_gpt2``, ``hf_llama``, ``hf_t5``; registered in ``hf_families``) describes,
-for one ModelConfig, which Conveyor tensor is which HF tensor (:class:`TensorMap`)
-and how the two configs translate. This module converts name -> tensor dicts both
-ways with those maps. No files are read here and ``transformers`` is never imported:
-the formats are plain safetensors and JSON.
+A family module (``hf_gpt2``, ``hf_llama``, ``hf_t5``, ``hf_bert``; registered in
+``hf_families``) describes, for one ModelConfig, which Conveyor tensor is which HF tensor
+(:class:`TensorMap`) and how the two configs translate. This module converts name ->
+tensor dicts both ways with those maps. No files are read here and ``transformers`` is
+never imported: the formats are plain safetensors and JSON.
 """
 
 from __future__ import annotations
@@ -83,12 +83,26 @@ class HFFamily:
     store_tied_head: bool = False
     """Export a tied head's copy too: a reader taking the config as untied (transformers 4.x
     reads T5's ``tie_word_embeddings=false`` so) would otherwise start it at random."""
+    copies: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """HF tensor -> a second name HF may keep it under (BERT's decoder bias): export writes
+    both; import reads the copy when stored (the one a model untied in transformers 5 uses)."""
+    absent: tuple[str, ...] = ()
+    """Regexes of Conveyor parameters the HF architecture lacks (BertForMaskedLM has no NSP
+    head): import initialises them as a fresh model would, export leaves them out."""
+    exports: bool = True
+    """Whether ``conveyor export --format hf`` writes this architecture (else import only)."""
+    labels: bool = False
+    """A sequence classifier: it exports a model with ``num_labels`` > 0, and only such."""
 
     def canonical(self, name: str) -> str:
         """A stored HF name as the maps spell it (with the base model's prefix)."""
         if name == self.head or name.startswith(self.base_prefix):
             return name
         return self.base_prefix + name
+
+    def is_absent(self, name: str) -> bool:
+        """Whether the Conveyor parameter ``name`` has no HF counterpart (see ``absent``)."""
+        return any(re.fullmatch(pattern, name) for pattern in self.absent)
 
     def is_ignored(self, name: str, cfg: ModelConfig) -> bool:
         """Whether the HF tensor ``name`` (canonical) has nothing to load into."""
@@ -113,7 +127,8 @@ def check_exportable(cfg: ModelConfig, family: HFFamily) -> None:
     default = ModelConfig(family=cfg.family, flavour=cfg.flavour)
     for field in dataclasses.fields(ModelConfig):
         name = field.name
-        if name in family.exported_fields or name in ("family", "flavour"):
+        # special_ids are the tokenizer's numbering, which goes along with it
+        if name in family.exported_fields or name in ("family", "flavour", "special_ids"):
             continue
         if getattr(cfg, name) != getattr(default, name):
             raise ConfigError(

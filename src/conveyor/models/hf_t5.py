@@ -10,8 +10,9 @@ table. Exact only for the HF settings below; the others are refused by name:
 - relative bias: HF keeps one table per stack, in its first layer, that every layer
   reads; Conveyor keeps a table per layer. Import copies it into each; export writes
   it once and refuses a model whose tables differ (e.g. after training in Conveyor).
-- MLP: Conveyor's gated MLP is SwiGLU, HF's ``feed_forward_proj="gated-silu"``; T5
-  v1.1's "gated-gelu" (tanh GELU) and the original "relu" have no Conveyor equivalent.
+- MLP: Conveyor's gated MLP is SwiGLU, HF's ``feed_forward_proj="gated-silu"``, or with
+  ``activation="gelu_tanh"`` T5 v1.1's "gated-gelu"; the original "relu" (not gated) has
+  no Conveyor equivalent.
 - head: transformers 5 always ties ``lm_head`` to ``shared``, and scales the decoder
   output by d_model**-0.5 unless the saved ``tie_word_embeddings`` is false (which 5.x
   keeps as ``scale_decoder_outputs``). Conveyor never scales: only an unscaled, tied
@@ -38,6 +39,8 @@ _DEFAULTS: dict[str, Any] = {
     "feed_forward_proj": "relu", "n_positions": 512, "initializer_range": 0.02,
 }
 _BUCKETS, _MAX_DISTANCE = 32, 128  # fixed in Conveyor's RelativePositionBias
+# HF's gated MLPs -> ModelConfig.activation of the gate (HF's gated-gelu is "gelu_new")
+_GATES = {"gated-silu": "silu", "gated-gelu": "gelu_tanh"}
 
 
 def _scaled_output(raw: Mapping[str, Any]) -> bool:
@@ -52,9 +55,9 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
     def get(key: str) -> Any:
         return hf_field(raw, key, _DEFAULTS[key])
 
-    if get("feed_forward_proj") != "gated-silu":
+    if get("feed_forward_proj") not in _GATES:
         raise refuse(where, "feed_forward_proj", get("feed_forward_proj"),
-                     "Conveyor's t5 MLP is the SwiGLU one ('gated-silu')")
+                     "Conveyor's t5 MLP is gated: 'gated-silu' (SwiGLU) or 'gated-gelu' (GeGLU)")
     if _scaled_output(raw):
         raise refuse(where, "scale_decoder_outputs", True,
                      "Conveyor's t5 head does not rescale the decoder output by d_model**-0.5 "
@@ -82,6 +85,7 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         tie_embeddings=True,
         norm_eps=float(get("layer_norm_epsilon")),
         init_std=float(get("initializer_range")),
+        activation=_GATES[get("feed_forward_proj")],  # type: ignore[arg-type]
     )
 
 
@@ -91,6 +95,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError("tie_embeddings=False has no equivalent in Hugging Face's "
                           "T5ForConditionalGeneration (transformers 5 always ties lm_head to "
                           "shared); export a t5 model trained with --tie-embeddings")
+    proj = {act: name for name, act in _GATES.items()}.get(cfg.act)
+    if proj is None:
+        raise ConfigError(f"activation={cfg.act!r} has no equivalent in Hugging Face's "
+                          "T5ForConditionalGeneration, whose gated MLPs are 'gated-silu' and "
+                          "'gated-gelu'; train with activation silu or gelu_tanh")
     return {
         "vocab_size": cfg.vocab_size,
         "d_model": cfg.d_model,
@@ -103,14 +112,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "relative_attention_max_distance": _MAX_DISTANCE,
         "dropout_rate": 0.0,
         "layer_norm_epsilon": cfg.norm_eps,
-        "feed_forward_proj": "gated-silu",
+        "feed_forward_proj": proj,
         "is_encoder_decoder": True,
         "n_positions": cfg.max_seq_len,
         "initializer_range": cfg.init_std,
         # false is what tells transformers not to rescale the decoder output (it ties anyway)
         "tie_word_embeddings": False,
         "scale_decoder_outputs": False,
-        "decoder_start_token_id": 0,
+        "decoder_start_token_id": 0,  # hf_io writes the pad span corruption trained with
         "use_cache": True,
     }
 
@@ -160,7 +169,7 @@ T5_HF = HFFamily(
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     tensor_maps=tensor_maps,
-    exported_fields=SHAPE_FIELDS | {"rope_theta"},  # unused: t5 has no rotary
+    exported_fields=SHAPE_FIELDS | {"rope_theta", "activation"},  # rope_theta: t5 has no rotary
     store_tied_head=True,
     # copies of shared (4.x saved them) and a table transformers itself never reads
     ignored=(r"(encoder|decoder)\.embed_tokens\.weight",

@@ -6,7 +6,9 @@ pipelines or initialisation; :mod:`conveyor.models.blocks` sets the weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -17,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from conveyor.config import ModelConfig
 from conveyor.models.linear import Linear
 
-__all__ = ["make_norm", "Rotary", "LeftPadding", "KVCache", "Attention", "GeluMLP", "SwiGLU", "make_mlp"]
+__all__ = ["make_norm", "make_final_norm", "residual", "ACTIVATION_FNS", "Rotary", "LeftPadding", "KVCache", "Attention", "GeluMLP", "SwiGLU", "make_mlp"]
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -25,6 +27,23 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.flavour == "gpt2":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
     return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def make_final_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm a head (or T5's encoder) applies to the stream: none under post-norm."""
+    return nn.Identity() if cfg.norm_position == "post" else make_norm(cfg)
+
+
+def residual(x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor], post: bool) -> Tensor:
+    """One residual step: x + sublayer(norm(x)) (pre-norm) or norm(x + sublayer(x)) (post-norm)."""
+    return norm(x + sublayer(x)) if post else x + sublayer(norm(x))
+
+
+ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "silu": F.silu,
+    "relu": F.relu,
+}
+"""``ModelConfig.act`` -> the function."""
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -217,7 +236,7 @@ class Attention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """GPT-2 MLP: up-projection, tanh-approximate GELU, down-projection, with biases."""
+    """GPT-2 MLP: up-projection, activation (tanh-approximate GELU), down-projection, with biases."""
 
     tp_plan: ClassVar[dict[str, str]] = {"up": "column", "down": "row"}
     """How tensor parallelism splits the linears: the hidden width by rank."""
@@ -226,14 +245,15 @@ class GeluMLP(nn.Module):
         super().__init__()
         self.up = Linear(cfg.d_model, cfg.ffn_dim)
         self.down = Linear(cfg.ffn_dim, cfg.d_model)
+        self.act = ACTIVATION_FNS[cfg.act]
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, D)."""
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(self.act(self.up(x)))
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: w2(silu(w1 x) * w3 x), no biases."""
+    """Llama MLP: w2(silu(w1 x) * w3 x), no biases (another activation: GeGLU and kin)."""
 
     tp_plan: ClassVar[dict[str, str]] = {"w1": "column", "w3": "column", "w2": "row"}
     """How tensor parallelism splits the linears: the hidden width by rank."""
@@ -243,10 +263,11 @@ class SwiGLU(nn.Module):
         self.w1 = Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # gate
         self.w3 = Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # up
         self.w2 = Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
+        self.act = ACTIVATION_FNS[cfg.act]
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, D)."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:

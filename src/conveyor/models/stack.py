@@ -1,6 +1,7 @@
 """Encoder and decoder layers that read and write named tensors (encoder, encoder-decoder).
 
-Both are pre-norm residual blocks over the stream ``hidden``. The encoder layer attends
+Both are residual blocks over the stream ``hidden``, pre-norm or post-norm
+(``ModelConfig.norm_position``). The encoder layer attends
 bidirectionally under the padding mask ``attention_mask``; the decoder layer attends
 causally to itself under ``decoder_mask`` and then, through cross-attention, to
 ``encoder_out`` under ``attention_mask``. Every other tensor of the state passes through
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
 from conveyor.models.attention import MaskedAttention
-from conveyor.models.layers import KVCache, make_mlp, make_norm
+from conveyor.models.layers import KVCache, make_mlp, make_norm, residual
 
 __all__ = ["DecoderLayer", "EncoderLayer", "NamedBlock", "NamedEmbedding", "NamedHead", "State"]
 
@@ -45,7 +46,7 @@ class NamedHead(NamedBlock):
 
 
 class EncoderLayer(NamedBlock):
-    """hidden + attn(norm1(hidden)) under the padding mask, then + mlp(norm2(.))."""
+    """hidden + attn(norm1(hidden)) under the padding mask, then + mlp(norm2(.)) (or post-norm)."""
 
     def __init__(self, cfg: ModelConfig, *, relative_bias: bool = False) -> None:
         super().__init__()
@@ -53,17 +54,17 @@ class EncoderLayer(NamedBlock):
         self.attn = MaskedAttention(cfg, causal=False, relative_bias=relative_bias)
         self.norm2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
+        self.post = cfg.norm_position == "post"
 
     def forward(self, state: State) -> State:
         """Reads hidden (B, T, D) and attention_mask (B, T); writes hidden."""
-        x = state["hidden"]
-        x = x + self.attn(self.norm1(x), state["attention_mask"])
-        x = x + self.mlp(self.norm2(x))
-        return {**state, "hidden": x}
+        mask = state["attention_mask"]
+        x = residual(state["hidden"], self.norm1, lambda h: self.attn(h, mask), self.post)
+        return {**state, "hidden": residual(x, self.norm2, self.mlp, self.post)}
 
 
 class DecoderLayer(NamedBlock):
-    """Causal self-attention, cross-attention to encoder_out, MLP; each pre-norm and residual."""
+    """Causal self-attention, cross-attention to encoder_out, MLP; each normed and residual."""
 
     def __init__(self, cfg: ModelConfig, *, relative_bias: bool = False) -> None:
         super().__init__()
@@ -73,14 +74,14 @@ class DecoderLayer(NamedBlock):
         self.cross = MaskedAttention(cfg, causal=False, cross=True)
         self.norm2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
+        self.post = cfg.norm_position == "post"
 
     def forward(self, state: State) -> State:
         """Reads hidden (B, T, D), decoder_mask (B, T), encoder_out (B, S, D), attention_mask (B, S)."""
-        x = state["hidden"]
-        x = x + self.attn(self.norm1(x), state["decoder_mask"])
-        x = x + self.cross(self.norm_cross(x), state["attention_mask"], state["encoder_out"])
-        x = x + self.mlp(self.norm2(x))
-        return {**state, "hidden": x}
+        memory, own, other = state["encoder_out"], state["decoder_mask"], state["attention_mask"]
+        x = residual(state["hidden"], self.norm1, lambda h: self.attn(h, own), self.post)
+        x = residual(x, self.norm_cross, lambda h: self.cross(h, other, memory), self.post)
+        return {**state, "hidden": residual(x, self.norm2, self.mlp, self.post)}
 
     def decode(self, x: Tensor, start: int, cache: KVCache, self_mask: Tensor,
                memory_kv: tuple[Tensor, Tensor], memory_mask: Tensor) -> Tensor:
@@ -91,8 +92,12 @@ class DecoderLayer(NamedBlock):
         computed once (``cross.project_keys``). ``self_mask`` (B, start + T) marks the
         decoder's real positions, ``memory_mask`` (B, S) the source's.
         """
-        h = self.norm1(x)
-        k, v = cache.update(*self.attn.project_keys(h), start)
-        x = x + self.attn.attend(h, k, v, self_mask, start)
-        x = x + self.cross.attend(self.norm_cross(x), *memory_kv, memory_mask, start)
-        return x + self.mlp(self.norm2(x))
+
+        def attend_self(h: Tensor) -> Tensor:
+            k, v = cache.update(*self.attn.project_keys(h), start)
+            return self.attn.attend(h, k, v, self_mask, start)
+
+        x = residual(x, self.norm1, attend_self, self.post)
+        x = residual(x, self.norm_cross,
+                     lambda h: self.cross.attend(h, *memory_kv, memory_mask, start), self.post)
+        return residual(x, self.norm2, self.mlp, self.post)

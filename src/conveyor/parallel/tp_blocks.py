@@ -162,7 +162,7 @@ def shard_block(
                 module.pos.register_forward_hook(_SplitPositions(group))
         elif role == "head":
             module.proj = ColumnParallelLinear.from_full(
-                module.proj.weight, None, group, pad_out=True, sequence_parallel=sp
+                module.proj.weight, module.proj.bias, group, pad_out=True, sequence_parallel=sp
             )
             module.criterion = VocabParallelLMLoss(group, cfg.vocab_size)
         elif isinstance(module, RelativePositionBias):

@@ -6,6 +6,7 @@
       config.json         the ModelConfig as a dict
       tokenizer.json      a copy of the run's tokenizer, when the checkpoint names one
       tokenizer_config.json  only beside an imported Hugging Face tokenizer: its eos_token
+      labels.json         only for a classifier (num_labels > 0): its class names in id order
 
 ``conveyor import`` writes the same directory from a Hugging Face one (``hf_io``).
 """
@@ -29,13 +30,14 @@ from ..models import Transformer
 from .checkpoint import CheckpointError, load_tensors, read_meta, resolve_checkpoint
 from .checkpoint_files import META, checkpoint_tokenizer
 
-__all__ = ["MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "ModelFiles", "export_model",
+__all__ = ["MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "LABELS_FILE", "ModelFiles", "export_model",
            "is_exported", "load_exported", "read_model", "write_export", "param_shapes",
            "check_shapes"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.json"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class ModelFiles:
     """The checkpoint's step; None for an exported directory."""
     source: Path
     """The checkpoint or exported directory it was read from."""
+    labels: tuple[str, ...] = ()
+    """A fine-tuned classifier's class names in id order (its checkpoint's task meta)."""
 
 
 def is_exported(path: Path) -> bool:
@@ -71,15 +75,19 @@ def read_model(path: Path, *, tokenizer: Path | None = None) -> ModelFiles:
         tensors = _read_exported_tensors(path)
         check_shapes(tensors, param_shapes(cfg), str(path / MODEL_FILE))
         own = path / TOKENIZER_FILE
-        return ModelFiles(cfg, tensors, tokenizer or (own if own.is_file() else None), None, path)
+        return ModelFiles(cfg, tensors, tokenizer or (own if own.is_file() else None), None, path,
+                          _read_labels(path))
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     cfg = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
     shapes = param_shapes(cfg)
     tensors = load_tensors(ckpt, shapes)
     check_shapes(tensors, shapes, f"checkpoint {ckpt}")
+    task = meta.get("task")
+    labels = task.get("labels") if isinstance(task, dict) else None
     return ModelFiles(cfg, tensors, tokenizer or checkpoint_tokenizer(ckpt, meta),
-                      int(meta["step"]) if "step" in meta else None, ckpt)
+                      int(meta["step"]) if "step" in meta else None, ckpt,
+                      tuple(str(label) for label in labels) if isinstance(labels, list) else ())
 
 
 def read_tokenizer_bytes(path: Path) -> bytes:
@@ -93,10 +101,24 @@ def read_tokenizer_bytes(path: Path) -> bytes:
         ) from None
 
 
+def _read_labels(out_dir: Path) -> tuple[str, ...]:
+    """A classifier export's class names (labels.json), or () when it has none."""
+    try:
+        labels = json.loads((out_dir / LABELS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{out_dir / LABELS_FILE} is corrupt ({err}); export the "
+                              "model again") from None
+    return tuple(str(label) for label in labels) if isinstance(labels, list) else ()
+
+
 def write_export(
-    out_dir: Path, cfg: ModelConfig, tensors: dict[str, Tensor], tokenizer: Path | None
+    out_dir: Path, cfg: ModelConfig, tensors: dict[str, Tensor], tokenizer: Path | None,
+    labels: tuple[str, ...] = (),
 ) -> Path:
-    """Write config.json, model.safetensors and (given one) tokenizer.json into ``out_dir``."""
+    """Write config.json, model.safetensors and (given one) tokenizer.json into ``out_dir``,
+    and a classifier's ``labels`` into labels.json."""
     out_dir = Path(out_dir)
     tok_bytes = read_tokenizer_bytes(tokenizer) if tokenizer else None
     sidecar = Path(tokenizer).parent / TOKENIZER_CONFIG if tokenizer else None
@@ -112,6 +134,11 @@ def write_export(
     else:
         # a stale one from an earlier export would name another end-of-text token
         (out_dir / TOKENIZER_CONFIG).unlink(missing_ok=True)
+    if labels:
+        names = json.dumps(list(labels)).encode()
+        atomic_write(out_dir / LABELS_FILE, lambda f: f.write(names))
+    else:
+        (out_dir / LABELS_FILE).unlink(missing_ok=True)
     return out_dir
 
 
@@ -121,7 +148,7 @@ def export_model(ckpt_dir: Path, out_dir: Path, *, tokenizer: Path | None = None
     ``tokenizer`` overrides the tokenizer path the checkpoint's meta names. Returns ``out_dir``.
     """
     model = read_model(ckpt_dir, tokenizer=tokenizer)
-    return write_export(out_dir, model.cfg, model.tensors, model.tokenizer)
+    return write_export(out_dir, model.cfg, model.tensors, model.tokenizer, model.labels)
 
 
 def load_exported(out_dir: Path) -> tuple[Transformer, ModelConfig]:

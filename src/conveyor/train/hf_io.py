@@ -17,6 +17,7 @@ or a Conveyor export or checkpoint. The name maps are the families'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from torch import Tensor
 
 from ..config import ConfigError, ModelConfig
 from ..data.atomic import atomic_write
-from ..data.tokenizer import EOT, TOKENIZER_CONFIG, load_tokenizer
+from ..data.objectives import t5_specials
+from ..data.tokenizer import EOT, TOKENIZER_CONFIG, Tokenizer, load_tokenizer, special_token
+from ..models.build import build_block
 from ..models.hf import TensorMap, check_exportable, expected_hf_names, to_conveyor, to_hf
 from ..models.hf_families import family_of, family_of_hf
 from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
@@ -47,6 +50,7 @@ from .export import (
     read_tokenizer_bytes,
     write_export,
 )
+from .hf_tokens import special_ids_of, with_family_tokens
 
 __all__ = ["INDEX_FILE", "DEFAULT_MAX_SHARD_SIZE", "Imported", "import_hf", "export_hf",
            "write_hf", "parse_size", "is_hf_dir", "init_config", "read_init"]
@@ -149,23 +153,39 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Imported:
     architecture, cfg, tensors = _convert(hf_dir, raw)
     tokenizer = hf_dir / TOKENIZER_FILE
     has_tokenizer = tokenizer.is_file()
-    write_export(out_dir, cfg, tensors, tokenizer if has_tokenizer else None)
+    write_export(out_dir, cfg, tensors, tokenizer if has_tokenizer else None, _labels(raw))
     if has_tokenizer:
         _name_end_token(out_dir, raw.get("eos_token_id"))
     return Imported(cfg, architecture, out_dir, has_tokenizer)
+
+
+def _labels(raw: dict[str, Any]) -> tuple[str, ...]:
+    """A classifier's class names in id order (HF's id2label), () for any other model."""
+    names = raw.get("id2label")
+    if "BertForSequenceClassification" not in (raw.get("architectures") or []) or \
+            not isinstance(names, dict):
+        return ()
+    try:
+        return tuple(str(names[k]) for k in sorted(names, key=int))
+    except (TypeError, ValueError):
+        return ()  # ids that are no numbers: HF's generic LABEL_i names are written back
 
 
 def _hf_config(hf_dir: Path, raw: dict[str, Any]) -> tuple[Any, ModelConfig]:
     """The family of a Hugging Face config.json and its ModelConfig (refusing what has none)."""
     where = str(hf_dir / CONFIG_FILE)
     family = family_of_hf(raw, where)
-    return family, family.config_from_hf(raw, where)
+    cfg = family.config_from_hf(raw, where)
+    return family, dataclasses.replace(cfg, special_ids=special_ids_of(cfg, hf_dir))
 
 
 def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[str, Tensor]]:
     """(architecture, config, parameters by Conveyor name) of a Hugging Face directory."""
     family, cfg = _hf_config(hf_dir, raw)
     stored = {family.canonical(n): t for n, t in _read_hf_tensors(hf_dir).items()}
+    for name, copy in family.copies.items():
+        if copy in stored:
+            stored[name] = stored.pop(copy)
     maps = family.tensor_maps(cfg)
     expected = expected_hf_names(maps)
     missing = [n for n in expected if n not in stored]
@@ -189,8 +209,17 @@ def _convert(hf_dir: Path, raw: dict[str, Any]) -> tuple[str, ModelConfig, dict[
             "save_pretrained from the transformers that reads it"
         )
     tensors = to_conveyor(maps, stored)
-    check_shapes(tensors, param_shapes(cfg), f"{hf_dir} (converted)")
+    shapes = param_shapes(cfg)
+    tensors.update(_fresh([n for n in shapes if n not in tensors and family.is_absent(n)], cfg))
+    check_shapes(tensors, shapes, f"{hf_dir} (converted)")
     return family.architecture, cfg, tensors
+
+
+def _fresh(names: list[str], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Parameters the HF architecture lacks, as a fresh Conveyor model (seed 0) starts them."""
+    blocks = sorted({int(n.split(".")[1]) for n in names})
+    made = {f"blocks.{i}.{k}": t for i in blocks for k, t in build_block(cfg, i, 0).state_dict().items()}
+    return {n: made[n] for n in names}
 
 
 def _table_name(maps: list[TensorMap]) -> str:
@@ -234,9 +263,11 @@ def read_init(path: Path) -> ModelFiles:
     path = Path(path)
     if not is_hf_dir(path):
         return read_model(path)
-    _, cfg, tensors = _convert(path, _read_json(path / CONFIG_FILE, "config.json"))
+    raw = _read_json(path / CONFIG_FILE, "config.json")
+    _, cfg, tensors = _convert(path, raw)
     tokenizer = path / TOKENIZER_FILE
-    return ModelFiles(cfg, tensors, tokenizer if tokenizer.is_file() else None, None, path)
+    return ModelFiles(cfg, tensors, tokenizer if tokenizer.is_file() else None, None, path,
+                      _labels(raw))
 
 
 def _name_end_token(out_dir: Path, eos_id: Any) -> None:
@@ -271,8 +302,8 @@ def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor
     return shards
 
 
-def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], int, int] | None:
-    """(tokenizer.json bytes, tokenizer_config, bos id, eos id), or None without a tokenizer."""
+def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], dict[str, int]] | None:
+    """(tokenizer.json bytes, tokenizer_config, HF config's special ids), None without one."""
     if model.tokenizer is None:
         return None
     path = Path(model.tokenizer)
@@ -284,15 +315,20 @@ def _tokenizer_files(model: ModelFiles) -> tuple[bytes, dict[str, Any], int, int
         # without a class AutoTokenizer would pick the model type's, which may rebuild the
         # pipeline; the generic class loads tokenizer.json as it is
         settings.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        settings.setdefault("eos_token", tok.eot)
+        if special_token(settings, "sep") is None:  # BERT's end token is its [SEP], no eos
+            settings.setdefault("eos_token", tok.eot)
     else:
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.eot,
                     "eos_token": tok.eot, "model_max_length": model.cfg.max_seq_len,
                     "clean_up_tokenization_spaces": False}
-    bos = settings.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
-    bos_id = tok.hf.token_to_id(bos) if isinstance(bos, str) else None
-    return data, settings, tok.eot_id if bos_id is None else bos_id, tok.eot_id
+        data, named = with_family_tokens(data, model.cfg)
+        settings.update(named)
+        tok = Tokenizer(HFTokenizer.from_str(data.decode()), tok.eot)
+    ids = {f"{name}_token_id": tok.hf.token_to_id(token) for name in ("bos", "eos", "pad")
+           if (token := special_token(settings, name)) is not None}
+    if "eos_token_id" in ids:  # a decoder starts from its end token unless it names a bos
+        ids.setdefault("bos_token_id", tok.eot_id)
+    return data, settings, {k: v for k, v in ids.items() if v is not None}
 
 
 def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[str]:
@@ -303,16 +339,21 @@ def write_hf(out_dir: Path, model: ModelFiles, *, max_shard_size: int) -> list[s
     family = family_of(cfg)
     check_exportable(cfg, family)
     fields = family.config_to_hf(cfg)  # refuses a setting the HF config cannot express
+    if "decoder_start_token_id" in fields:  # the decoder starts from the objective's pad
+        fields["decoder_start_token_id"] = t5_specials(cfg).pad
+    if family.labels and len(model.labels) == len(fields["id2label"]):
+        fields["id2label"] = dict(enumerate(model.labels))  # the fine-tuning task's names
+        fields["label2id"] = {label: i for i, label in enumerate(model.labels)}
     tokenizer = _tokenizer_files(model)
     maps = family.tensor_maps(cfg)
     hf = to_hf(maps, model.tensors)
     if cfg.tie_embeddings and family.store_tied_head:
         hf[family.head] = hf[_table_name(maps)].clone()
+    hf.update((copy, hf[name].clone()) for name, copy in family.copies.items() if name in hf)
     dtype = str(next(iter(hf.values())).dtype).removeprefix("torch.")
     config = {"architectures": [family.architecture], "model_type": family.model_type,
-              **fields, "dtype": dtype,
-              "bos_token_id": tokenizer[2] if tokenizer else None,
-              "eos_token_id": tokenizer[3] if tokenizer else None}
+              **fields, "dtype": dtype, "bos_token_id": None, "eos_token_id": None,
+              **(tokenizer[2] if tokenizer else {})}
     shards = _shards(hf, max_shard_size)
     files = [MODEL_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))

@@ -14,8 +14,10 @@ pooler and a two-way next-sentence classifier on the first token).
   term, normalised by its own count over the global batch.
 
 The norms, MLP and biases follow the flavour (gpt2: LayerNorm, GELU, biases). Layers
-are pre-norm (the original BERT is post-norm): the same stack as the decoder's, with
-the causal mask replaced by the padding mask.
+are pre-norm by default, with a final norm in the head; ``norm_position="post"`` with
+``activation="gelu"`` and ``head_bias`` is the original BERT (Hugging Face's
+``BertForMaskedLM``): the same stack as the decoder's, with the causal mask replaced by
+the padding mask.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
 from conveyor.models.boundary import Signature, TensorSpec
 from conveyor.models.family import Family, Shapes, estimate_costs
-from conveyor.models.layers import make_norm
+from conveyor.models.layers import ACTIVATION_FNS, make_final_norm, make_norm
 from conveyor.models.linear import Linear
 from conveyor.models.objective import cross_entropy_sum
 from conveyor.models.stack import EncoderLayer, NamedEmbedding, NamedHead, State
@@ -62,10 +63,11 @@ class BertHead(NamedHead):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm = make_norm(cfg)
+        self.norm = make_final_norm(cfg)
         self.transform = Linear(cfg.d_model, cfg.d_model)
+        self.act = ACTIVATION_FNS[cfg.act]
         self.transform_norm = make_norm(cfg)
-        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         # replaced by vocabulary-parallel cross-entropy when tp splits the logits
         self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
         self.pooler = Linear(cfg.d_model, cfg.d_model)
@@ -74,7 +76,7 @@ class BertHead(NamedHead):
     def forward(self, state: State) -> State:
         """hidden (B, T, D) -> logits (B, T, V) and nsp_logits (B, 2)."""
         x = self.norm(state["hidden"])
-        h = self.transform_norm(F.gelu(self.transform(x), approximate="tanh"))
+        h = self.transform_norm(self.act(self.transform(x)))
         pooled = torch.tanh(self.pooler(x[:, 0]))  # the first ([CLS]) token
         return {"logits": self.proj(h), "nsp_logits": self.nsp(pooled)}
 

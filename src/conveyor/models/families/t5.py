@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from conveyor.config import ModelConfig
 from conveyor.models.boundary import Signature, TensorSpec
 from conveyor.models.family import Family, Shapes, estimate_costs
-from conveyor.models.layers import make_norm
+from conveyor.models.layers import make_final_norm, make_norm
 from conveyor.models.linear import Linear
 from conveyor.models.objective import cross_entropy_sum
 from conveyor.models.stack import (
@@ -73,7 +73,7 @@ class T5Bridge(NamedBlock):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm = make_norm(cfg)
+        self.norm = make_norm(cfg)  # kept under post-norm too: a stage may hold the bridge alone
 
     def forward(self, state: State) -> State:
         """hidden (B, S, D), decoder_hidden (B, T, D) -> hidden (B, T, D), encoder_out (B, S, D)."""
@@ -90,8 +90,8 @@ class T5Head(NamedHead):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm = make_norm(cfg)
-        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm = make_final_norm(cfg)
+        self.proj = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         # replaced by vocabulary-parallel cross-entropy when tp splits the logits
         self.criterion: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum
 
