@@ -245,3 +245,21 @@ def test_t5_sentinels_default_to_the_unused_top_rows(tmp_path: Path) -> None:
     top, free = hf.config.vocab_size - 1, hf.config.vocab_size - plain.get_vocab_size()
     assert (specials.pad, specials.eos, specials.sentinels) == (0, 1, free)
     assert [specials.sentinel(k) for k in range(free)] == [top - k for k in range(free)]
+
+
+def test_imported_t5_generates_what_transformers_generates(tmp_path: Path) -> None:
+    from conveyor.generation.batch import Sampling
+    from conveyor.generation.seq2seq import generate_seq2seq
+
+    hf_dir, ours = tmp_path / "hf", tmp_path / "conveyor"
+    hf_model = _hf_t5(hf_dir)
+    assert main(["import", str(hf_dir), "--out", str(ours)]) == 0
+    single, cfg = load_exported(ours)
+    sources = [TOKENS[0].tolist(), TOKENS[1, :7].tolist()]  # unequal lengths: one batch, padded
+    got = generate_seq2seq(single.blocks, cfg, sources, 8,
+                           Sampling(temperature=0.0, top_k=None, top_p=None, stop_at_eot=False))
+    for source, ids in zip(sources, got, strict=True):
+        with torch.no_grad():
+            hf = hf_model.generate(torch.tensor([source]), do_sample=False, max_new_tokens=8,
+                                   min_new_tokens=8, num_beams=1)
+        assert ids == hf[0, 1:].tolist()  # HF's output starts with the decoder start token
