@@ -95,6 +95,8 @@ class ModelConfig:
     """Rotary base (llama only)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    num_labels: int = 0
+    """Classes of a sequence-classification head (fine-tuning); 0: the pretraining head."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -122,6 +124,16 @@ class ModelConfig:
                 )
         if self.d_ff is not None:
             _positive(self, "d_ff")
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) \
+                or self.num_labels < 0 or self.num_labels == 1:
+            raise ConfigError(f"num_labels={self.num_labels!r} must be 0 (the pretraining head) "
+                              "or a class count >= 2")
+        if self.num_labels and self.family == "t5":
+            raise ConfigError("num_labels > 0: family 't5' has no classification head; fine-tune "
+                              "it as seq2seq (source -> target), or use bert or gpt")
+        if self.num_labels and self.tie_embeddings:
+            raise ConfigError("num_labels > 0 replaces the LM head, so there is nothing to tie "
+                              "the embedding to; set tie_embeddings=False")
         for name in ("norm_eps", "rope_theta", "init_std"):  # each gives NaN from step 0 at <= 0
             _number(self, name, inclusive=False)
 

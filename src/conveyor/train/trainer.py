@@ -67,8 +67,8 @@ from .state import (
     state_tensors,
 )
 
-__all__ = ["run_training", "train_worker", "run_evaluation", "eval_worker", "prepare",
-           "val_batches"]
+__all__ = ["Trainer", "run_training", "train_worker", "run_evaluation", "eval_worker", "prepare",
+           "user_errors_of_ranks", "val_batches"]
 
 log = get_logger(__name__)
 
@@ -172,13 +172,13 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
             log.info("%s", line)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
-    with _user_errors_of_ranks():
+    with user_errors_of_ranks():
         return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
                       _provenance(data), threads_per_rank=threads, timeout_s=run.train.timeout)
 
 
 @contextlib.contextmanager
-def _user_errors_of_ranks() -> Iterator[None]:
+def user_errors_of_ranks() -> Iterator[None]:
     """Re-raise a rank's user error (a bad checkpoint, a full disk) here as itself, one line."""
     try:
         yield
@@ -311,11 +311,11 @@ def _evaluate(pipe: Pipeline, batches: list[tuple[Any, Any]]) -> float:
     return sum(pipe.eval_step(x, y) for x, y in batches) / len(batches)
 
 
-class _Trainer:
+class Trainer:
     """One rank's pipeline, optimizer and data stream, and the bookkeeping around them."""
 
-    def __init__(self, run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarray,
-                 val: np.ndarray) -> None:
+    def __init__(self, run: RunConfig, layout: Layout, run_dir: Path, train: Any,
+                 val: Any, make_batch: BatchMaker | None = None) -> None:
         self.run, self.cfg, self.run_dir, self.rows = run, run.train, run_dir, train
         self.rank = dist.get_rank()
         torch.manual_seed(self.cfg.seed)
@@ -335,9 +335,9 @@ class _Trainer:
                                        weight_decay=self.cfg.weight_decay, ndims=self.zero.ndims())
         self.sampler = Sampler(len(train), self.cfg.batch_size, self.cfg.seed)
         # the family's objective; its masks are seeded by (seed, step), so resumes agree
-        self.make_batch = batch_maker(run.model, self.cfg.seed)
-        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches,
-                               self.make_batch) if run.data.val_fraction > 0 else []
+        self.make_batch = make_batch or batch_maker(run.model, self.cfg.seed)
+        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches, self.make_batch
+                               ) if run.data.val_fraction > 0 and val is not None else []
         self.step, self.elapsed0 = 0, 0.0
         self.tokens_per_step = self.cfg.batch_size * run.model.max_seq_len
         self.metrics = MetricsWriter(run_dir / METRICS_FILE) if self.rank == 0 else None
@@ -529,7 +529,7 @@ def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarra
                  val: np.ndarray, resume: Path | None = None,
                  provenance: dict[str, str] | None = None) -> dict[str, Any]:
     """Train on this rank (inside ``launch``) laid out as ``layout``; return its summary."""
-    trainer = _Trainer(run, layout, run_dir, train, val)
+    trainer = Trainer(run, layout, run_dir, train, val)
     trainer.provenance = provenance or {"tokenizer_path": f"../../{TOKENIZER_FILE}"}
     if resume is not None:
         trainer.restore(resume)
@@ -565,7 +565,7 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     prepared = prepare(model, data, seed=int(train["seed"]), batch_size=batch,
                        run_dir=str(train["run_dir"]), tokenizer=tokenizer)
     n = batches or int(train["eval_batches"])
-    with _user_errors_of_ranks():
+    with user_errors_of_ranks():
         results = launch(eval_worker, par.world_size, model, par, layout, ckpt, prepared.val,
                          batch, n, int(train["seed"]), timeout_s, timeout_s=timeout_s)
     loss = results[min(results)]
