@@ -24,8 +24,8 @@ import numpy as np
 from .errors import DataError
 from .task_local import BUILTIN, build_local_task
 
-__all__ = ["BUILTIN", "FIELDS", "Record", "TaskData", "check_labels", "load_task", "read_records",
-           "split_documents"]
+__all__ = ["BUILTIN", "FIELDS", "Record", "TaskData", "check_labels", "load_task", "read_inputs",
+           "read_records", "split_documents"]
 
 Kind = Literal["classification", "seq2seq"]
 
@@ -107,6 +107,30 @@ def read_records(path: Path, kind: Kind | None = None) -> tuple[Kind, list[Recor
     if not records or kind is None:
         raise DataError(f"task file {path} holds no records; add one JSON object per line")
     return kind, records
+
+
+def read_inputs(path: Path) -> list[Record]:
+    """Records to classify: a ``text`` each, and a ``label`` where known (else empty)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read --input {path} ({err}); pass a UTF-8 .jsonl file") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not a JSON object ({err.msg}); one record per line") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: not a JSON object; one record per line")
+        label = _field(raw, "label", where, label=True) if "label" in raw else ""
+        records.append(Record(_field(raw, "text", where), label))
+    if not records:
+        raise DataError(f"--input {path} holds no records; add one JSON object per line")
+    return records
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> set[str]:

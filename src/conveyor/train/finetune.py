@@ -124,7 +124,8 @@ def _rows(data: TaskData, model: ModelConfig, tokenizer: Tokenizer, task: TaskCo
 
 def _job(data: TaskData, model: ModelConfig, tokenizer: Tokenizer, task: TaskConfig,
          source: str | None) -> TaskJob:
-    meta = {**to_dict(task), "kind": data.kind, "name": data.name, "labels": list(data.labels)}
+    meta = {**to_dict(task), "kind": data.kind, "name": data.name, "labels": list(data.labels),
+            "truncate": task.truncate or data.truncate}
     if data.kind == "classification":
         counts = {label: 0 for label in data.labels}
         for r in data.train:

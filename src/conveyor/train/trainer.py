@@ -68,7 +68,7 @@ from .state import (
 )
 
 __all__ = ["Trainer", "run_training", "train_worker", "run_evaluation", "eval_worker", "prepare",
-           "user_errors_of_ranks", "val_batches"]
+           "rank_device", "user_errors_of_ranks", "val_batches"]
 
 log = get_logger(__name__)
 
@@ -291,7 +291,8 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def _device() -> torch.device:
+def rank_device() -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -319,7 +320,7 @@ class Trainer:
         self.run, self.cfg, self.run_dir, self.rows = run, run.train, run_dir, train
         self.rank = dist.get_rank()
         torch.manual_seed(self.cfg.seed)
-        device = _device()
+        device = rank_device()
         par = run.parallel
         self.mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
         self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
@@ -581,7 +582,7 @@ def eval_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: P
 
     ``seed`` is the run's: masked objectives draw the validation masks from it.
     """
-    device = _device()
+    device = rank_device()
     mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
     pipe = Pipeline(model, par, mesh, layout=layout, device=device, timeout_s=timeout_s)
     load_params(pipe, ckpt)
