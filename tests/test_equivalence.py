@@ -175,10 +175,25 @@ def _family_cases(world: int) -> list[Case]:
     return out
 
 
+def _finetune_cases(world: int) -> list[Case]:
+    """Fine-tuning: a classifier for bert (pooled first token) and gpt (last real token), and
+    seq2seq for t5 and gpt (prompt -> completion), at pp 1 and 2; unlabelled rows and
+    ragged targets make the microbatches' target counts differ."""
+    tasks = [("bert", "classify"), ("gpt", "classify"), ("t5", "seq2seq"), ("gpt", "seq2seq")]
+    if world == 1:
+        return [Case("1f1b", 1, 4, family=f, task=t) for f, t in tasks]
+    if world == 2:
+        return [Case("1f1b", 2, 4, family="bert", task="classify"),
+                Case("zb-v", 2, 4, family="gpt", task="classify", flavour="llama", nccl=True),
+                Case("gpipe", 2, 4, family="t5", task="seq2seq", partition="params"),
+                Case("interleaved-1f1b", 2, 2, family="gpt", task="seq2seq", tied=True)]
+    return []
+
+
 WORLDS = (1, 2, 3, 4, 8)
 # by world size: one spawned group each
 CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)
-                  + _ragged_cases(w) + _family_cases(w)}.values())
+                  + _ragged_cases(w) + _family_cases(w) + _finetune_cases(w)}.values())
          for w in WORLDS}
 
 
@@ -193,9 +208,9 @@ def _results(world: int) -> dict | Exception:
 
 @cache
 def _reference(flavour: str, tied: bool, batch: int, vocab: int, ragged: bool,
-               family: str) -> tuple:
+               family: str, task: str) -> tuple:
     return reference(Case("1f1b", 1, 1, tied=tied, flavour=flavour, batch=batch, vocab=vocab,
-                          ragged=ragged, family=family))
+                          ragged=ragged, family=family, task=task))
 
 
 @pytest.mark.parametrize("case", [c for world in WORLDS for c in CASES[world]], ids=str)
@@ -207,4 +222,4 @@ def test_matches_single_process(case: Case) -> None:
     got = results[str(case)]
     assert set(got) == set(range(world))
     assert_equivalent(case, got, _reference(case.flavour, case.tied, case.batch, case.vocab,
-                                            case.ragged, case.family))
+                                            case.ragged, case.family, case.task))
