@@ -406,13 +406,14 @@ class Pipeline:
         return self._reduce_loss()
 
     @torch.no_grad()
-    def predict_step(self, inputs: Inputs, reduce: Callable[[Tensor], Tensor] | None = None
+    def predict_step(self, inputs: Inputs, reduce: Callable[[Any], Tensor] | None = None
                      ) -> Tensor:
         """The head's outputs for a batch (forward only, no targets), known to every rank.
 
-        The last stage runs the head on each microbatch and concatenates its outputs
-        (this replica's share of the batch), applies ``reduce`` row-wise (e.g. softmax,
-        argmax: less to send) and hands the result to the other stages of its pipeline
+        The last stage runs the head on each microbatch, applies ``reduce`` to its outputs
+        (row-wise: softmax, argmax, picking one of a head's named outputs; less to send),
+        concatenates them (this replica's share of the batch) and hands the result to the
+        other stages of its pipeline
         (a broadcast over the pp group); the replicas' shares are gathered in order over dp.
         """
         mbs_in, mbs_tgt = self._microbatches(inputs, None)
@@ -422,8 +423,8 @@ class Pipeline:
         last = self.stages.get(last_stage)
         if last is not None:
             outs, last.outputs = last.outputs, {}
-            result = torch.cat([outs[mb] for mb in sorted(outs)])
-            result = (reduce(result) if reduce is not None else result).cpu()
+            result = torch.cat([(reduce(outs[mb]) if reduce is not None else outs[mb]).cpu()
+                                for mb in sorted(outs)])
         if self.mesh.pp > 1:
             box = [result]
             src = self.mesh.pp_ranks[self.schedule.placement.rank_of(last_stage)]

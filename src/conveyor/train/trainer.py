@@ -41,6 +41,7 @@ from ..data.objectives import (
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..log import get_logger
 from ..models import block_param_counts
+from ..models.objective import IGNORE_INDEX
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..runtime.executor import PipelineError
@@ -453,16 +454,34 @@ class Trainer:
         write_chrome_trace({f"measured step {self.step + 1}": timeline},
                            self.run_dir / TRACE_FILE)
 
+    def _mlm_metrics(self) -> dict[str, float]:
+        """A masked LM's own figures: accuracy over the masked positions, the MLM term's
+        perplexity (without next-sentence prediction); nothing for other objectives."""
+        if not all(isinstance(y, dict) and "mlm" in y for _, y in self.val):
+            return {}
+        right = counted = 0
+        mlm_loss = 0.0
+        for x, y in self.val:
+            pred = self.pipe.predict_step(x, reduce=lambda out: out["logits"].argmax(-1))
+            mask = y["mlm"] != IGNORE_INDEX
+            right += int((pred[mask] == y["mlm"][mask]).sum())
+            counted += int(mask.sum())
+            mlm_loss += self.pipe.eval_step(x, {"mlm": y["mlm"]})
+        mlm_loss /= len(self.val)
+        return {"val_mlm_accuracy": right / max(counted, 1), "val_mlm_ppl": perplexity(mlm_loss)}
+
     def evaluate(self) -> None:
         if not self.val:
             return
         loss = _evaluate(self.pipe, self.val)
         self.evals.append((self.step, loss))
-        self._write({"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        mlm = self._mlm_metrics()
+        self._write({"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss), **mlm})
         train = f"loss {self.losses[-1]:.4f}  " if self.losses else ""
         speed = f"  {np.mean(self.speeds[-50:]):.0f} tok/s" if self.speeds else ""
-        self._log("step %d/%d  %sval_loss %.4f  val_ppl %.1f%s", self.step, self.cfg.steps,
-                  train, loss, perplexity(loss), speed)
+        extra = "".join(f"  {k} {v:.4g}" for k, v in mlm.items())
+        self._log("step %d/%d  %sval_loss %.4f  val_ppl %.1f%s%s", self.step, self.cfg.steps,
+                  train, loss, perplexity(loss), extra, speed)
 
     def save(self) -> None:
         meta = {
