@@ -33,7 +33,8 @@ def register(sub: Any) -> None:
                      help="a text to label (repeatable)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE.jsonl",
                    help="where to write the predictions (default: stdout)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each")
+    p.add_argument("--pp", type=int, default=1, metavar="N",
+                   help="pipeline stages, one process each")
     p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the first tokens of texts longer than the context (default: "
                    "as the model was fine-tuned)")

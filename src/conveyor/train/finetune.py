@@ -166,6 +166,9 @@ def run_finetune(run: RunConfig, task: TaskConfig, source: Path | None = None
     data = load_task(task.task, val_task=task.val_task, val_fraction=task.val_fraction,
                      seed=run.train.seed)
     model = finetune_model(base, data) if ckpt is None else base
+    if model.num_labels and run.parallel.sequence_parallel:
+        raise ConfigError("--sequence-parallel hands the head a shard of the sequence, but a "
+                          "classifier reads whole rows; drop --sequence-parallel")
     run = dataclasses.replace(run, model=model, data=DataConfig(val_fraction=task.val_fraction))
     train, val = _rows(data, model, tokenizer, task)
     batch = run.train.batch_size
