@@ -68,6 +68,15 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
         0, 1, 2, 3]
     capsys.readouterr()
 
+    # --init: an exported model starts a fine-tuning run as its checkpoint does
+    assert main(["export", "--checkpoint", str(runs / "base"), "--out", str(tmp_path / "exp")]) == 0
+    assert main(["finetune", "--init", str(tmp_path / "exp"), "--task", str(task), "--steps",
+                 "1", *LOOP, "--eval-every", "0", "--val-fraction", "0.34", "--run-dir", str(runs),
+                 "--name", "ft3"]) == 0
+    first = eval_rows(read_metrics(runs / "ft3" / "metrics.jsonl"))[0]
+    assert first["val_loss"] == pytest.approx(evals[0]["val_loss"], abs=1e-5)  # same weights
+    capsys.readouterr()
+
     # user mistakes: one line, exit 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x", "label": "omega"}\n')
