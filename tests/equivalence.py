@@ -242,7 +242,8 @@ def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
 
 Result = tuple[list[float], dict[str, torch.Tensor], float, tuple[int, int]]
 """Training losses, final parameters, the forward-only loss of batch 0 before training
-(NaN where a case does not evaluate), and the rank's peak held activations in
+(NaN where a case does not evaluate; fine-tuning cases compute it from
+``Pipeline.predict_step``'s outputs), and the rank's peak held activations in
 stage-microbatches as (measured by the runtime meter, predicted by the validator)."""
 
 
@@ -270,6 +271,13 @@ def reference(case: Case) -> Result:
     return losses, params, eval_loss, (0, 0)
 
 
+def _predicted_loss(outputs: torch.Tensor, targets: torch.Tensor | dict) -> float:
+    """Mean cross-entropy of a head's outputs over the counted targets."""
+    y = next(iter(targets.values())) if isinstance(targets, dict) else targets
+    return torch.nn.functional.cross_entropy(outputs.flatten(0, -2), y.flatten(),
+                                             ignore_index=IGNORE_INDEX).item()
+
+
 def _run_cases(cases: list[Case]) -> dict[str, Result]:
     out: dict[str, Result] = {}
     meshes: dict[tuple[int, int, int], Mesh] = {}
@@ -284,6 +292,8 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
                              else [p for _, p in zero.named_shards()])
         data = case_batches(case)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
+        if case.task:  # the head's outputs through predict_step give the reference's loss
+            eval_loss = _predicted_loss(pipe.predict_step(data[0][0]), data[0][1])
         losses = []
         for x, y in data:
             opt.zero_grad()
