@@ -9,6 +9,7 @@ with fine-tuning defaults; ``--resume`` continues a fine-tuning run with its tas
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     summary = results[min(results)]
     run_dir = Path(summary["run_dir"])
+    kind = json.loads((run_dir / "task.json").read_text())["kind"]
+    follow = (f"conveyor predict --checkpoint {run_dir} --text ..."
+              if kind == "classification" else f"conveyor report {run_dir}")
     table = summarize(read_metrics(run_dir / METRICS_FILE)).table(
-        extra=[("checkpoint", summary["checkpoint"]),
-               ("next", f"conveyor predict --checkpoint {run_dir} --text ...")]
-    )
+        extra=[("checkpoint", summary["checkpoint"]), ("next", follow)])
     print(f"\nrun {run_dir}\n{table}")
     return 0
