@@ -40,6 +40,8 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
     evals = eval_rows(read_metrics(run / "metrics.jsonl"))
     assert [r["step"] for r in evals] == [0, 1, 2]
     assert {"val_accuracy", "val_macro_f1", "majority_accuracy", "majority_macro_f1"} <= set(evals[0])
+    assert main(["report", str(run)]) == 0  # draws the task metrics of a classifier
+    assert "val accuracy" in capsys.readouterr().out
     meta = read_meta(resolve_checkpoint(run))
     assert meta["task"]["labels"] == ["alpha", "beta", "gamma"]
     assert meta["model"]["num_labels"] == 3 and meta["model"]["family"] == "bert"

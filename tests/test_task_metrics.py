@@ -42,10 +42,11 @@ def test_masked_accuracy_counts_only_targets() -> None:
 
 
 def test_report_lists_and_draws_task_metrics(tmp_path: Path) -> None:
+    # a classifier's rows have no val_ppl; the perplexity panel draws exp(val_loss)
     rows = [{"step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 10.0,
              "elapsed_s": 1.0},
-            {"step": 0, "val_loss": 2.1, "val_ppl": 8.2, "val_accuracy": 0.2, "majority_accuracy": 0.3},
-            {"step": 1, "val_loss": 1.9, "val_ppl": 6.7, "val_accuracy": 0.6, "majority_accuracy": 0.3,
+            {"step": 0, "val_loss": 2.1, "val_accuracy": 0.2, "majority_accuracy": 0.3},
+            {"step": 1, "val_loss": 1.9, "val_accuracy": 0.6, "majority_accuracy": 0.3,
              "val_bleu": 12.5, "val_mlm_ppl": 40.0}]
     summary = summarize(rows)
     assert summary.task["val_accuracy"] == (1, 0.6) and summary.task["val_bleu"] == (1, 12.5)

@@ -145,8 +145,8 @@ def plot_run(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
         steps = [r["step"] for r in evals]
         ax_loss.plot(steps, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=4,
                      label="validation")
-        ax_ppl.plot(steps, [r["val_ppl"] for r in evals], "o-", color="tab:orange", ms=4,
-                    label="validation")
+        ppl = [r.get("val_ppl", perplexity(r["val_loss"])) for r in evals]  # none: a classifier
+        ax_ppl.plot(steps, ppl, "o-", color="tab:orange", ms=4, label="validation")
     ax_loss.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="loss")
     ax_ppl.set(xlabel="step", ylabel="perplexity", title="perplexity", yscale="log")
     for ax in axes:
