@@ -302,6 +302,8 @@ class FineTuner(Trainer):
             self._log("no BLEU/ROUGE-L: %s", err)
             return {}
         texts = [tokenizer.decode(ids).strip() for ids in outs]
+        for text, ref in list(zip(texts, self.job.references, strict=True))[:3]:
+            self._log("generated %r  reference %r", text[:80], ref[:80])
         scores = {f"val_{k}": v for k, v in seq2seq_metrics(texts, self.job.references).items()}
         if self.job.meta["name"] == "docstring":
             base = [function_name_baseline(s) for s in self.job.sources]
