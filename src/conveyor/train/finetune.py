@@ -31,7 +31,7 @@ import torch
 from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, to_dict
 from ..data import DataError, Sampler
 from ..data.task_encode import TaskRows, decoder_prompt, encode_records
-from ..data.tasks import TaskData, load_task
+from ..data.tasks import Record, TaskData, load_task
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..log import get_logger
 from ..parallel.layout import Layout, resolve_layout
@@ -112,11 +112,13 @@ def finetune_model(base: ModelConfig, data: TaskData) -> ModelConfig:
 
 def _rows(data: TaskData, model: ModelConfig, tokenizer: Tokenizer, task: TaskConfig
           ) -> tuple[TaskRows, TaskRows | None]:
-    enc = dict(kind=data.kind, labels=data.labels, target_len=task.target_len,
-               truncate=task.truncate or data.truncate)
+    def encode(records: list[Record]) -> TaskRows:
+        return encode_records(records, model, tokenizer, kind=data.kind, labels=data.labels,
+                              target_len=task.target_len, truncate=task.truncate or data.truncate)
+
     try:
-        train = encode_records(data.train, model, tokenizer, **enc)  # type: ignore[arg-type]
-        val = encode_records(data.val, model, tokenizer, **enc) if data.val else None  # type: ignore[arg-type]
+        train = encode(data.train)
+        val = encode(data.val) if data.val else None
     except DataError as err:
         raise DataError(f"--task {task.task}: {err}") from None
     return train, val

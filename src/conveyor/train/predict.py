@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, ParallelConfig
+from ..config import ConfigError, ModelConfig, ParallelConfig
 from ..data.task_encode import TaskRows, encode_records
 from ..data.tasks import Record, check_labels
 from ..data.tokenizer import load_tokenizer
@@ -68,7 +68,7 @@ def run_predict(checkpoint: Path, records: list[Record], *, pp: int = 1,
             for i, (r, p) in enumerate(zip(records, probs, strict=True))]
 
 
-def predict_worker(model: Any, par: ParallelConfig, layout: Layout, ckpt: Path, rows: TaskRows,
+def predict_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: Path, rows: TaskRows,
                    timeout_s: float) -> torch.Tensor:
     """Class probabilities (N, labels) of every row, on every rank."""
     device = rank_device()
