@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from conveyor.cli import main
+from conveyor.config import ConfigError, ModelConfig
 from conveyor.train.checkpoint import read_meta, resolve_checkpoint
+from conveyor.train.finetune import generate_outputs
 from conveyor.train.metrics import eval_rows, read_metrics
 
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320",
@@ -92,3 +94,28 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.multiprocess
+def test_finetune_a_decoder_summariser_at_pp2_scores_its_generations(
+        tmp_path: Path, corpus: Path) -> None:
+    runs = tmp_path / "runs"
+    assert main(["train", "--data", str(corpus), *TINY, "--steps", "1", "--eval-every", "0",
+                 "--run-dir", str(runs), "--name", "gpt"]) == 0
+    task = _records(tmp_path / "seq.jsonl", 40, seq2seq=True)
+    assert main(["finetune", "--checkpoint", str(runs / "gpt"), "--task", str(task), "--pp", "2",
+                 "--steps", "1", *LOOP, "--eval-every", "0", "--val-fraction", "0.25",
+                 "--target-len", "8", "--truncate", "--generate", "3", "--run-dir", str(runs),
+                 "--name", "doc"]) == 0
+    first, last = eval_rows(read_metrics(runs / "doc" / "metrics.jsonl"))
+    assert {"val_loss", "val_ppl", "val_token_accuracy"} <= set(first)
+    assert "val_bleu" not in first  # generation runs at the last evaluation only
+    assert 0 <= last["val_bleu"] <= 100 and 0 <= last["val_rouge_l"] <= 1
+
+
+def test_t5_generation_is_not_wired_yet() -> None:
+    class _Pipe:
+        model_cfg = ModelConfig(family="t5", vocab_size=320)
+
+    with pytest.raises(ConfigError, match="lands with Seq2SeqGenerator"):
+        generate_outputs(_Pipe(), [[1]], 4, 0)  # type: ignore[arg-type]
