@@ -90,6 +90,7 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
         (["predict", "--checkpoint", str(runs / "base"), "--text", "x"], "no fine-tuned classifier"),
         (["finetune", "--checkpoint", str(runs / "base"), "--task", str(seq)], "has no decoder"),
         (["finetune", "--checkpoint", str(runs / "base")], "pass --task"),
+        (["eval", "--checkpoint", str(run)], "is fine-tuned on task"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -573,6 +573,10 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     except (KeyError, TypeError) as err:
         raise ConfigError(f"checkpoint {ckpt} has no usable model/data/train config ({err}); "
                           "evaluate a checkpoint written by `conveyor train`") from None
+    if isinstance(meta.get("task"), dict):
+        raise ConfigError(f"checkpoint {ckpt} is fine-tuned on task {meta['task'].get('name')!r}; "
+                          "its validation metrics are in its run's metrics.jsonl (`conveyor "
+                          "report`), and `conveyor predict` runs a classifier")
     check_checkpoint(ckpt, param_shapes(model))
     batch = batch_size or int(train["batch_size"])
     layout = resolve_layout(model, par, batch_size=batch)
