@@ -91,6 +91,7 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
         (["finetune", "--checkpoint", str(runs / "base"), "--task", str(seq)], "has no decoder"),
         (["finetune", "--checkpoint", str(runs / "base")], "pass --task"),
         (["eval", "--checkpoint", str(run)], "is fine-tuned on task"),
+        (["generate", "--checkpoint", str(run), "--prompt", "x"], "has no LM head"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -280,6 +280,9 @@ def _check_sizes(args: argparse.Namespace, cfg: ModelConfig) -> None:
     if not family_of(cfg).generates:
         raise ConfigError(f"this model is family={cfg.family!r}; `conveyor generate` continues "
                           "text with a decoder (family 'gpt') only")
+    if cfg.num_labels:
+        raise ConfigError(f"this model is a classifier ({cfg.num_labels} labels), which has no "
+                          "LM head to continue text with; label texts with `conveyor predict`")
     positive(args.max_new_tokens, "--max-new-tokens")
     positive(args.timeout, "--timeout", integer=False)
     if not 1 <= args.pp <= cfg.num_blocks:
