@@ -91,7 +91,6 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
         (["finetune", "--checkpoint", str(runs / "base"), "--task", str(seq)], "has no decoder"),
         (["finetune", "--checkpoint", str(runs / "base")], "pass --task"),
         (["eval", "--checkpoint", str(run)], "is fine-tuned on task"),
-        (["generate", "--checkpoint", str(run), "--prompt", "x"], "has no LM head"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -121,3 +120,12 @@ def test_t5_generation_is_not_wired_yet() -> None:
 
     with pytest.raises(ConfigError, match="lands with Seq2SeqGenerator"):
         generate_outputs(_Pipe(), [[1]], 4, 0)  # type: ignore[arg-type]
+
+
+def test_generate_refuses_a_classifier() -> None:
+    from argparse import Namespace
+
+    from conveyor.commands.generate import _check_sizes
+
+    with pytest.raises(ConfigError, match="classifier .* has no LM head"):
+        _check_sizes(Namespace(), ModelConfig(vocab_size=320, num_labels=3))
