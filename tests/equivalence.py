@@ -16,6 +16,8 @@ from conveyor.config import ModelConfig, ParallelConfig
 from conveyor.data.family_batches import mlm_batch, span_corruption_batch
 from conveyor.data.mlm import BertSpecials
 from conveyor.data.spans import T5Specials
+from conveyor.data.task_encode import encode_records
+from conveyor.data.tasks import Record
 from conveyor.models import SequentialModel, Transformer
 from conveyor.models.objective import IGNORE_INDEX
 from conveyor.parallel.mesh import Mesh
@@ -77,6 +79,9 @@ class Case:
     first decoder layer on one stage)."""
     options: tuple[tuple[str, object], ...] = ()
     """Further ModelConfig fields as (name, value) pairs, e.g. ``POST_NORM_BERT``."""
+    task: str = ""
+    """Fine-tuning instead of pretraining: 'classify' (a 3-label head; some rows unlabelled)
+    or 'seq2seq' (sources and targets of random lengths), encoded by ``data.task_encode``."""
 
     @property
     def world(self) -> int:
@@ -89,6 +94,8 @@ class Case:
         extra: dict = {"n_kv_heads": 2} if self.flavour == "llama" and self.family == "gpt" else {}
         if self.family == "t5":
             extra["n_layers"] = 3
+        if self.task == "classify":
+            extra["num_labels"] = TASK_LABELS
         return replace(BASE, flavour=self.flavour, tie_embeddings=self.tied,
                        vocab_size=self.vocab, family=self.family, **extra, **dict(self.options))
 
@@ -129,6 +136,7 @@ class Case:
         flags += ["ragged"] * self.ragged
         flags += [self.partition] * (self.partition != ParallelConfig.partition)
         flags += [f"{name}={value}" for name, value in self.options]
+        flags += [self.task] * bool(self.task)
         return f"{self.schedule}-" + "-".join(flags)
 
 
@@ -175,8 +183,56 @@ def family_batches(family: str, size: int, vocab: int) -> list[tuple[dict, dict]
     return out
 
 
+class _IdsTokenizer:
+    """Texts of space-separated ids, as a tokenizer: the task encoder's only needs."""
+
+    eot_id = 1
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[int(t) for t in text.split()] for text in texts]
+
+
+TASK_LABELS = 3
+
+
+def task_batches(case: Case) -> list[tuple]:
+    """Fine-tuning batches encoded as ``conveyor finetune`` encodes them, one per step.
+
+    Texts of random lengths (so padding varies); classification leaves every third row
+    of a step unlabelled (-100) in turn, and seq2seq targets vary in length, so
+    microbatches count different numbers of targets.
+    """
+    rng = np.random.default_rng(99)
+    model = case.model
+    kind = "classification" if case.task == "classify" else "seq2seq"
+    labels = [str(i) for i in range(TASK_LABELS)]
+    top = model.vocab_size - (4 if case.family == "bert" else 18 if case.family == "t5" else 0)
+    records = []
+    for _ in range(STEPS * case.batch):
+        n = int(rng.integers(2, SEQ // 2 if kind == "seq2seq" else SEQ - 2))
+        text = " ".join(str(i) for i in rng.integers(2, top, n))
+        out = (labels[int(rng.integers(TASK_LABELS))] if kind == "classification" else
+               " ".join(str(i) for i in rng.integers(2, top, int(rng.integers(1, SEQ // 2 - 2)))))
+        records.append(Record(text, out))
+    rows = encode_records(records, model, _IdsTokenizer(), kind=kind,  # type: ignore[arg-type]
+                          labels=labels, target_len=SEQ // 2)
+    out = []
+    for step in range(STEPS):
+        x, y = rows.batch(np.arange(step * case.batch, (step + 1) * case.batch))
+        if kind == "classification":
+            for i in range(step % 3, case.batch, 3):
+                if isinstance(y, dict):
+                    y["label"][i] = IGNORE_INDEX
+                else:
+                    y[i] = IGNORE_INDEX
+        out.append((x, y))
+    return out
+
+
 def case_batches(case: Case) -> list:
-    """The batches ``case`` trains on: its family's objective."""
+    """The batches ``case`` trains on: its fine-tuning task, or its family's objective."""
+    if case.task:
+        return task_batches(case)
     if case.family == "gpt":
         return batches(case.batch, case.vocab, case.ragged)
     return family_batches(case.family, case.batch, case.vocab)
@@ -193,14 +249,15 @@ def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
 
 Result = tuple[list[float], dict[str, torch.Tensor], float, tuple[int, int]]
 """Training losses, final parameters, the forward-only loss of batch 0 before training
-(NaN where a case does not evaluate), and the rank's peak held activations in
+(NaN where a case does not evaluate; fine-tuning cases compute it from
+``Pipeline.predict_step``'s outputs), and the rank's peak held activations in
 stage-microbatches as (measured by the runtime meter, predicted by the validator)."""
 
 
 def reference(case: Case) -> Result:
     """Losses and final parameters of the single-process model on the same batches."""
     torch.manual_seed(0)
-    model = Transformer(case.model, seed=0) if case.family == "gpt" else SequentialModel(
+    model = Transformer(case.model, seed=0) if case.family == "gpt" and not case.task else SequentialModel(
         case.model, seed=0)
     opt = make_optimizer(list(model.parameters()))
     losses = []
@@ -224,7 +281,15 @@ def reference(case: Case) -> Result:
 def reference_of(case: Case) -> Case:
     """The single-process case whose run ``case`` must reproduce (same model and batches)."""
     return Case("1f1b", 1, 1, tied=case.tied, flavour=case.flavour, batch=case.batch,
-                vocab=case.vocab, ragged=case.ragged, family=case.family, options=case.options)
+                vocab=case.vocab, ragged=case.ragged, family=case.family, options=case.options,
+                task=case.task)
+
+
+def _predicted_loss(outputs: torch.Tensor, targets: torch.Tensor | dict) -> float:
+    """Mean cross-entropy of a head's outputs over the counted targets."""
+    y = next(iter(targets.values())) if isinstance(targets, dict) else targets
+    return torch.nn.functional.cross_entropy(outputs.flatten(0, -2), y.flatten(),
+                                             ignore_index=IGNORE_INDEX).item()
 
 
 def _run_cases(cases: list[Case]) -> dict[str, Result]:
@@ -241,6 +306,8 @@ def _run_cases(cases: list[Case]) -> dict[str, Result]:
                              else [p for _, p in zero.named_shards()])
         data = case_batches(case)
         eval_loss = pipe.eval_step(*data[0]) if case.nccl else float("nan")
+        if case.task:  # the head's outputs through predict_step give the reference's loss
+            eval_loss = _predicted_loss(pipe.predict_step(data[0][0]), data[0][1])
         losses = []
         for x, y in data:
             opt.zero_grad()

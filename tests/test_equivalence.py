@@ -199,10 +199,28 @@ def _option_cases(world: int) -> list[Case]:
     return []
 
 
+def _finetune_cases(world: int) -> list[Case]:
+    """Fine-tuning: a classifier for bert (pooled first token) and gpt (last real token), and
+    seq2seq for t5 and gpt (prompt -> completion), at pp 1 and 2, and a classifier under
+    tp 2 (its head is not split); unlabelled rows and ragged targets make the
+    microbatches' target counts differ."""
+    tasks = [("bert", "classify"), ("gpt", "classify"), ("t5", "seq2seq"), ("gpt", "seq2seq")]
+    if world == 1:
+        return [Case("1f1b", 1, 4, family=f, task=t) for f, t in tasks]
+    if world == 2:
+        return [Case("1f1b", 2, 4, family="bert", task="classify"),
+                Case("zb-v", 2, 4, family="gpt", task="classify", flavour="llama", nccl=True),
+                Case("gpipe", 2, 4, family="t5", task="seq2seq", partition="params"),
+                Case("interleaved-1f1b", 2, 2, family="gpt", task="seq2seq", tied=True),
+                Case("1f1b", 1, 2, tp=2, family="bert", task="classify")]  # a whole head under tp
+    return []
+
+
 WORLDS = (1, 2, 3, 4, 8)
 # by world size: one spawned group each
 CASES = {w: list({str(c): c for c in (_cases(w) if w < 8 else []) + _tp_cases(w)
-                  + _ragged_cases(w) + _family_cases(w) + _option_cases(w)}.values())
+                  + _ragged_cases(w) + _family_cases(w) + _option_cases(w)
+                  + _finetune_cases(w)}.values())
          for w in WORLDS}
 
 

@@ -31,6 +31,13 @@ def test_family_pretrains_with_pp2_resumes_and_evaluates_under_another_layout(
     train, evals = train_rows(rows), eval_rows(rows)
     assert len(train) == 8 and [r["step"] for r in evals] == [0, 8]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
+    # a masked LM also reports its own accuracy and perplexity (MLM term alone, below
+    # the MLM + NSP loss's), through the pipeline's predictions
+    mlm = {"val_mlm_accuracy", "val_mlm_ppl"}
+    assert (mlm <= set(evals[-1])) == (family == "bert")
+    if family == "bert":
+        assert 0 <= evals[-1]["val_mlm_accuracy"] <= 1
+        assert evals[-1]["val_mlm_ppl"] < evals[-1]["val_ppl"]
     # masks are seeded by (seed, step): a resumed run draws the same ones, bit for bit
     assert main([*argv, "--name", "resumed",
                  "--resume", str(run / "checkpoints" / "step-00000005")]) == 0

@@ -155,6 +155,8 @@ class ModelConfig:
     the model's own tokenizer: an imported BERT's [PAD]/[CLS]/[SEP]/[MASK], an imported T5's
     pad, eos and <extra_id_k> sentinels (names in SPECIAL_NAMES). None: the family's own
     ids, placed after the tokenizer's."""
+    num_labels: int = 0
+    """Classes of a sequence-classification head (fine-tuning); 0: the pretraining head."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -182,6 +184,16 @@ class ModelConfig:
                 )
         if self.d_ff is not None:
             _positive(self, "d_ff")
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) \
+                or self.num_labels < 0 or self.num_labels == 1:
+            raise ConfigError(f"num_labels={self.num_labels!r} must be 0 (the pretraining head) "
+                              "or a class count >= 2")
+        if self.num_labels and self.family == "t5":
+            raise ConfigError("num_labels > 0: family 't5' has no classification head; fine-tune "
+                              "it as seq2seq (source -> target), or use bert or gpt")
+        if self.num_labels and self.tie_embeddings:
+            raise ConfigError("num_labels > 0 replaces the LM head, so there is nothing to tie "
+                              "the embedding to; set tie_embeddings=False")
         for name in ("norm_eps", "rope_theta", "init_std"):  # each gives NaN from step 0 at <= 0
             _number(self, name, inclusive=False)
         if self.norm_position not in NORM_POSITIONS:

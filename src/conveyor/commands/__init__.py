@@ -14,7 +14,7 @@ from ..train.checkpoint import CheckpointError
 __all__ = ["COMMANDS", "UserError"]
 
 # Modules under conveyor.commands, in the order --help lists them (import_ adds `import`).
-COMMANDS = ["train", "eval", "report", "generate", "export", "import_", "schedule", "simulate",
+COMMANDS = ["train", "finetune", "eval", "report", "generate", "predict", "export", "import_", "schedule", "simulate",
             "trace", "plan"]
 
 UserError = (ConfigError, DataError, ScheduleError, CheckpointError, GenerationError,

@@ -300,6 +300,9 @@ def _write_results(out: TextIO, job: _Job, results: list[list[int]], tokenizer: 
 
 
 def _check_sizes(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    if cfg.num_labels:
+        raise ConfigError(f"this model is a classifier ({cfg.num_labels} labels), which has no "
+                          "LM head to continue text with; label texts with `conveyor predict`")
     if not (family_of(cfg).generates or family_of(cfg).seq2seq):
         raise ConfigError(f"this model is family={cfg.family!r}, an encoder: it labels text "
                           "rather than generating it; use `conveyor predict --checkpoint ...`")

@@ -30,7 +30,8 @@ from ..log import setup_logging
 from ..runtime.launch import Preempted
 from ..schedules import SCHEDULES
 
-__all__ = ["register", "DEFAULT_MODEL", "load_toml", "build_run_config"]
+__all__ = ["register", "DEFAULT_MODEL", "add_options", "checkpoint_config", "load_toml",
+           "build_run_config"]
 
 DEFAULT_MODEL = ModelConfig(vocab_size=4096, n_layers=4, d_model=128, n_heads=4, max_seq_len=128)
 """The model `conveyor train` trains when not told otherwise: a few minutes on a laptop CPU."""
@@ -172,9 +173,19 @@ def register(sub: Any) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
                    help="TOML file with [model] [parallel] [train] [data] tables of config "
                    "field names (e.g. n_layers = 6); flags override it")
-    groups = {s: p.add_argument_group(f"{s} options") for s in _DEFAULTS}
+    add_options(p, _DEFAULTS)
+    p.set_defaults(run=_run)
+
+
+def add_options(p: argparse.ArgumentParser, defaults: dict[str, Any],
+                skip: tuple[str, ...] = ()) -> None:
+    """The flags of the config fields of ``defaults``' sections (but ``skip``), each under
+    ``dest="section.field"``, absent unless given; help shows ``defaults``' values."""
+    groups = {s: p.add_argument_group(f"{s} options") for s in defaults}
     for section, field, flag, kwargs, text in _OPTIONS:
-        default = getattr(_DEFAULTS[section], field)
+        if section not in defaults or flag in skip:
+            continue
+        default = getattr(defaults[section], field)
         if default is None and "(None: " in text:
             text = text.replace("(None: ", "(default: ")
         else:
@@ -185,7 +196,6 @@ def register(sub: Any) -> None:
         groups[section].add_argument(
             flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=text, **kwargs
         )
-    p.set_defaults(run=_run)
 
 
 def load_toml(path: Path) -> dict[str, dict[str, Any]]:
@@ -228,7 +238,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     if resume is not None and init is not None:
         TrainConfig(resume=resume, init=init)  # refuses the pair before reading either
     if resume is not None and resume != "auto":  # auto: the same flags as the first start
-        base = _checkpoint_config(Path(resume))
+        base = checkpoint_config(Path(resume))
     if init is not None:  # the model is the one --init names; options that differ are refused later
         from ..train.hf_io import init_config
 
@@ -237,7 +247,8 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merged, "--config" if args.config is None else str(args.config))
 
 
-def _checkpoint_config(resume: Path) -> dict[str, dict[str, Any]]:
+def checkpoint_config(resume: Path) -> dict[str, dict[str, Any]]:
+    """The config sections a checkpoint was trained with, set to resume it."""
     from ..train.checkpoint import read_meta, resolve_checkpoint
 
     ckpt = resolve_checkpoint(resume)

@@ -160,7 +160,7 @@ def shard_block(
                                                           sequence_parallel=sp)
             if sp and getattr(module, "pos", None) is not None:
                 module.pos.register_forward_hook(_SplitPositions(group))
-        elif role == "head":
+        elif role == "head" and hasattr(module, "proj"):  # a classifier head stays whole
             module.proj = ColumnParallelLinear.from_full(
                 module.proj.weight, module.proj.bias, group, pad_out=True, sequence_parallel=sp
             )

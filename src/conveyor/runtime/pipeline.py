@@ -15,7 +15,7 @@ chunks under ZeRO-1) like any other module's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -276,8 +276,10 @@ class Pipeline:
 
     # -- steps -----------------------------------------------------------------------
 
-    def _microbatches(self, tokens: Inputs, targets: Targets) -> tuple[list[Any], list[Any]]:
-        """This replica's microbatches; sets the boundary shapes they imply."""
+    def _microbatches(self, tokens: Inputs, targets: Targets | None
+                      ) -> tuple[list[Any], list[Any]]:
+        """This replica's microbatches; sets the boundary shapes they imply (targets None:
+        prediction, the last stage keeps the head's outputs)."""
         self._check_batch(tokens, targets)
         dp, m = self.mesh.dp, self.num_microbatches
 
@@ -291,10 +293,12 @@ class Pipeline:
             parts = {k: split_one(t) for k, t in x.items()}
             return [{k: p[i] for k, p in parts.items()} for i in range(m)]
 
-        mbs_in, mbs_tgt = split(tokens), split(targets)
+        mbs_in = split(tokens)
+        mbs_tgt = split(targets) if targets is not None else [None] * m
         # every replica divides by its share of the global count: averaged over dp, the
         # grads and the loss are the global batch's sums over its global target count
-        denominators = {k: max(c, 1) / dp for k, c in target_counts(targets).items()}
+        denominators = {k: max(c, 1) / dp for k, c in
+                        (target_counts(targets) if targets is not None else {}).items()}
         last = self.stages.get(self.schedule.num_stages - 1)
         if last is not None:
             last.denominators = denominators
@@ -317,8 +321,10 @@ class Pipeline:
         self.p2p.signature = signature
         return mbs_in, mbs_tgt
 
-    def _check_batch(self, tokens: Inputs, targets: Targets) -> None:
+    def _check_batch(self, tokens: Inputs, targets: Targets | None) -> None:
         dp, m = self.mesh.dp, self.num_microbatches
+        if targets is None and isinstance(tokens, Tensor):
+            targets = tokens  # prediction: no targets, the same checks of the tokens
         if not isinstance(tokens, Tensor) or not isinstance(targets, Tensor):
             self._check_named_batch(tokens, targets)
             return
@@ -343,9 +349,10 @@ class Pipeline:
             raise BatchError(f"sequence length {seq} does not split over tp={self.mesh.tp} "
                              f"(sequence parallelism); use a multiple of {self.mesh.tp}")
 
-    def _check_named_batch(self, inputs: Inputs, targets: Targets) -> None:
+    def _check_named_batch(self, inputs: Inputs, targets: Targets | None) -> None:
         """Named inputs and targets: one batch size, splitting into dp x microbatches."""
-        named = {**_named(inputs, "inputs"), **_named(targets, "targets")}
+        named = {**_named(inputs, "inputs"),
+                 **(_named(targets, "targets") if targets is not None else {})}
         sizes = {name: t.shape[0] if t.dim() else 0 for name, t in named.items()}
         n = next(iter(sizes.values()), 0)
         dp, m = self.mesh.dp, self.num_microbatches
@@ -397,6 +404,38 @@ class Pipeline:
         mbs_in, mbs_tgt = self._microbatches(tokens, targets)
         self.eval_executor.run(StepInputs(mbs_in, mbs_tgt))
         return self._reduce_loss()
+
+    @torch.no_grad()
+    def predict_step(self, inputs: Inputs, reduce: Callable[[Any], Tensor] | None = None
+                     ) -> Tensor:
+        """The head's outputs for a batch (forward only, no targets), known to every rank.
+
+        The last stage runs the head on each microbatch, applies ``reduce`` to its outputs
+        (row-wise: softmax, argmax, picking one of a head's named outputs; less to send),
+        concatenates them (this replica's share of the batch) and hands the result to the
+        other stages of its pipeline
+        (a broadcast over the pp group); the replicas' shares are gathered in order over dp.
+        """
+        mbs_in, mbs_tgt = self._microbatches(inputs, None)
+        self.eval_executor.run(StepInputs(mbs_in, mbs_tgt))
+        last_stage = self.schedule.num_stages - 1
+        result: Tensor | None = None
+        last = self.stages.get(last_stage)
+        if last is not None:
+            outs, last.outputs = last.outputs, {}
+            result = torch.cat([(reduce(outs[mb]) if reduce is not None else outs[mb]).cpu()
+                                for mb in sorted(outs)])
+        if self.mesh.pp > 1:
+            box = [result]
+            src = self.mesh.pp_ranks[self.schedule.placement.rank_of(last_stage)]
+            dist.broadcast_object_list(box, src=src, group=self.mesh.pp_group)
+            result = box[0]
+        if self.mesh.dp > 1:
+            parts: list[Any] = [None] * self.mesh.dp
+            dist.all_gather_object(parts, result, group=self.mesh.dp_group)
+            result = torch.cat(parts)
+        assert result is not None
+        return result
 
     def _reduce_grads(self) -> None:
         if self.grad_buckets is not None:

@@ -77,6 +77,8 @@ class StageRunner:
         self._saved_by_shape: dict[tuple[Any, ...], int] = {}
         self._weights = weight_storages(blocks.values())
         self.losses: list[Tensor] = []
+        # the head's outputs of forward-only microbatches given no targets (predict_step)
+        self.outputs: dict[int, Any] = {}
         # per loss term, what the last stage divides its sums by: the term's target count
         # over the global batch, per data-parallel replica. None: each microbatch's own
         # count times the microbatch count (right when every microbatch counts alike)
@@ -130,8 +132,11 @@ class StageRunner:
             enabled=self.autocast_dtype is not None,
         ), count_saved_bytes(self._weights) if measure else nullcontext() as saved:
             out = self._run_blocks(x)
+            if self.is_last and targets is None:  # prediction: keep the head's outputs
+                assert not train, "training needs targets on the last stage"
+                self.outputs[mb] = out
+                return {}
             if self.is_last:
-                assert targets is not None, "last stage needs targets"
                 head = next(reversed(self.blocks.values()))
                 # the head's own summed loss: plain or vocabulary-parallel cross-entropy
                 out = normalise(head.loss(out, targets), self._denominators(targets))
@@ -189,6 +194,7 @@ class StageRunner:
         self._stash.clear()
         self._saved.clear()
         self.losses = []
+        self.outputs = {}
         if self.weight_store is not None:
             self.weight_store.clear()
 

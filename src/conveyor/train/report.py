@@ -1,16 +1,34 @@
-"""A run's metrics as a summary table and a PNG of its loss and perplexity curves."""
+"""A run's metrics as a summary table and a PNG of its loss and perplexity curves.
+
+Evaluation rows may carry task metrics besides ``val_loss``/``val_ppl`` (MLM accuracy and
+perplexity, classification accuracy and macro-F1 with the majority-class baseline, BLEU
+and ROUGE-L with a baseline's): the table lists the last value of each, and the PNG
+draws them in a third panel (BLEU, on 0-100, as BLEU/100).
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .metrics import eval_rows, perplexity, train_rows
 
-__all__ = ["RunSummary", "summarize", "plot_run"]
+__all__ = ["RunSummary", "summarize", "plot_run", "task_metrics"]
+
+_PLAIN = ("step", "val_loss", "val_ppl")
+
+
+def task_metrics(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every numeric evaluation metric besides val_loss and val_ppl."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in eval_rows(rows):
+        for k, v in r.items():
+            if k not in _PLAIN and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.setdefault(k, []).append((r["step"], float(v)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,8 @@ class RunSummary:
     """Median training throughput over the steps."""
     wall_s: float | None
     """Wall time of the run at its last step (across resumes)."""
+    task: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Each task metric's last (step, value) (``task_metrics``)."""
 
     @property
     def drop_pct(self) -> float | None:
@@ -53,6 +73,8 @@ class RunSummary:
             ("tokens/s", num(self.tokens_per_s, ",.0f")),
             ("wall time", "-" if self.wall_s is None else _duration(self.wall_s)),
         ]
+        lines += [(name.replace("_", " "), f"{value:.4f} (step {step})")
+                  for name, (step, value) in self.task.items()]
         lines += extra or []
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
@@ -73,6 +95,7 @@ def summarize(rows: list[dict[str, Any]]) -> RunSummary:
         last_val=(evals[-1]["step"], evals[-1]["val_loss"]) if evals else None,
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in train) if train else None,
         wall_s=train[-1]["elapsed_s"] if train else None,
+        task={k: points[-1] for k, points in task_metrics(rows).items()},
     )
 
 
@@ -84,6 +107,18 @@ def _smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def _plot_task(ax: Any, tasks: dict[str, list[tuple[int, float]]]) -> None:
+    for name, points in tasks.items():
+        scale = 100.0 if "bleu" in name else 1.0  # BLEU is 0-100, the others 0-1
+        if "ppl" in name:
+            continue  # perplexities live on the perplexity panel's scale, not this one
+        steps, values = zip(*points, strict=True)
+        style = "x--" if name.startswith(("majority", "baseline")) else "o-"
+        label = name if scale == 1 else f"{name}/100"
+        ax.plot(steps, [v / scale for v in values], style, ms=4, label=label)
+    ax.set(xlabel="step", ylabel="score", title="task metrics (validation)")
+
+
 def plot_run(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     """Draw train/val loss (left) and perplexity (right, log scale) against step to ``out``."""
     import matplotlib
@@ -92,7 +127,11 @@ def plot_run(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals = train_rows(rows), eval_rows(rows)
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    tasks = task_metrics(rows)
+    fig, axes = plt.subplots(1, 3 if tasks else 2, figsize=(18 if tasks else 12, 4.5))
+    ax_loss, ax_ppl = axes[0], axes[1]
+    if tasks:
+        _plot_task(axes[2], tasks)
     weight = min(0.9, 1 - 10 / max(len(train), 10))  # smooth over about 1/10 of the run
     if train:
         steps = [r["step"] for r in train]
@@ -106,11 +145,11 @@ def plot_run(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
         steps = [r["step"] for r in evals]
         ax_loss.plot(steps, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=4,
                      label="validation")
-        ax_ppl.plot(steps, [r["val_ppl"] for r in evals], "o-", color="tab:orange", ms=4,
-                    label="validation")
+        ppl = [r.get("val_ppl", perplexity(r["val_loss"])) for r in evals]  # none: a classifier
+        ax_ppl.plot(steps, ppl, "o-", color="tab:orange", ms=4, label="validation")
     ax_loss.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="loss")
     ax_ppl.set(xlabel="step", ylabel="perplexity", title="perplexity", yscale="log")
-    for ax in (ax_loss, ax_ppl):
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend()

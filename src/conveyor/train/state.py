@@ -29,7 +29,8 @@ from .checkpoint import CheckpointError, load_tensors
 from .optim import STATE_KEYS, load_optimizer_state, optimizer_state, optimizer_state_names
 from .rng import capture_rng, restore_rng
 
-__all__ = ["unique_params", "state_tensors", "load_params", "load_model_params", "load_training_state",
+__all__ = ["unique_params", "state_tensors", "load_params", "load_model_params",
+           "load_fitting_params", "load_training_state",
            "rank_meta", "restore_rank_meta"]
 
 
@@ -128,6 +129,22 @@ def load_model_params(pipe: Pipeline, tensors: Mapping[str, Tensor], where: str)
     named = list(pipe.named_parameters())
     picked = {name: tensors[sources.get(name, name)] for name, _ in named}
     shards = _to_shards(pipe, picked, where)
+    for name, p in named:
+        p.copy_(shards[name])
+
+
+@torch.no_grad()
+def load_fitting_params(pipe: Pipeline, tensors: Mapping[str, Tensor],
+                        shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Copy the parameters this rank holds that ``tensors`` has with the logical shape
+    ``shapes`` gives; the others (a new head) keep their initialisation."""
+    sources: dict[str, str] = {}
+    for stage in pipe.stages.values():
+        sources.update(weight_sources(pipe.model_cfg, stage.blocks))
+    named = [(n, p) for n, p in pipe.named_parameters()
+             if sources.get(n, n) in tensors
+             and tuple(tensors[sources.get(n, n)].shape) == tuple(shapes[n])]
+    shards = _to_shards(pipe, {n: tensors[sources.get(n, n)] for n, _ in named}, where)
     for name, p in named:
         p.copy_(shards[name])
 

@@ -41,6 +41,7 @@ from ..data.objectives import (
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..log import get_logger
 from ..models import block_param_counts
+from ..models.objective import IGNORE_INDEX
 from ..parallel.layout import Layout, resolve_layout
 from ..parallel.mesh import Mesh
 from ..runtime.executor import PipelineError
@@ -67,8 +68,8 @@ from .state import (
     state_tensors,
 )
 
-__all__ = ["run_training", "train_worker", "run_evaluation", "eval_worker", "prepare",
-           "val_batches"]
+__all__ = ["Trainer", "run_training", "train_worker", "run_evaluation", "eval_worker", "prepare",
+           "rank_device", "user_errors_of_ranks", "val_batches"]
 
 log = get_logger(__name__)
 
@@ -172,13 +173,13 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
             log.info("%s", line)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // world)  # more threads than cores slows every rank down
-    with _user_errors_of_ranks():
+    with user_errors_of_ranks():
         return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
                       _provenance(data), threads_per_rank=threads, timeout_s=run.train.timeout)
 
 
 @contextlib.contextmanager
-def _user_errors_of_ranks() -> Iterator[None]:
+def user_errors_of_ranks() -> Iterator[None]:
     """Re-raise a rank's user error (a bad checkpoint, a full disk) here as itself, one line."""
     try:
         yield
@@ -291,7 +292,8 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def _device() -> torch.device:
+def rank_device() -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -311,15 +313,15 @@ def _evaluate(pipe: Pipeline, batches: list[tuple[Any, Any]]) -> float:
     return sum(pipe.eval_step(x, y) for x, y in batches) / len(batches)
 
 
-class _Trainer:
+class Trainer:
     """One rank's pipeline, optimizer and data stream, and the bookkeeping around them."""
 
-    def __init__(self, run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarray,
-                 val: np.ndarray) -> None:
+    def __init__(self, run: RunConfig, layout: Layout, run_dir: Path, train: Any,
+                 val: Any, make_batch: BatchMaker | None = None) -> None:
         self.run, self.cfg, self.run_dir, self.rows = run, run.train, run_dir, train
         self.rank = dist.get_rank()
         torch.manual_seed(self.cfg.seed)
-        device = _device()
+        device = rank_device()
         par = run.parallel
         self.mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
         self.pipe = Pipeline(run.model, par, self.mesh, layout=layout, seed=self.cfg.seed,
@@ -335,9 +337,9 @@ class _Trainer:
                                        weight_decay=self.cfg.weight_decay, ndims=self.zero.ndims())
         self.sampler = Sampler(len(train), self.cfg.batch_size, self.cfg.seed)
         # the family's objective; its masks are seeded by (seed, step), so resumes agree
-        self.make_batch = batch_maker(run.model, self.cfg.seed)
-        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches,
-                               self.make_batch) if run.data.val_fraction > 0 else []
+        self.make_batch = make_batch or batch_maker(run.model, self.cfg.seed)
+        self.val = val_batches(val, self.cfg.batch_size, self.cfg.eval_batches, self.make_batch
+                               ) if run.data.val_fraction > 0 and val is not None else []
         self.step, self.elapsed0 = 0, 0.0
         self.tokens_per_step = self.cfg.batch_size * run.model.max_seq_len
         self.metrics = MetricsWriter(run_dir / METRICS_FILE) if self.rank == 0 else None
@@ -452,16 +454,34 @@ class _Trainer:
         write_chrome_trace({f"measured step {self.step + 1}": timeline},
                            self.run_dir / TRACE_FILE)
 
+    def _mlm_metrics(self) -> dict[str, float]:
+        """A masked LM's own figures: accuracy over the masked positions, the MLM term's
+        perplexity (without next-sentence prediction); nothing for other objectives."""
+        if not all(isinstance(y, dict) and "mlm" in y for _, y in self.val):
+            return {}
+        right = counted = 0
+        mlm_loss = 0.0
+        for x, y in self.val:
+            pred = self.pipe.predict_step(x, reduce=lambda out: out["logits"].argmax(-1))
+            mask = y["mlm"] != IGNORE_INDEX
+            right += int((pred[mask] == y["mlm"][mask]).sum())
+            counted += int(mask.sum())
+            mlm_loss += self.pipe.eval_step(x, {"mlm": y["mlm"]})
+        mlm_loss /= len(self.val)
+        return {"val_mlm_accuracy": right / max(counted, 1), "val_mlm_ppl": perplexity(mlm_loss)}
+
     def evaluate(self) -> None:
         if not self.val:
             return
         loss = _evaluate(self.pipe, self.val)
         self.evals.append((self.step, loss))
-        self._write({"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        mlm = self._mlm_metrics()
+        self._write({"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss), **mlm})
         train = f"loss {self.losses[-1]:.4f}  " if self.losses else ""
         speed = f"  {np.mean(self.speeds[-50:]):.0f} tok/s" if self.speeds else ""
-        self._log("step %d/%d  %sval_loss %.4f  val_ppl %.1f%s", self.step, self.cfg.steps,
-                  train, loss, perplexity(loss), speed)
+        extra = "".join(f"  {k} {v:.4g}" for k, v in mlm.items())
+        self._log("step %d/%d  %sval_loss %.4f  val_ppl %.1f%s%s", self.step, self.cfg.steps,
+                  train, loss, perplexity(loss), extra, speed)
 
     def save(self) -> None:
         meta = {
@@ -529,7 +549,7 @@ def train_worker(run: RunConfig, layout: Layout, run_dir: Path, train: np.ndarra
                  val: np.ndarray, resume: Path | None = None,
                  provenance: dict[str, str] | None = None) -> dict[str, Any]:
     """Train on this rank (inside ``launch``) laid out as ``layout``; return its summary."""
-    trainer = _Trainer(run, layout, run_dir, train, val)
+    trainer = Trainer(run, layout, run_dir, train, val)
     trainer.provenance = provenance or {"tokenizer_path": f"../../{TOKENIZER_FILE}"}
     if resume is not None:
         trainer.restore(resume)
@@ -553,6 +573,10 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     except (KeyError, TypeError) as err:
         raise ConfigError(f"checkpoint {ckpt} has no usable model/data/train config ({err}); "
                           "evaluate a checkpoint written by `conveyor train`") from None
+    if isinstance(meta.get("task"), dict):
+        raise ConfigError(f"checkpoint {ckpt} is fine-tuned on task {meta['task'].get('name')!r}; "
+                          "its validation metrics are in its run's metrics.jsonl (`conveyor "
+                          "report`), and `conveyor predict` runs a classifier")
     check_checkpoint(ckpt, param_shapes(model))
     batch = batch_size or int(train["batch_size"])
     layout = resolve_layout(model, par, batch_size=batch)
@@ -565,7 +589,7 @@ def run_evaluation(ckpt_path: Path, par: ParallelConfig, *, batch_size: int | No
     prepared = prepare(model, data, seed=int(train["seed"]), batch_size=batch,
                        run_dir=str(train["run_dir"]), tokenizer=tokenizer)
     n = batches or int(train["eval_batches"])
-    with _user_errors_of_ranks():
+    with user_errors_of_ranks():
         results = launch(eval_worker, par.world_size, model, par, layout, ckpt, prepared.val,
                          batch, n, int(train["seed"]), timeout_s, timeout_s=timeout_s)
     loss = results[min(results)]
@@ -581,7 +605,7 @@ def eval_worker(model: ModelConfig, par: ParallelConfig, layout: Layout, ckpt: P
 
     ``seed`` is the run's: masked objectives draw the validation masks from it.
     """
-    device = _device()
+    device = rank_device()
     mesh = Mesh.build(par.pp, par.dp, par.tp, device_type=device.type)
     pipe = Pipeline(model, par, mesh, layout=layout, device=device, timeout_s=timeout_s)
     load_params(pipe, ckpt)

@@ -12,6 +12,8 @@ pooler and a two-way next-sentence classifier on the first token).
 - targets: ``mlm`` (B, T), the original token at masked positions and -100 elsewhere,
   and optionally ``nsp`` (B,), 0 when B follows A, 1 when B is random. Each is one loss
   term, normalised by its own count over the global batch.
+- fine-tuning (``num_labels > 0``): the head is ``models.classify.PooledClassifier``
+  (same ``norm`` and ``pooler``), target ``label`` (B,).
 
 The norms, MLP and biases follow the flavour (gpt2: LayerNorm, GELU, biases). Layers
 are pre-norm by default, with a final norm in the head; ``norm_position="post"`` with
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from conveyor.config import ModelConfig
 from conveyor.models.boundary import Signature, TensorSpec
+from conveyor.models.classify import PooledClassifier
 from conveyor.models.family import Family, Shapes, estimate_costs
 from conveyor.models.layers import ACTIVATION_FNS, make_final_norm, make_norm
 from conveyor.models.linear import Linear
@@ -92,7 +95,7 @@ def _block(cfg: ModelConfig, index: int) -> nn.Module:
     if index == 0:
         return BertEmbedding(cfg)
     if index == cfg.num_blocks - 1:
-        return BertHead(cfg)
+        return PooledClassifier(cfg) if cfg.num_labels else BertHead(cfg)
     return EncoderLayer(cfg)
 
 
