@@ -10,6 +10,7 @@ its [CLS]/[SEP]/[MASK]/[PAD]. Tiny random models, no download.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -241,12 +242,25 @@ def test_train_init_of_a_bert_directory_at_pp2_matches_one_process(tmp_path: Pat
     assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
 
 
-needs_classifier = pytest.mark.skipif(
-    "num_labels" not in {f.name for f in dataclasses.fields(ModelConfig)},
-    reason="ModelConfig.num_labels (the fine-tuning classifier head) has not landed yet")
+@pytest.mark.multiprocess
+def test_finetune_init_of_a_bert_directory_at_pp2_matches_one_process(tmp_path: Path) -> None:
+    _hf_bert(tmp_path / "hf")
+    words = ["alpha", "beta", "gamma"]
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"text": SAMPLE[:20 + i], "label": words[i % 3]}) + "\n"
+                            for i in range(24)))
+    losses = {}
+    for pp in ("1", "2"):
+        assert main(["finetune", "--init", str(tmp_path / "hf"), "--task", str(task),
+                     "--batch-size", "4", "--microbatches", "2", "--steps", "2", "--lr", "1e-3",
+                     "--warmup", "1", "--val-fraction", "0.25", "--eval-every", "0",
+                     "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
+                     "--name", f"pp{pp}", "--pp", pp]) == 0
+        rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
+        losses[pp] = [r["loss"] for r in rows]
+    assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
 
 
-@needs_classifier
 def test_sequence_classifier_converts_both_ways_with_its_labels(tmp_path: Path) -> None:
     labels = {0: "negative", 1: "neutral", 2: "positive"}
     hf_model = _hf_bert(tmp_path / "hf", "BertForSequenceClassification", id2label=labels,
