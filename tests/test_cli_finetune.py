@@ -114,6 +114,29 @@ def test_finetune_a_summariser_at_pp2_scores_its_generations(
     assert 0 <= last["val_bleu"] <= 100 and 0 <= last["val_rouge_l"] <= 1
 
 
+@pytest.mark.multiprocess
+def test_t5_learns_a_classification_task_text_to_text(
+        tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    assert main(["train", "--family", "t5", "--data", str(corpus), *TINY, "--steps", "1",
+                 "--eval-every", "0", "--run-dir", str(runs), "--name", "t5"]) == 0
+    task = _records(tmp_path / "task.jsonl", 48)
+    assert main(["finetune", "--checkpoint", str(runs / "t5"), "--task", str(task), "--pp", "2",
+                 "--steps", "1", *LOOP, "--eval-every", "0", "--val-fraction", "0.34",
+                 "--target-len", "8", "--generate", "8", "--run-dir", str(runs),
+                 "--name", "cls"]) == 0
+    first, last = eval_rows(read_metrics(runs / "cls" / "metrics.jsonl"))
+    assert "val_token_accuracy" in first and "val_accuracy" not in first  # generated at the end
+    assert 0 <= last["val_accuracy"] <= 1 and 0 <= last["val_unknown_label"] <= 1
+    assert last["majority_accuracy"] > 0
+    meta = read_meta(resolve_checkpoint(runs / "cls"))
+    assert meta["task"]["text_to_text"] and meta["model"]["num_labels"] == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(runs / "cls"), "--text", "alpha"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "text-to-text" in err and len(err.splitlines()) == 1
+
+
 def test_generate_refuses_a_classifier() -> None:
     from argparse import Namespace
 

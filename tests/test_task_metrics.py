@@ -10,6 +10,7 @@ import pytest
 
 from conveyor.train.report import plot_run, summarize
 from conveyor.train.task_metrics import (
+    UNKNOWN_LABEL,
     classification_metrics,
     function_name_baseline,
     masked_accuracy,
@@ -23,6 +24,12 @@ def test_classification_metrics_by_hand() -> None:
     assert m["accuracy"] == 0.75 and m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
     # always 2: right twice; F1 of class 2 = 2/3, of 0 and 1 zero
     assert m["majority_accuracy"] == 0.5 and m["majority_macro_f1"] == pytest.approx(2 / 9)
+
+
+def test_a_prediction_naming_no_label_is_a_miss_not_a_class() -> None:
+    m = classification_metrics([0, UNKNOWN_LABEL, 1, 1], [0, 1, 1, 1], majority=1)
+    # class 0: F1 1; class 1: p 1, r 2/3 -> F1 0.8; the unknown output is no third class
+    assert m["accuracy"] == 0.75 and m["macro_f1"] == pytest.approx((1 + 0.8) / 2)
 
 
 def test_seq2seq_metrics_and_the_name_baseline() -> None:

@@ -46,6 +46,7 @@ from .metrics import perplexity
 from .rundir import TOKENIZER_FILE, create_run_dir
 from .state import load_fitting_params
 from .task_metrics import (
+    UNKNOWN_LABEL,
     classification_metrics,
     function_name_baseline,
     masked_accuracy,
@@ -54,7 +55,7 @@ from .task_metrics import (
 from .trainer import Trainer, user_errors_of_ranks
 
 __all__ = ["FineTuner", "TaskConfig", "finetune_model", "finetune_worker", "generate_outputs",
-           "run_finetune"]
+           "run_finetune", "text_to_text"]
 
 log = get_logger(__name__)
 
@@ -98,8 +99,16 @@ class TaskJob:
     references: list[str] = field(default_factory=list)
 
 
+def text_to_text(model: ModelConfig, kind: str) -> bool:
+    """Whether ``model`` learns a classification task as seq2seq (an encoder-decoder, like T5:
+    the target is the label's text, read back from its greedy output)."""
+    return kind == "classification" and family_of(model).seq2seq
+
+
 def finetune_model(base: ModelConfig, data: TaskData) -> ModelConfig:
     """The model fine-tuned on ``data``: a classifier head of its labels, or the base as is."""
+    if text_to_text(base, data.kind):
+        return base
     if data.kind == "classification":
         return dataclasses.replace(base, num_labels=len(data.labels), tie_embeddings=False)
     if base.family == "bert":
@@ -113,8 +122,10 @@ def finetune_model(base: ModelConfig, data: TaskData) -> ModelConfig:
 
 def _rows(data: TaskData, model: ModelConfig, tokenizer: Tokenizer, task: TaskConfig
           ) -> tuple[TaskRows, TaskRows | None]:
+    kind = "seq2seq" if text_to_text(model, data.kind) else data.kind
+
     def encode(records: list[Record]) -> TaskRows:
-        return encode_records(records, model, tokenizer, kind=data.kind, labels=data.labels,
+        return encode_records(records, model, tokenizer, kind=kind, labels=data.labels,
                               target_len=task.target_len, truncate=task.truncate or data.truncate)
 
     try:
@@ -134,7 +145,8 @@ def _job(data: TaskData, model: ModelConfig, tokenizer: Tokenizer, task: TaskCon
         for r in data.train:
             counts[r.output] += 1
         meta["majority"] = data.labels.index(max(data.labels, key=lambda lb: counts[lb]))
-    if data.kind != "seq2seq" or not data.val:
+    meta["text_to_text"] = text_to_text(model, data.kind)
+    if (data.kind != "seq2seq" and not meta["text_to_text"]) or not data.val:
         return TaskJob(meta, source)
     picked = data.val[: task.generate]
     room = model.max_seq_len + 1 - task.target_len
@@ -258,7 +270,7 @@ class FineTuner(Trainer):
         if not self.val or self.val_rows is None:
             return
         row: dict[str, Any] = {"step": self.step}
-        if self.job.meta["kind"] == "classification":
+        if self.job.meta["kind"] == "classification" and not self.job.meta.get("text_to_text"):
             row.update(self._classification())
         else:
             row.update(self._seq2seq())
@@ -311,6 +323,8 @@ class FineTuner(Trainer):
 
             outs = [output_ids(ids, self.run.model) for ids in outs]
         texts = [tokenizer.decode(ids).strip() for ids in outs]
+        if self.job.meta.get("text_to_text"):
+            return self._read_labels(texts)
         for text, ref in list(zip(texts, self.job.references, strict=True))[:3]:
             self._log("generated %r  reference %r", text[:80], ref[:80])
         scores = {f"val_{k}": v for k, v in seq2seq_metrics(texts, self.job.references).items()}
@@ -319,6 +333,19 @@ class FineTuner(Trainer):
             scores.update({f"baseline_{k}": v
                            for k, v in seq2seq_metrics(base, self.job.references).items()})
         return scores
+
+
+    def _read_labels(self, texts: list[str]) -> dict[str, float]:
+        """Classification metrics of generated label texts; one that names no label is wrong."""
+        labels = self.job.meta["labels"]
+        index = {label: i for i, label in enumerate(labels)}
+        predicted = [index.get(text, UNKNOWN_LABEL) for text in texts]
+        m = classification_metrics(predicted, [index[r] for r in self.job.references],
+                                   int(self.job.meta["majority"]))
+        return {"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+                "val_unknown_label": predicted.count(UNKNOWN_LABEL) / max(len(predicted), 1),
+                "majority_accuracy": m["majority_accuracy"],
+                "majority_macro_f1": m["majority_macro_f1"]}
 
 
 def _batch(rows: TaskRows, indices: np.ndarray, salt: int) -> tuple[Any, Any]:

@@ -46,6 +46,10 @@ def run_predict(checkpoint: Path, records: list[Record], *, pp: int = 1,
         raise ConfigError(f"checkpoint {ckpt} is no fine-tuned classifier (its meta names no "
                           "classification task); fine-tune one with `conveyor finetune`, or "
                           "continue text with `conveyor generate`")
+    if task.get("text_to_text"):
+        raise ConfigError(f"checkpoint {ckpt} classifies text-to-text (an encoder-decoder writes "
+                          "the label's name): run `conveyor generate --checkpoint ... "
+                          "--prompts-file texts.txt`; its outputs are the labels")
     model = model_config_from(meta.get("model"), f"checkpoint {ckpt}/meta.json ('model')")
     check_checkpoint(ckpt, param_shapes(model))
     labels = tuple(task["labels"])

@@ -15,8 +15,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["classification_metrics", "function_name_baseline", "masked_accuracy",
-           "seq2seq_metrics"]
+__all__ = ["UNKNOWN_LABEL", "classification_metrics", "function_name_baseline",
+           "masked_accuracy", "seq2seq_metrics"]
+
+UNKNOWN_LABEL = -1
+"""A prediction that names no label (a generated text that is none): wrong for accuracy, a
+miss of its reference's class for F1, and no class of its own."""
 
 
 def classification_metrics(predicted: Sequence[int], reference: Sequence[int],
@@ -26,11 +30,16 @@ def classification_metrics(predicted: Sequence[int], reference: Sequence[int],
 
     pred, ref = np.asarray(predicted), np.asarray(reference)
     base = np.full_like(ref, majority)
+
+    def macro_f1(guess: np.ndarray) -> float:
+        classes = sorted((set(ref.tolist()) | set(guess.tolist())) - {UNKNOWN_LABEL})
+        return float(f1_score(ref, guess, labels=classes, average="macro", zero_division=0))
+
     return {
         "accuracy": float((pred == ref).mean()),
-        "macro_f1": float(f1_score(ref, pred, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(pred),
         "majority_accuracy": float((base == ref).mean()),
-        "majority_macro_f1": float(f1_score(ref, base, average="macro", zero_division=0)),
+        "majority_macro_f1": macro_f1(base),
     }
 
 
