@@ -1,29 +1,34 @@
 """Does `conveyor plan` rank 2-rank layouts of a small model as they measure on this machine?
 
-Measures a dozen layouts of one model on 2 ranks (pp=2 with each schedule and several
-microbatch counts, dp=2, tp=2 with and without SP), all built once in one launched
+Measures a dozen layouts of one model on 2 ranks (pp=2 with each schedule and
+microbatch counts from 1, where the bubble is half the step, to 16, where each
+microbatch is one sequence; dp=2 with 1 and 8 microbatches; tp=2 with and without
+SP), all built once in one launched
 group and timed round-robin (each repetition runs every layout once, starting at a
 different one) so that load coming and going hits them alike. A step is timed on
 each rank from a barrier to the end of its work; the step time is the slower rank's,
 the layout's the median over repetitions. Peak activation memory is the runtime
 meter's (``Pipeline.peak_stashed_bytes``) on the fuller rank.
 
-Predictions are the planner's (``plan.simulate_candidate`` with the cpu device), from
-compute timed here beforehand (``conveyor plan --profile``: the runtime's stage
-runner replayed in schedule order; tp's share and all communication analytic), and
-from the FLOP model alone (the measured matmul rate; ``analytic_s``). Prints one JSON line per
-layout, then a summary line: Spearman rank correlation of predicted and measured
-step times, the measured best's place in the predicted order, the worst memory
-error. The machine must be quiet for timings to mean anything (``others_cpu`` is
-reported, as in ``sim_accuracy.py``).
+Predictions are the planner's (``plan.simulate_candidate`` with the cpu device) the
+way ``conveyor plan --profile`` makes them: gloo's collectives timed and fitted first
+(``sim.gloo``, on 2 ranks), then every layout's compute replayed with both ranks at
+once (``plan.profiled_costs``: tp ranks on their shards with their collectives);
+and from the FLOP model with the documented constants alone (``analytic_s``).
+Prints one JSON line per layout, then a summary line (also appended to ``--out``):
+Spearman rank correlation of predicted and measured step times, the measured best's
+place in the predicted order, the worst memory error, the calibration. The machine
+must be quiet for timings to mean anything (``others_cpu`` is reported, as in
+``sim_accuracy.py``: the share of the cores other processes used meanwhile).
 
-    python benchmarks/plan_accuracy.py --reps 5
+    python benchmarks/plan_accuracy.py --reps 5 --out docs/results/plan_accuracy_cpu.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Any
@@ -33,20 +38,22 @@ import torch.distributed as dist
 
 from conveyor.config import ModelConfig
 from conveyor.parallel.mesh import Mesh
-from conveyor.plan import Candidate, Cluster, simulate_candidate
+from conveyor.plan import Candidate, Cluster, profiled_costs, simulate_candidate
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
+from conveyor.sim.gloo import calibrate
 from sim_accuracy import _others, _Usage  # the same load measurement
 
 # (tp, pp, dp, schedule, chunks, microbatches, sequence parallel)
 LAYOUTS: list[tuple[int, int, int, str, int, int, bool]] = [
-    (1, 2, 1, "1f1b", 1, 2, False), (1, 2, 1, "1f1b", 1, 4, False),
-    (1, 2, 1, "1f1b", 1, 8, False), (1, 2, 1, "gpipe", 1, 4, False),
-    (1, 2, 1, "zb-h1", 1, 4, False), (1, 2, 1, "zb-h1", 1, 8, False),
+    (1, 2, 1, "1f1b", 1, 1, False), (1, 2, 1, "1f1b", 1, 2, False),
+    (1, 2, 1, "1f1b", 1, 16, False), (1, 2, 1, "gpipe", 1, 4, False),
+    (1, 2, 1, "zb-h1", 1, 2, False), (1, 2, 1, "zb-h1", 1, 8, False),
     (1, 2, 1, "interleaved-1f1b", 2, 4, False), (1, 2, 1, "zb-v", 2, 4, False),
-    (1, 1, 2, "1f1b", 1, 1, False), (1, 1, 2, "1f1b", 1, 4, False),
+    (1, 1, 2, "1f1b", 1, 1, False), (1, 1, 2, "1f1b", 1, 8, False),
     (2, 1, 1, "1f1b", 1, 2, False), (2, 1, 1, "1f1b", 1, 2, True),
 ]
+"""(tp, pp, dp, schedule, chunks, microbatches, SP); the batch must split into dp x m."""
 
 
 def candidates(batch: int) -> list[Candidate]:
@@ -110,16 +117,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                    help="predict from compute timed here first (`conveyor plan --profile`); "
-                    "--no-profile: the FLOP model")
+                    help="predict from collectives and compute timed here first (`conveyor "
+                    "plan --profile`); --no-profile: the FLOP model and documented constants")
+    ap.add_argument("--out", default=None, help="also write the JSON lines to this file "
+                    "(e.g. docs/results/plan_accuracy_cpu.jsonl)")
     args = ap.parse_args(argv)
     model = ModelConfig(vocab_size=args.vocab, n_layers=args.layers, d_model=args.d_model,
                         n_heads=args.heads, max_seq_len=args.seq)
     cands = candidates(args.batch)
     cluster = Cluster.build("cpu", 2)
     analytic = [simulate_candidate(model, c, cluster, args.seq, args.batch) for c in cands]
-    predicted = ([simulate_candidate(model, c, cluster, args.seq, args.batch, profile=True)
-                  for c in cands] if args.profile else analytic)
+    started = time.perf_counter()
+    predicted, cal = analytic, None
+    if args.profile:  # what `conveyor plan --profile` does: calibrate, then time every layout
+        cal = calibrate()
+        calibrated = cluster.calibrated(cal)
+        timed = profiled_costs(model, cands, calibrated, args.seq, args.batch)
+        predicted = [simulate_candidate(model, c, calibrated, args.seq, args.batch, cost=k)
+                     for c, k in zip(cands, timed, strict=True)]
+    profile_s = time.perf_counter() - started
     got = launch(_worker, 2, model, cands, args.batch, args.reps, timeout_s=1800)
     # share of the cores other processes used meanwhile (0: a quiet machine)
     others = _others([got[r]["usage"] for r in got])
@@ -143,8 +159,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "measured_best": cands[best].label(),
                "measured_best_predicted_place": order.index(best) + 1,
                "worst_memory_error": max(abs(r["memory_error"]) for r in rows),
-               "others_cpu": others, "reps": args.reps}
+               "others_cpu": others, "reps": args.reps, "profile_s": round(profile_s, 1),
+               "load_avg": os.getloadavg()[0],
+               "collectives": cal.to_dict()["collectives"] if cal else None}
     print(json.dumps(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in [*rows, summary])
     return summary
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from conveyor.config import ConfigError
 from conveyor.sim import Device, get_device
 from conveyor.sim.cost import CostError
+from conveyor.sim.gloo import CommCalibration, Fit, ring_ops
 
 __all__ = ["Cluster", "load_device"]
 
@@ -32,6 +33,13 @@ class Cluster:
     def gpus_per_node(self) -> int:
         """Devices sharing one node's fast link."""
         return self.device.gpus_per_node
+
+    def calibrated(self, cal: CommCalibration) -> Cluster:
+        """This cluster with its collectives priced by ``cal`` (measured here), unless the
+        device file already gives them."""
+        if self.device.collectives:
+            return self
+        return Cluster(dataclasses.replace(self.device, collectives=cal.ring_ops()), self.gpus)
 
     @classmethod
     def build(cls, device: str, gpus: int, gpus_per_node: int | None = None) -> Cluster:
@@ -73,6 +81,14 @@ def load_device(spec: str) -> Device:
         raise ConfigError(f"device file {path} cannot be read ({err}); fix its syntax") from None
     raw = dict(raw.get("device", raw))
     base = raw.pop("base", None)
+    if isinstance(raw.get("collectives"), dict):  # a calibration's 2-rank fits, by op
+        try:
+            raw["collectives"] = ring_ops({op: Fit(float(v["latency_s"]),
+                                                   float(v["bandwidth_Bps"]))
+                                           for op, v in raw["collectives"].items()})
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"device file {path}: collectives need {{op: {{latency_s, "
+                              f"bandwidth_Bps}}}} ({err!r})") from None
     unknown = sorted(set(raw) - _DEVICE_FIELDS)
     if unknown:
         raise ConfigError(f"device file {path}: unknown field(s) {', '.join(unknown)}; "

@@ -25,14 +25,23 @@ also walks memory exactly.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from conveyor.config import ModelConfig, ParallelConfig
-from conveyor.parallel.layout import analytic_block_costs, resolve_layout, resolve_partition
+from conveyor.parallel.layout import (
+    Layout,
+    analytic_block_costs,
+    resolve_layout,
+    resolve_partition,
+)
 from conveyor.parallel.partition import Partition
-from conveyor.sim import CostModel, analytic_costs, profile_costs, simulate
+from conveyor.sim import CostModel, analytic_costs, simulate
 from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
+from conveyor.sim.comm import Collective, MeshLinks, collective_time
+from conveyor.sim.group_profile import Job, profile_jobs
+from conveyor.sim.profile import RankProfile, costs_from_profiles
 
 from .cluster import Cluster
 
@@ -119,7 +128,23 @@ def costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
         recompute=recompute_mode(c.recompute), dp_bucket_mb=dp_bucket_mb, zero=c.zero)
     if cluster.device.name == "cpu":  # the CPU runtime's executor and gloo, as measured
         cost = replace(cost, **gloo_runtime_costs(cost.message_bytes))
-    return cost
+    return replace(cost, step_end_s=step_end_seconds(model, c, cluster))
+
+
+def step_end_seconds(model: ModelConfig, c: Candidate, cluster: Cluster) -> float:
+    """What the runtime reduces once per step after the pipeline: the tied embedding's
+    grad across the two pipeline ranks holding copies (fp32, this tp rank's vocabulary
+    rows), and the loss over pp and over dp (one fp32 scalar each)."""
+    dev = cluster.device
+    links = MeshLinks.build(tp=c.tp, dp=c.dp, pp=c.pp, gpus_per_node=dev.gpus_per_node,
+                            intra=dev.intra, inter=dev.inter)
+    scalar = Collective("all-reduce", 4.0)
+    seconds = collective_time(scalar, c.pp, links.pp) + collective_time(scalar, c.dp, links.dp)
+    if model.tie_embeddings and c.pp > 1 and c.schedule != "zb-v":  # V: one rank holds both
+        rows = -(-model.vocab_size // c.tp)
+        seconds += collective_time(Collective("all-reduce", 4.0 * rows * model.d_model), 2,
+                                   links.pp)
+    return seconds
 
 
 def _held_stages(c: Candidate, r: int) -> float:
@@ -171,7 +196,7 @@ def estimate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
         n = sum(cost.dp_buckets[s] for s in ranks[0])
         dp_tail = max(total / n, total - last_b * (n - 1) / n)
         dp_tail += sum(cost.stage_value("dp_after_s", s) for s in ranks[0])
-    step = pipe + dp_tail
+    step = pipe + dp_tail + cost.step_end_s
     tp_s = m * sum(cost.stage_value("tp_f_s", s) + cost.stage_value("tp_b_s", s)
                    for s in ranks[busiest])
     # per rank: its held chunks, each of its stages' average size, and its static bytes
@@ -201,51 +226,73 @@ def _stages_of(rank: int, p: int, v: int, schedule: str) -> list[int]:
     return [rank + k * p for k in range(v)]  # looped placement
 
 
-def profiled_costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
-                   global_batch: int, dp_bucket_mb: float = 25.0) -> CostModel:
-    """Candidate ``c``'s costs with compute timed on this machine (``sim.profile_costs``).
+def _layout(model: ModelConfig, c: Candidate, seq_len: int, global_batch: int,
+            dp_bucket_mb: float) -> Layout:
+    return resolve_layout(model, c.parallel_config(dp_bucket_mb), batch_size=global_batch,
+                          seq_len=seq_len)
 
-    The runtime's stage runner replays one pipeline of the layout (tp=1, dp=1: the
-    profiler runs in one process) in schedule order; what tp does to a stage's compute
-    is the analytic model's ratio, and its collectives, the dp reduction, links and
-    activation bytes are the analytic model's.
+
+def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Cluster,
+                   seq_len: int, global_batch: int, dp_bucket_mb: float = 25.0
+                   ) -> list[CostModel]:
+    """Each candidate's costs with its compute timed on this machine (``sim.group_profile``).
+
+    Every rank of each layout runs in its own local process at once, replaying its
+    compute in schedule order: tp ranks on their shards with the real collectives
+    inside, so F, I, W and B are measured whole (the tp share reported is the
+    cluster's collective model's). The pipeline's messages, the dp reduction and the
+    once-per-step reductions are the model's, on the cluster's device (with
+    ``--profile``, collectives measured here: ``sim.gloo``); layouts are profiled in
+    one launch per world size.
     """
-    one = replace(c, tp=1, dp=1, sequence_parallel=False, zero=0)
-    layout = resolve_layout(model, one.parallel_config(dp_bucket_mb), seq_len=seq_len,
-                            batch_size=c.microbatch_size * c.microbatches)
-    prof = profile_costs(model, layout, microbatch_size=c.microbatch_size, seq_len=seq_len,
-                         recompute={"none": False, "full": True}.get(c.recompute, c.recompute))
-    mine, base = costs(model, c, cluster, seq_len, dp_bucket_mb), costs(model, one, cluster,
-                                                                       seq_len, dp_bucket_mb)
+    jobs = [Job(_layout(model, c, seq_len, global_batch, dp_bucket_mb), c.microbatch_size,
+                seq_len, {"none": False, "full": True}.get(c.recompute, c.recompute))
+            for c in cands]
+    profiles: list[dict[tuple[int, int, int], RankProfile]] = [{} for _ in jobs]
+    for world in sorted({j.world for j in jobs}):
+        mine = [i for i, j in enumerate(jobs) if j.world == world]
+        for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine]), strict=True):
+            profiles[i] = got
+    return [_with_profile(model, c, cluster, seq_len, dp_bucket_mb, job, prof)
+            for c, job, prof in zip(cands, jobs, profiles, strict=True)]
 
-    def scaled(name: str, comm: str | None) -> tuple[float, ...]:
-        own = getattr(mine, name)
-        extra = [mine.stage_value(comm, s) if comm else 0.0 for s in range(len(own))]
-        ratio = [(o - e) / b if b else 1.0
-                 for o, e, b in zip(own, extra, getattr(base, name), strict=True)]
-        return tuple(p * r + e for p, r, e in zip(getattr(prof, name), ratio, extra, strict=True))
 
-    f, b, w = scaled("f", "tp_f_s"), scaled("b", "tp_b_s"), scaled("w", None)
-    full_b = None
-    if prof.full_b is not None:  # B = I + W in the analytic model: scale as both
-        full_b = tuple(pb * (bi + wi) / (pi + pw) if pi + pw else pb for pb, bi, wi, pi, pw in
-                       zip(prof.full_b, b, w, prof.b, prof.w, strict=True))
-    return replace(mine, f=f, b=b, w=w, full_b=full_b, step_start_s=prof.step_start_s,
-                   source=f"{prof.source}; tp and dp analytic")
+def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+                  dp_bucket_mb: float, job: Job,
+                  profiles: dict[tuple[int, int, int], RankProfile]) -> CostModel:
+    """The model's costs of ``c`` with the profiled compute (and SP grad sums) in."""
+    c = replace(c, partition=job.layout.partition_method)
+    mine = costs(model, c, cluster, seq_len, dp_bucket_mb)
+    prof = costs_from_profiles(model, job.layout.partition, list(profiles.values()),
+                               microbatch_size=c.microbatch_size, seq_len=seq_len)
+    link = cluster.device.intra if c.tp <= cluster.gpus_per_node else cluster.device.inter
+    # under SP each replicated param's grad is all-reduced over tp once per step
+    sp_s = max((sum(collective_time(Collective("all-reduce", float(n)), c.tp, link)
+                    for n in p.sp_grads) for p in profiles.values()), default=0.0)
+
+    def within(comm: tuple[float, ...], whole: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(min(x, y) for x, y in zip(comm, whole, strict=True)) if comm else ()
+
+    return replace(mine, f=prof.f, b=prof.b, w=prof.w, full_b=prof.full_b,
+                   tp_f_s=within(mine.tp_f_s, prof.f), tp_b_s=within(mine.tp_b_s, prof.b),
+                   step_start_s=prof.step_start_s, step_end_s=mine.step_end_s + sp_s,
+                   source=f"{prof.source}, {job.world} ranks at once; messages, dp and "
+                   "step-end reductions modelled")
 
 
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
                        global_batch: int, dp_bucket_mb: float = 25.0, *,
-                       profile: bool = False) -> Estimate:
+                       profile: bool = False, cost: CostModel | None = None) -> Estimate:
     """The candidate run through the step simulator: exact under the cost model.
 
-    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`).
+    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`); ``cost``:
+    costs already profiled for ``c``.
     """
-    layout = resolve_layout(model, c.parallel_config(dp_bucket_mb), batch_size=global_batch,
-                            seq_len=seq_len)
+    layout = _layout(model, c, seq_len, global_batch, dp_bucket_mb)
     c = replace(c, partition=layout.partition_method)
-    cost = (profiled_costs(model, c, cluster, seq_len, global_batch, dp_bucket_mb) if profile
-            else costs(model, c, cluster, seq_len, dp_bucket_mb))
+    if cost is None:
+        cost = (profiled_costs(model, [c], cluster, seq_len, global_batch, dp_bucket_mb)[0]
+                if profile else costs(model, c, cluster, seq_len, dp_bucket_mb))
     result = simulate(layout.schedule, cost)
     step = result.step_time
     busy = {r: result.execution.busy(r) for r in result.timeline}

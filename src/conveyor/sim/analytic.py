@@ -144,6 +144,10 @@ class Device:
     score_bytes: float = 0.0
     """Bytes moved per attention score (per head, query and key) in one forward by
     an unfused softmax kernel; 0 for fused kernels that never write the scores."""
+    collectives: tuple[tuple[str, float, float], ...] = ()
+    """Measured (op, per-step latency s, bandwidth B/s) of all-reduce, all-gather and
+    reduce-scatter within a node, replacing the link's two numbers for them
+    (``sim.gloo.CommCalibration.ring_ops``; () : the link's)."""
     attention_flops: float = 0.5
     """Share of the full s x s attention matmuls the kernels run: 0.5 when causal kernels
     skip the masked half (the convention of ``models.block_forward_flops``), 1.0 when
@@ -152,7 +156,7 @@ class Device:
     @property
     def intra(self) -> Link:
         """The intra-node link."""
-        return Link(self.link_bandwidth_Bps, self.link_latency_s)
+        return Link(self.link_bandwidth_Bps, self.link_latency_s, self.collectives)
 
     @property
     def inter(self) -> Link:

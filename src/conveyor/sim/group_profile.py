@@ -1,0 +1,95 @@
+"""Profile layouts with every rank in its own local process, all at once, as the runtime runs.
+
+:func:`~conveyor.sim.profile.profile_costs` replays one pipeline rank after another in
+the calling process: its compute never shares the machine with the other ranks, and
+a tensor-parallel stage cannot run there at all. Here the layout's ``pp x dp x tp``
+ranks are started together (one thread each); each replays its pipeline rank's
+compute actions in schedule order (:func:`~conveyor.sim.profile.replay_rank`), tp
+ranks on their shards of the blocks with the real collectives inside forward and
+backward (so a narrower GEMM costs what it costs, and a collective what it costs in
+its place), dp replicas side by side. A barrier starts each replayed step on every
+rank. What stays modelled: the pipeline's messages and the executor (the runtime's
+measured constants), the dp gradient reduction and the once-per-step reductions
+(:mod:`conveyor.sim.gloo`'s fits).
+
+Several layouts of one world size are profiled in one launch (the process start and
+``import torch`` cost seconds). ``sim`` does not import the runtime: the launcher is
+looked up by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conveyor.config import ModelConfig
+from conveyor.models import build_blocks
+from conveyor.parallel.layout import Layout
+from conveyor.parallel.mesh import Mesh
+from conveyor.parallel.tp_blocks import build_tp_blocks
+
+from .profile import RankProfile, replay_rank
+
+__all__ = ["Job", "profile_jobs"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One layout to profile: the runtime's layout, its microbatch and recompute mode."""
+
+    layout: Layout
+    microbatch_size: int
+    seq_len: int
+    recompute: bool | str = False
+
+    @property
+    def world(self) -> int:
+        """Ranks the layout runs on."""
+        return self.layout.pp * self.layout.dp * self.layout.tp
+
+
+def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repeats: int
+                ) -> list[tuple[tuple[int, int, int], RankProfile]]:
+    """In each rank: replay every job's pipeline rank; ((pp, dp, tp) index, profile) per job."""
+    torch.set_num_threads(1)
+    meshes: dict[tuple[int, int, int], Mesh] = {}
+    out = []
+    for job in jobs:
+        lay = job.layout
+        key = (lay.pp, lay.dp, lay.tp)
+        if key not in meshes:
+            meshes[key] = Mesh.build(*key)
+        mesh = meshes[key]
+        group = mesh.tp_group if lay.tp > 1 else None
+
+        def build(c: ModelConfig, s: int, idx: list[int], group: Any = group,
+                  sp: bool = lay.sequence_parallel) -> list[nn.Module]:
+            if group is None:
+                return build_blocks(c, s, idx)
+            return build_tp_blocks(c, s, idx, group, sequence_parallel=sp)
+
+        prof = replay_rank(cfg, lay, mesh.pp_rank, microbatch_size=job.microbatch_size,
+                           seq_len=job.seq_len, seed=seed, warmup=warmup, repeats=repeats,
+                           recompute=job.recompute, sync=dist.barrier, build=build)
+        out.append(((mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), prof))
+    return out
+
+
+def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: int = 1,
+                 repeats: int = 2, timeout_s: float = 600.0
+                 ) -> list[dict[tuple[int, int, int], RankProfile]]:
+    """Profile every job (one world size) on local gloo ranks; per job, profiles by rank index."""
+    if not jobs:
+        return []
+    worlds = {j.world for j in jobs}
+    if len(worlds) != 1:
+        raise ValueError(f"jobs need {sorted(worlds)} ranks; profile one world size at a time")
+    launch = importlib.import_module("conveyor.runtime.launch").launch  # by name: see docstring
+    got = launch(_replay_all, worlds.pop(), cfg, jobs, seed, warmup, repeats, backend="gloo",
+                 timeout_s=timeout_s)
+    return [{got[r][i][0]: got[r][i][1] for r in got} for i in range(len(jobs))]
