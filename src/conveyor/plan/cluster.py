@@ -39,7 +39,9 @@ class Cluster:
         device file already gives them."""
         if self.device.collectives:
             return self
-        return Cluster(dataclasses.replace(self.device, collectives=cal.ring_ops()), self.gpus)
+        return Cluster(dataclasses.replace(
+            self.device, collectives=cal.ring_ops(),
+            copy_bandwidth_Bps=cal.fits["bucket-copy"].bandwidth_Bps), self.gpus)
 
     @classmethod
     def build(cls, device: str, gpus: int, gpus_per_node: int | None = None) -> Cluster:
@@ -57,7 +59,8 @@ def load_device(spec: str) -> Device:
 
     A file may name a preset to start from (``base = "a100"``) and override any field,
     e.g. ``peak_flops``, ``memory_bytes``, ``link_bandwidth_Bps`` (intra-node),
-    ``inter_bandwidth_Bps``, ``gpus_per_node``.
+    ``inter_bandwidth_Bps``, ``gpus_per_node``; ``collectives`` may be a calibration's
+    table (``{op: {latency_s, bandwidth_Bps}}`` at 2 ranks, as ``sim.gloo`` writes it).
     """
     path = Path(spec)
     if not path.suffix:
@@ -83,9 +86,11 @@ def load_device(spec: str) -> Device:
     base = raw.pop("base", None)
     if isinstance(raw.get("collectives"), dict):  # a calibration's 2-rank fits, by op
         try:
-            raw["collectives"] = ring_ops({op: Fit(float(v["latency_s"]),
-                                                   float(v["bandwidth_Bps"]))
-                                           for op, v in raw["collectives"].items()})
+            fits = {op: Fit(float(v["latency_s"]), float(v["bandwidth_Bps"]))
+                    for op, v in raw["collectives"].items()}
+            raw["collectives"] = ring_ops(fits)
+            if "bucket-copy" in fits:
+                raw.setdefault("copy_bandwidth_Bps", fits["bucket-copy"].bandwidth_Bps)
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"device file {path}: collectives need {{op: {{latency_s, "
                               f"bandwidth_Bps}}}} ({err!r})") from None

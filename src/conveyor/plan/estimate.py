@@ -40,7 +40,7 @@ from conveyor.sim import CostModel, analytic_costs, simulate
 from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
 from conveyor.sim.comm import Collective, MeshLinks, collective_time
-from conveyor.sim.group_profile import Job, profile_jobs
+from conveyor.sim.group_profile import Job, RankTimes, profile_jobs
 from conveyor.sim.profile import RankProfile, costs_from_profiles
 
 from .cluster import Cluster
@@ -248,7 +248,7 @@ def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Clus
     jobs = [Job(_layout(model, c, seq_len, global_batch, dp_bucket_mb), c.microbatch_size,
                 seq_len, {"none": False, "full": True}.get(c.recompute, c.recompute))
             for c in cands]
-    profiles: list[dict[tuple[int, int, int], RankProfile]] = [{} for _ in jobs]
+    profiles: list[dict[tuple[int, int, int], RankTimes]] = [{} for _ in jobs]
     for world in sorted({j.world for j in jobs}):
         mine = [i for i, j in enumerate(jobs) if j.world == world]
         for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine]), strict=True):
@@ -259,25 +259,56 @@ def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Clus
 
 def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
                   dp_bucket_mb: float, job: Job,
-                  profiles: dict[tuple[int, int, int], RankProfile]) -> CostModel:
-    """The model's costs of ``c`` with the profiled compute (and SP grad sums) in."""
+                  times: dict[tuple[int, int, int], RankTimes]) -> CostModel:
+    """The model's costs of ``c`` with the profiled compute (and SP grad sums) in.
+
+    Where the ranks were also timed alone (a pipeline without tp), each stage's costs
+    are the alone ones plus the slowdown of replaying all at once in proportion to
+    how busy the other ranks are meanwhile, read off the step simulated on the alone
+    costs: a pipeline whose ranks take turns gets its alone costs.
+    """
     c = replace(c, partition=job.layout.partition_method)
     mine = costs(model, c, cluster, seq_len, dp_bucket_mb)
-    prof = costs_from_profiles(model, job.layout.partition, list(profiles.values()),
-                               microbatch_size=c.microbatch_size, seq_len=seq_len)
     link = cluster.device.intra if c.tp <= cluster.gpus_per_node else cluster.device.inter
     # under SP each replicated param's grad is all-reduced over tp once per step
     sp_s = max((sum(collective_time(Collective("all-reduce", float(n)), c.tp, link)
-                    for n in p.sp_grads) for p in profiles.values()), default=0.0)
+                    for n in t.together.sp_grads) for t in times.values()), default=0.0)
 
-    def within(comm: tuple[float, ...], whole: tuple[float, ...]) -> tuple[float, ...]:
-        return tuple(min(x, y) for x, y in zip(comm, whole, strict=True)) if comm else ()
+    def timed(profiles: list[RankProfile]) -> CostModel:
+        prof = costs_from_profiles(model, job.layout.partition, profiles,
+                                   microbatch_size=c.microbatch_size, seq_len=seq_len)
 
-    return replace(mine, f=prof.f, b=prof.b, w=prof.w, full_b=prof.full_b,
-                   tp_f_s=within(mine.tp_f_s, prof.f), tp_b_s=within(mine.tp_b_s, prof.b),
-                   step_start_s=prof.step_start_s, step_end_s=mine.step_end_s + sp_s,
-                   source=f"{prof.source}, {job.world} ranks at once; messages, dp and "
-                   "step-end reductions modelled")
+        def within(comm: tuple[float, ...], whole: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(min(x, y) for x, y in zip(comm, whole, strict=True)) if comm else ()
+
+        return replace(mine, f=prof.f, b=prof.b, w=prof.w, full_b=prof.full_b,
+                       tp_f_s=within(mine.tp_f_s, prof.f), tp_b_s=within(mine.tp_b_s, prof.b),
+                       step_start_s=prof.step_start_s, step_end_s=mine.step_end_s + sp_s,
+                       source=f"{prof.source}, {job.world} ranks at once; messages, dp and "
+                       "step-end reductions modelled")
+
+    together = timed([t.together for t in times.values()])
+    alone = [t.alone for t in times.values() if t.alone is not None]
+    if len(alone) < len(times):
+        return together
+    solo = timed(alone)
+    sim = simulate(job.layout.schedule, solo)
+    busy = {r: sim.execution.busy(r) / sim.step_time for r in sim.timeline}
+    place = job.layout.schedule.placement
+
+    def share(stage: int) -> float:  # how busy the other ranks are while this one computes
+        others = [u for r, u in busy.items() if r != place.rank_of(stage)]
+        return sum(others) / len(others) if others else 0.0
+
+    def blend(a: tuple[float, ...] | None, t: tuple[float, ...] | None
+              ) -> tuple[float, ...] | None:
+        if a is None or t is None:
+            return t
+        return tuple(x + (y - x) * share(s) for s, (x, y) in enumerate(zip(a, t, strict=True)))
+
+    return replace(together, f=blend(solo.f, together.f), b=blend(solo.b, together.b),
+                   w=blend(solo.w, together.w), full_b=blend(solo.full_b, together.full_b),
+                   source=together.source + "; alone and together weighed by overlap")
 
 
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,

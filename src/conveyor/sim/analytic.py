@@ -144,6 +144,9 @@ class Device:
     score_bytes: float = 0.0
     """Bytes moved per attention score (per head, query and key) in one forward by
     an unfused softmax kernel; 0 for fused kernels that never write the scores."""
+    copy_bandwidth_Bps: float = math.inf
+    """Bytes per second a rank spends copying a data-parallel gradient bucket (flattened
+    before its all-reduce, averaged and copied back after); inf: free (fused on GPUs)."""
     collectives: tuple[tuple[str, float, float], ...] = ()
     """Measured (op, per-step latency s, bandwidth B/s) of all-reduce, all-gather and
     reduce-scatter within a node, replacing the link's two numbers for them
@@ -370,7 +373,8 @@ def analytic_costs(
         grads, gathered = dp_grad_collectives(
             float(p * grad_bytes), bucket_bytes=dp_bucket_mb * 2**20, zero=zero,
             param_bytes=float(p * dev.dtype_bytes))
-        reduce_s.append(sum(k * collective_time(c, dp, links.dp) for c, k in grads))
+        reduce_s.append(sum(k * (collective_time(c, dp, links.dp)
+                                 + c.nbytes / dev.copy_bandwidth_Bps) for c, k in grads))
         buckets.append(max(1, sum(k for _, k in grads)))
         after_s.append(sum(collective_time(c, dp, links.dp) for c in gathered))
 

@@ -6,7 +6,10 @@ processes, one thread each, as the runtime runs them) time, at a few sizes, each
 collective the runtime issues (all-reduce, all-gather, reduce-scatter; ``S`` = the
 full tensor's bytes) from a barrier to its return, and a send/recv ping-pong (half
 a round trip). The slower rank's median per size is fitted with ``t = a + S / B``
-(least squares, ``a >= 0``) per collective; :meth:`CommCalibration.ring_ops` turns
+(least squares, ``a >= 0``) per collective; so is the copying a data-parallel
+bucket costs each rank around its all-reduce (``bucket-copy``: the grads
+concatenated, averaged, copied back; ``parallel.data``), which no link model has.
+:meth:`CommCalibration.ring_ops` turns
 each fit into the ring model's per-step latency and bandwidth
 (:func:`~conveyor.sim.comm.collective_time`), which reproduces the fit at 2 ranks and
 scales it by the ring's steps and bytes on more.
@@ -39,7 +42,7 @@ from .cost import CostError
 __all__ = ["CommCalibration", "Fit", "calibrate", "default_path", "fit_line", "ring_ops",
            "time_collectives"]
 
-OPS = ("all-reduce", "all-gather", "reduce-scatter", "send-recv")
+OPS = ("all-reduce", "all-gather", "reduce-scatter", "send-recv", "bucket-copy")
 SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
 """Bytes timed: from a loss scalar's neighbourhood to a small model's gradients."""
 
@@ -140,6 +143,10 @@ def _call(op: str, full: torch.Tensor, shard: torch.Tensor, rank: int, peer: int
         return lambda: ALL_GATHER(full, shard)
     if op == "reduce-scatter":
         return lambda: REDUCE_SCATTER(shard, full)
+    if op == "bucket-copy":  # a dp bucket's grads flattened, averaged and copied back
+        grads = list(full.chunk(16))
+        return lambda: [g.clone() for g in torch.cat(grads).div_(2).split(
+            [g.numel() for g in grads])] and None
 
     def ping_pong() -> None:  # half a round trip is one message
         if peer is None:

@@ -8,7 +8,10 @@ compute actions in schedule order (:func:`~conveyor.sim.profile.replay_rank`), t
 ranks on their shards of the blocks with the real collectives inside forward and
 backward (so a narrower GEMM costs what it costs, and a collective what it costs in
 its place), dp replicas side by side. A barrier starts each replayed step on every
-rank. What stays modelled: the pipeline's messages and the executor (the runtime's
+rank. Ranks sharing cores and memory slow each other down, but a pipeline's ranks
+are not always busy together (with one microbatch they take turns): so a pipeline
+without tp is also replayed one rank at a time, and the planner weighs the two by
+how much the other ranks compute meanwhile (``plan.estimate``). What stays modelled: the pipeline's messages and the executor (the runtime's
 measured constants), the dp gradient reduction and the once-per-step reductions
 (:mod:`conveyor.sim.gloo`'s fits).
 
@@ -35,7 +38,7 @@ from conveyor.parallel.tp_blocks import build_tp_blocks
 
 from .profile import RankProfile, replay_rank
 
-__all__ = ["Job", "profile_jobs"]
+__all__ = ["Job", "RankTimes", "profile_jobs"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,18 @@ class Job:
         return self.layout.pp * self.layout.dp * self.layout.tp
 
 
+@dataclass
+class RankTimes:
+    """One rank's profiles of one job: replayed with every rank at once, and alone."""
+
+    together: RankProfile
+    alone: RankProfile | None = None
+    """Replayed while the other ranks waited (pipelines without tp only); None: not taken."""
+
+
 def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repeats: int
-                ) -> list[tuple[tuple[int, int, int], RankProfile]]:
-    """In each rank: replay every job's pipeline rank; ((pp, dp, tp) index, profile) per job."""
+                ) -> list[tuple[tuple[int, int, int], RankTimes]]:
+    """In each rank: replay every job's pipeline rank; ((pp, dp, tp) index, times) per job."""
     torch.set_num_threads(1)
     meshes: dict[tuple[int, int, int], Mesh] = {}
     out = []
@@ -73,17 +85,26 @@ def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repea
                 return build_blocks(c, s, idx)
             return build_tp_blocks(c, s, idx, group, sequence_parallel=sp)
 
-        prof = replay_rank(cfg, lay, mesh.pp_rank, microbatch_size=job.microbatch_size,
-                           seq_len=job.seq_len, seed=seed, warmup=warmup, repeats=repeats,
-                           recompute=job.recompute, sync=dist.barrier, build=build)
-        out.append(((mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), prof))
+        def replay(sync: Any, build: Any = build, job: Job = job, rank: int = mesh.pp_rank
+                   ) -> RankProfile:
+            return replay_rank(cfg, job.layout, rank, microbatch_size=job.microbatch_size,
+                               seq_len=job.seq_len, seed=seed, warmup=warmup, repeats=repeats,
+                               recompute=job.recompute, sync=sync, build=build)
+
+        times = RankTimes(replay(dist.barrier))
+        if lay.pp > 1 and lay.tp == 1:  # a pipeline's ranks also idle: time each alone
+            for k in range(job.world):
+                if dist.get_rank() == k:
+                    times.alone = replay(None)
+                dist.barrier()
+        out.append(((mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), times))
     return out
 
 
 def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: int = 1,
                  repeats: int = 2, timeout_s: float = 600.0
-                 ) -> list[dict[tuple[int, int, int], RankProfile]]:
-    """Profile every job (one world size) on local gloo ranks; per job, profiles by rank index."""
+                 ) -> list[dict[tuple[int, int, int], RankTimes]]:
+    """Profile every job (one world size) on local gloo ranks; per job, times by rank index."""
     if not jobs:
         return []
     worlds = {j.world for j in jobs}
