@@ -114,3 +114,18 @@ def test_profiled_costs_time_every_rank_at_once() -> None:
     assert got[1].step_end_s > step_end_seconds(TINY, tp, cluster)
     est = simulate_candidate(TINY, tp, cluster, 16, 8, cost=got[1])
     assert est.simulated and est.step_s > 0 and est.tp_s > 0
+
+
+def test_overlap_is_the_share_of_compute_the_other_ranks_share() -> None:
+    from conveyor.plan.estimate import _overlap
+    from conveyor.schedules import Action, Kind
+    from conveyor.schedules.validate import TimedAction
+
+    def row(rank: int, stage: int, spans: list[tuple[float, float]]) -> list[TimedAction]:
+        return [TimedAction(rank, Action(stage, Kind.F, m), b, e, b)
+                for m, (b, e) in enumerate(spans)]
+
+    # m = 1: the two ranks take turns, nothing overlaps
+    assert _overlap({0: row(0, 0, [(0, 1), (3, 4)]), 1: row(1, 1, [(1, 3)])}) == {0: 0.0, 1: 0.0}
+    # rank 1 computes during half of rank 0's work, all of its own is shared
+    assert _overlap({0: row(0, 0, [(0, 2), (2, 4)]), 1: row(1, 1, [(1, 3)])}) == {0: 0.5, 1: 1.0}

@@ -36,6 +36,7 @@ from conveyor.parallel.layout import (
     resolve_partition,
 )
 from conveyor.parallel.partition import Partition
+from conveyor.schedules.validate import TimedAction
 from conveyor.sim import CostModel, analytic_costs, simulate
 from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
@@ -264,8 +265,8 @@ def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: i
 
     Where the ranks were also timed alone (a pipeline without tp), each stage's costs
     are the alone ones plus the slowdown of replaying all at once in proportion to
-    how busy the other ranks are meanwhile, read off the step simulated on the alone
-    costs: a pipeline whose ranks take turns gets its alone costs.
+    how busy the other ranks are while the stage computes (:func:`_overlap`, on the
+    step simulated with the alone costs): ranks that take turns keep their alone costs.
     """
     c = replace(c, partition=job.layout.partition_method)
     mine = costs(model, c, cluster, seq_len, dp_bucket_mb)
@@ -292,23 +293,44 @@ def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: i
     if len(alone) < len(times):
         return together
     solo = timed(alone)
-    sim = simulate(job.layout.schedule, solo)
-    busy = {r: sim.execution.busy(r) / sim.step_time for r in sim.timeline}
-    place = job.layout.schedule.placement
-
-    def share(stage: int) -> float:  # how busy the other ranks are while this one computes
-        others = [u for r, u in busy.items() if r != place.rank_of(stage)]
-        return sum(others) / len(others) if others else 0.0
+    share = _overlap(simulate(job.layout.schedule, solo).timeline)
 
     def blend(a: tuple[float, ...] | None, t: tuple[float, ...] | None
               ) -> tuple[float, ...] | None:
         if a is None or t is None:
             return t
-        return tuple(x + (y - x) * share(s) for s, (x, y) in enumerate(zip(a, t, strict=True)))
+        return tuple(x + (y - x) * share.get(s, 1.0)
+                     for s, (x, y) in enumerate(zip(a, t, strict=True)))
 
     return replace(together, f=blend(solo.f, together.f), b=blend(solo.b, together.b),
                    w=blend(solo.w, together.w), full_b=blend(solo.full_b, together.full_b),
                    source=together.source + "; alone and together weighed by overlap")
+
+
+def _overlap(timeline: dict[int, list[TimedAction]]) -> dict[int, float]:
+    """Per stage: the share of its compute time during which the other ranks compute too
+    (averaged over the other ranks)."""
+    spans = {r: sorted(((t.start, t.end, t) for t in row if t.action.kind.is_compute),
+                       key=lambda x: (x[0], x[1])) for r, row in timeline.items()}
+    num: dict[int, float] = {}
+    den: dict[int, float] = {}
+    for r, mine in spans.items():
+        others = [q for q in spans if q != r]
+        shared = [0.0] * len(mine)
+        for q in others:  # both lists in time order: one sweep
+            theirs, j = spans[q], 0
+            for i, (b, e, _) in enumerate(mine):
+                while j < len(theirs) and theirs[j][1] <= b:
+                    j += 1
+                k = j
+                while k < len(theirs) and theirs[k][0] < e:
+                    shared[i] += min(e, theirs[k][1]) - max(b, theirs[k][0])
+                    k += 1
+        for (b, e, t), x in zip(mine, shared, strict=True):
+            for part in t.action.parts:
+                num[part.stage] = num.get(part.stage, 0.0) + x / max(len(others), 1)
+                den[part.stage] = den.get(part.stage, 0.0) + e - b
+    return {s: num[s] / den[s] for s in den if den[s] > 0}
 
 
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,

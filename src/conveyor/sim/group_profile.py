@@ -36,7 +36,7 @@ from conveyor.parallel.layout import Layout
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.tp_blocks import build_tp_blocks
 
-from .profile import RankProfile, replay_rank
+from .profile import RankProfile, RankReplay
 
 __all__ = ["Job", "RankTimes", "profile_jobs"]
 
@@ -67,10 +67,14 @@ class RankTimes:
 
 def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repeats: int
                 ) -> list[tuple[tuple[int, int, int], RankTimes]]:
-    """In each rank: replay every job's pipeline rank; ((pp, dp, tp) index, times) per job."""
+    """In each rank: replay every job's pipeline rank; ((pp, dp, tp) index, times) per job.
+
+    Round-robin: each replayed step runs every job once, so that load coming and going
+    on the machine hits all jobs alike.
+    """
     torch.set_num_threads(1)
     meshes: dict[tuple[int, int, int], Mesh] = {}
-    out = []
+    replays: list[tuple[Mesh, RankReplay]] = []
     for job in jobs:
         lay = job.layout
         key = (lay.pp, lay.dp, lay.tp)
@@ -85,24 +89,32 @@ def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repea
                 return build_blocks(c, s, idx)
             return build_tp_blocks(c, s, idx, group, sequence_parallel=sp)
 
-        def replay(sync: Any, build: Any = build, job: Job = job, rank: int = mesh.pp_rank
-                   ) -> RankProfile:
-            return replay_rank(cfg, job.layout, rank, microbatch_size=job.microbatch_size,
-                               seq_len=job.seq_len, seed=seed, warmup=warmup, repeats=repeats,
-                               recompute=job.recompute, sync=sync, build=build)
-
-        times = RankTimes(replay(dist.barrier))
-        if lay.pp > 1 and lay.tp == 1:  # a pipeline's ranks also idle: time each alone
-            for k in range(job.world):
+        replays.append((mesh, RankReplay(cfg, lay, mesh.pp_rank,
+                                         microbatch_size=job.microbatch_size, seq_len=job.seq_len,
+                                         seed=seed, recompute=job.recompute, build=build)))
+    for step in range(warmup + repeats):
+        for _, replay in replays:
+            dist.barrier()
+            replay.step(record=step >= warmup)
+    times = [RankTimes(replay.finish()) for _, replay in replays]
+    # a pipeline's ranks also idle (they take turns at m = 1): time each rank alone too
+    alone = [i for i, job in enumerate(jobs) if job.layout.pp > 1 and job.layout.tp == 1]
+    for i in alone:
+        replays[i][1].profile = RankProfile(param_bytes=times[i].together.param_bytes)
+    for step in range(warmup + repeats):
+        for k in range(dist.get_world_size()):
+            for i in alone:
                 if dist.get_rank() == k:
-                    times.alone = replay(None)
-                dist.barrier()
-        out.append(((mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), times))
-    return out
+                    replays[i][1].step(record=step >= warmup)
+            dist.barrier()
+    for i in alone:
+        times[i].alone = replays[i][1].finish(isolated_repeats=1)
+    return [((m.pp_rank, m.dp_rank, m.tp_rank), t) for (m, _), t in zip(replays, times,
+                                                                        strict=True)]
 
 
 def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: int = 1,
-                 repeats: int = 2, timeout_s: float = 600.0
+                 repeats: int = 3, timeout_s: float = 600.0
                  ) -> list[dict[tuple[int, int, int], RankTimes]]:
     """Profile every job (one world size) on local gloo ranks; per job, times by rank index."""
     if not jobs:
