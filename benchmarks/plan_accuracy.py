@@ -2,8 +2,8 @@
 
 Measures a dozen layouts of one model on 2 ranks (pp=2 with each schedule and
 microbatch counts from 1, where the bubble is half the step, to 16, where each
-microbatch is one sequence; dp=2 with 1 and 8 microbatches; tp=2 with and without
-SP), all built once in one launched
+microbatch is one sequence; dp=2 with 1, 4 and 8 microbatches; full recomputation
+on one pp and one dp layout; tp=2 with and without SP), all built once in one launched
 group and timed round-robin (each repetition runs every layout once, starting at a
 different one) so that load coming and going hits them alike. A step is timed on
 each rank from a barrier to the end of its work; the step time is the slower rank's,
@@ -44,24 +44,26 @@ from conveyor.runtime.pipeline import Pipeline
 from conveyor.sim.gloo import calibrate
 from sim_accuracy import _others, _Usage  # the same load measurement
 
-# (tp, pp, dp, schedule, chunks, microbatches, sequence parallel)
-LAYOUTS: list[tuple[int, int, int, str, int, int, bool]] = [
-    (1, 2, 1, "1f1b", 1, 1, False), (1, 2, 1, "1f1b", 1, 2, False),
-    (1, 2, 1, "1f1b", 1, 16, False), (1, 2, 1, "gpipe", 1, 4, False),
-    (1, 2, 1, "zb-h1", 1, 2, False), (1, 2, 1, "zb-h1", 1, 8, False),
-    (1, 2, 1, "interleaved-1f1b", 2, 4, False), (1, 2, 1, "zb-v", 2, 4, False),
-    (1, 1, 2, "1f1b", 1, 1, False), (1, 1, 2, "1f1b", 1, 8, False),
-    (2, 1, 1, "1f1b", 1, 2, False), (2, 1, 1, "1f1b", 1, 2, True),
+# Spread so that neighbours differ by more than a quiet machine's noise: microbatch
+# counts from 1 (the bubble half the step) to 16, full recomputation (memory for time)
+LAYOUTS: list[tuple[int, int, int, str, int, int, bool, str]] = [
+    (1, 2, 1, "1f1b", 1, 1, False, "none"), (1, 2, 1, "gpipe", 1, 2, False, "none"),
+    (1, 2, 1, "zb-h1", 1, 2, False, "none"), (1, 2, 1, "1f1b", 1, 4, False, "full"),
+    (1, 2, 1, "interleaved-1f1b", 2, 4, False, "none"), (1, 2, 1, "zb-v", 2, 4, False, "none"),
+    (1, 2, 1, "1f1b", 1, 16, False, "none"),
+    (1, 1, 2, "1f1b", 1, 1, False, "none"), (1, 1, 2, "1f1b", 1, 4, False, "full"),
+    (1, 1, 2, "1f1b", 1, 8, False, "none"),
+    (2, 1, 1, "1f1b", 1, 2, False, "none"), (2, 1, 1, "1f1b", 1, 2, True, "none"),
 ]
-"""(tp, pp, dp, schedule, chunks, microbatches, SP); the batch must split into dp x m."""
+"""(tp, pp, dp, schedule, chunks, microbatches, SP, recompute); the batch splits into dp x m."""
 
 
 def candidates(batch: int) -> list[Candidate]:
     """The layouts as planner candidates (every sequence of the batch in one step)."""
     out = []
-    for tp, pp, dp, name, v, m, sp in LAYOUTS:
+    for tp, pp, dp, name, v, m, sp, rc in LAYOUTS:
         out.append(Candidate(tp=tp, pp=pp, dp=dp, schedule=name, virtual_stages=v,
-                             microbatch_size=batch // (dp * m), microbatches=m,
+                             microbatch_size=batch // (dp * m), microbatches=m, recompute=rc,
                              sequence_parallel=sp, partition="uniform"))
     return out
 
