@@ -9,13 +9,15 @@ first stage's forward ``f``:
 
 - 1f1b (and gpipe): ``(m + p - 1) R`` (the last microbatch's path through p ranks);
 - interleaved-1f1b with v chunks: ``(m + (p - 1) / v) R``;
-- zb-h1: ``m R + (p - 1)(F + I - W)``; zb-v: ``m R + (p - 1) f`` (``f`` = a chunk's F);
+- zb-h1 and zb-h2: ``m R + (p - 1)(F + I - W)``; zb-v: ``m R + (p - 1) f`` (``f`` = a
+  chunk's F);
 
 each the validator's makespan for uniform stages once m >= p (zb-v: 2m >= 3p - 1;
 ``schedules.zero_bubble``), each plus ``2 (p - 1)`` point-to-point transfers on the
 critical path. Peak held
 activations per rank, in stage-microbatches, are those the schedules' docstrings
-derive, for rank r: 1F1B ``min(p - r, m)`` stages, ZB-H1 ``min(p, m)``, ZB-V
+derive, for rank r: 1F1B ``min(p - r, m)`` stages, ZB-H1 ``min(p, m)``, ZB-H2
+``min(m, p + min(p - 1 - r, x) + min(r, x))`` with ``x = min(p - 1, max(0, m - p))``, ZB-V
 ``min(2p, 2m, m + 1 + r)`` chunks, interleaved (Megatron's warm-up)
 ``min(2 (p - r - 1) + (v - 1) p + 1, m v)`` chunks, each the size of the rank's
 average stage. Finalists are simulated exactly (:func:`conveyor.sim.simulate`), which
@@ -159,6 +161,9 @@ def _held_stages(c: Candidate, r: int) -> float:
         return m
     if c.schedule == "zb-h1":
         return min(p, m)
+    if c.schedule == "zb-h2":  # up to p - 1 extra warm-up forwards (schedules.zero_bubble)
+        x = min(p - 1, max(0, m - p))
+        return min(m, p + min(p - 1 - r, x) + min(r, x))
     return min(p - r, m)
 
 
@@ -182,7 +187,7 @@ def estimate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
     transfer = 2 * (p - 1) * cost.transfer_time()
     if c.schedule == "interleaved-1f1b":
         pipe = (m + (p - 1) / v) * R
-    elif c.schedule == "zb-h1":
+    elif c.schedule in ("zb-h1", "zb-h2"):  # the same makespan; H2 fills the drain
         pipe = m * R + (p - 1) * max(work(ranks[busiest], "fb") - work(ranks[busiest], "w"), 0)
     elif c.schedule == "zb-v":
         pipe = m * R + (p - 1) * cost.f[0]

@@ -33,7 +33,7 @@ from .estimate import Candidate, Estimate, estimate, profiled_costs, simulate_ca
 
 __all__ = ["Plan", "plan", "SCHEDULES", "candidates"]
 
-SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-v")
+SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v")
 """Schedules the planner weighs (gpipe is dominated by 1f1b)."""
 
 _MAX_SIMULATED_ACTIONS = 8_000
