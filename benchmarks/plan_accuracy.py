@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="predict from collectives and compute timed here first (`conveyor "
                     "plan --profile`); --no-profile: the FLOP model and documented constants")
+    ap.add_argument("--profile-repeats", type=int, default=5,
+                    help="replayed steps per layout when profiling (round-robin)")
     ap.add_argument("--out", default=None, help="also write the JSON lines to this file "
                     "(e.g. docs/results/plan_accuracy_cpu.jsonl)")
     args = ap.parse_args(argv)
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.profile:  # what `conveyor plan --profile` does: calibrate, then time every layout
         cal = calibrate()
         calibrated = cluster.calibrated(cal)
-        timed = profiled_costs(model, cands, calibrated, args.seq, args.batch)
+        timed = profiled_costs(model, cands, calibrated, args.seq, args.batch,
+                               repeats=args.profile_repeats)
         predicted = [simulate_candidate(model, c, calibrated, args.seq, args.batch, cost=k)
                      for c, k in zip(cands, timed, strict=True)]
     profile_s = time.perf_counter() - started

@@ -239,8 +239,8 @@ def _layout(model: ModelConfig, c: Candidate, seq_len: int, global_batch: int,
 
 
 def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Cluster,
-                   seq_len: int, global_batch: int, dp_bucket_mb: float = 25.0
-                   ) -> list[CostModel]:
+                   seq_len: int, global_batch: int, dp_bucket_mb: float = 25.0, *,
+                   repeats: int = 3) -> list[CostModel]:
     """Each candidate's costs with its compute timed on this machine (``sim.group_profile``).
 
     Every rank of each layout runs in its own local process at once, replaying its
@@ -249,7 +249,7 @@ def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Clus
     cluster's collective model's). The pipeline's messages, the dp reduction and the
     once-per-step reductions are the model's, on the cluster's device (with
     ``--profile``, collectives measured here: ``sim.gloo``); layouts are profiled in
-    one launch per world size.
+    one launch per world size; ``repeats`` replayed steps each (after one warm-up).
     """
     jobs = [Job(_layout(model, c, seq_len, global_batch, dp_bucket_mb), c.microbatch_size,
                 seq_len, {"none": False, "full": True}.get(c.recompute, c.recompute))
@@ -257,7 +257,8 @@ def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Clus
     profiles: list[dict[tuple[int, int, int], RankTimes]] = [{} for _ in jobs]
     for world in sorted({j.world for j in jobs}):
         mine = [i for i, j in enumerate(jobs) if j.world == world]
-        for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine]), strict=True):
+        for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine],
+                                                         repeats=repeats), strict=True):
             profiles[i] = got
     return [_with_profile(model, c, cluster, seq_len, dp_bucket_mb, job, prof)
             for c, job, prof in zip(cands, jobs, profiles, strict=True)]
