@@ -129,3 +129,23 @@ def test_overlap_is_the_share_of_compute_the_other_ranks_share() -> None:
     assert _overlap({0: row(0, 0, [(0, 1), (3, 4)]), 1: row(1, 1, [(1, 3)])}) == {0: 0.0, 1: 0.0}
     # rank 1 computes during half of rank 0's work, all of its own is shared
     assert _overlap({0: row(0, 0, [(0, 2), (2, 4)]), 1: row(1, 1, [(1, 3)])}) == {0: 0.5, 1: 1.0}
+
+
+@pytest.mark.multiprocess
+def test_cli_profile_reuses_the_cached_calibration(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from conveyor.cli import main
+
+    model = tmp_path / "tiny.toml"
+    model.write_text("[model]\nvocab_size = 320\nn_layers = 2\nd_model = 32\nn_heads = 2\n"
+                     "max_seq_len = 16\n")
+    cache = tmp_path / "gloo.json"
+    cache.write_text(json.dumps(CommCalibration(FITS, {}).to_dict()))
+    assert main(["plan", "--model", str(model), "--gpus", "2", "--batch", "4", "--profile",
+                 "--calibration", str(cache), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"measured ({cache}): all-reduce 300 us + 1.50 GB/s" in out and "why:" in out
+    cache.write_text("[]")
+    assert main(["plan", "--model", str(model), "--gpus", "2", "--profile",
+                 "--calibration", str(cache)]) == 2
+    assert "calibration" in capsys.readouterr().err

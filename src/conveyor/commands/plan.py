@@ -62,15 +62,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.memory_gib is not None and not args.memory_gib > 0:
         raise ConfigError(f"--memory-gib {args.memory_gib} must be > 0")
     start = time.perf_counter()
-    if args.profile and cluster.device.name == "cpu":
+    if args.profile and cluster.device.name == "cpu" and not cluster.device.collectives:
+        from ..sim.cost import CostError
         from ..sim.gloo import calibrate, default_path
 
         path = args.calibration or default_path()
-        cal = calibrate(path, refresh=args.recalibrate)
+        try:
+            cal = calibrate(path, refresh=args.recalibrate)
+        except CostError as err:
+            raise ConfigError(str(err)) from None
         cluster = cluster.calibrated(cal)
         fits = ", ".join(f"{op} {f.latency_s * 1e6:.0f} us + {f.bandwidth_Bps / 1e9:.2f} GB/s"
                          for op, f in cal.fits.items())
-        print(f"collectives ({path}): {fits}")
+        print(f"measured ({path}): {fits}")
     result = plan(model, cluster, global_batch=args.batch,
                   seq_len=args.seq_len or model.max_seq_len,
                   memory_limit=None if args.memory_gib is None else args.memory_gib * 2**30,

@@ -106,12 +106,13 @@ class CommCalibration:
         try:
             fits = {op: Fit(float(v["latency_s"]), float(v["bandwidth_Bps"]))
                     for op, v in d["collectives"].items()}
-        except (KeyError, TypeError, ValueError) as err:
-            raise CostError(f"calibration lacks or mangles {err}; expected collectives: "
-                            "{op: {latency_s, bandwidth_Bps}}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CostError(f"no valid collectives table ({type(err).__name__}: {err}); "
+                            "expected {\"collectives\": {op: {latency_s, bandwidth_Bps}}}"
+                            ) from None
         missing = [op for op in OPS if op not in fits]
         if missing:
-            raise CostError(f"calibration lacks {', '.join(missing)}; measure again")
+            raise CostError(f"no fit for {', '.join(missing)}")
         medians = {op: [(int(b), float(s)) for b, s in pts]
                    for op, pts in d.get("medians", {}).items()}
         return cls(fits, medians, str(d.get("source", "")))
@@ -206,8 +207,8 @@ def calibrate(path: str | Path | None = None, *, sizes: Sequence[int] = SIZES,
         try:
             return CommCalibration.from_dict(json.loads(Path(path).read_text()))
         except (ValueError, OSError) as err:
-            raise CostError(f"calibration {path} cannot be read ({err}); delete it to "
-                            "measure again") from None
+            raise CostError(f"calibration {path} cannot be read ({err}); delete it (or pass "
+                            "--recalibrate) to measure again") from None
     launch = importlib.import_module("conveyor.runtime.launch").launch  # by name: see docstring
     got = launch(_measure_rank, 2, tuple(sizes), repeats, backend="gloo", timeout_s=300)
     medians = {op: [(b, max(got[r][op][i][1] for r in got)) for i, (b, _) in
