@@ -299,7 +299,10 @@ def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: i
     if len(alone) < len(times):
         return together
     solo = timed(alone)
-    share = _overlap(simulate(job.layout.schedule, solo).timeline)
+    # the simulated pipeline's other ranks, plus this rank's dp replicas (always busy with it)
+    p, dp = job.layout.pp, job.layout.dp
+    share = {s: ((dp - 1) + dp * (p - 1) * x) / (p * dp - 1)
+             for s, x in _overlap(simulate(job.layout.schedule, solo).timeline).items()}
 
     def blend(a: tuple[float, ...] | None, t: tuple[float, ...] | None
               ) -> tuple[float, ...] | None:

@@ -250,7 +250,7 @@ def get_device(name: str) -> Device:
             name="cpu",
             peak_flops=measure_cpu_flops(),
             efficiency=CPU_EFFICIENCY,
-            memory_bytes=_host_memory(),
+            memory_bytes=host_memory(),
             link_bandwidth_Bps=GLOO_LOCALHOST_BANDWIDTH_BPS,
             link_latency_s=GLOO_LOCALHOST_LATENCY_S,
             dtype_bytes=4,  # CPU training runs in fp32
@@ -266,7 +266,8 @@ def get_device(name: str) -> Device:
         ) from None
 
 
-def _host_memory() -> int:
+def host_memory() -> int:
+    """This machine's memory in bytes (16 GiB where /proc/meminfo is missing)."""
     try:
         with open("/proc/meminfo") as f:
             return int(f.readline().split()[1]) * 1024  # first line: MemTotal in kB

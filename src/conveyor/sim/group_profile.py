@@ -31,11 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from conveyor.config import ModelConfig
-from conveyor.models import build_blocks
+from conveyor.models import block_param_counts, build_blocks
 from conveyor.parallel.layout import Layout
 from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.tp_blocks import build_tp_blocks
 
+from .analytic import host_memory
 from .profile import RankProfile, RankReplay
 
 __all__ = ["Job", "RankTimes", "profile_jobs"]
@@ -122,7 +123,28 @@ def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: in
     worlds = {j.world for j in jobs}
     if len(worlds) != 1:
         raise ValueError(f"jobs need {sorted(worlds)} ranks; profile one world size at a time")
+    world = worlds.pop()
     launch = importlib.import_module("conveyor.runtime.launch").launch  # by name: see docstring
-    got = launch(_replay_all, worlds.pop(), cfg, jobs, seed, warmup, repeats, backend="gloo",
-                 timeout_s=timeout_s)
-    return [{got[r][i][0]: got[r][i][1] for r in got} for i in range(len(jobs))]
+    out: list[dict[tuple[int, int, int], RankTimes]] = []
+    for batch in _batches(cfg, jobs, world):
+        got = launch(_replay_all, world, cfg, batch, seed, warmup, repeats, backend="gloo",
+                     timeout_s=timeout_s)
+        out += [{got[r][i][0]: got[r][i][1] for r in got} for i in range(len(batch))]
+    return out
+
+
+def _batches(cfg: ModelConfig, jobs: list[Job], world: int) -> list[list[Job]]:
+    """Consecutive runs of jobs whose replays (all held at once, round-robin) fit a share
+    of the host's memory: weights and grads of a rank's blocks, twice over for slack."""
+    budget = host_memory() / (2 * world)
+    each = 4 * 4 * sum(block_param_counts(cfg))  # fp32 weights + grads, x2
+    out: list[list[Job]] = [[]]
+    used = 0.0
+    for job in jobs:
+        need = each / (job.layout.pp * job.layout.tp)
+        if out[-1] and used + need > budget:
+            out.append([])
+            used = 0.0
+        out[-1].append(job)
+        used += need
+    return out
