@@ -149,3 +149,13 @@ def test_cli_profile_reuses_the_cached_calibration(tmp_path: Path,
     assert main(["plan", "--model", str(model), "--gpus", "2", "--profile",
                  "--calibration", str(cache)]) == 2
     assert "calibration" in capsys.readouterr().err
+
+
+def test_profile_batches_hold_what_fits_in_memory() -> None:
+    from conveyor.config import ParallelConfig
+    from conveyor.sim.group_profile import Job, _batches
+
+    lay = resolve_layout(TINY, ParallelConfig(pp=2), batch_size=8, seq_len=16)
+    assert [len(b) for b in _batches(TINY, [Job(lay, 4, 16)] * 5, 2)] == [5]
+    huge = replace(TINY, d_model=16384, n_heads=16, vocab_size=50000)  # ~13B parameters
+    assert [len(b) for b in _batches(huge, [Job(lay, 4, 16)] * 3, 2)] == [1, 1, 1]
