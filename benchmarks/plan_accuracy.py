@@ -13,8 +13,11 @@ meter's (``Pipeline.peak_stashed_bytes``) on the fuller rank.
 Predictions are the planner's (``plan.simulate_candidate`` with the cpu device) the
 way ``conveyor plan --profile`` makes them: gloo's collectives timed and fitted first
 (``sim.gloo``, on 2 ranks), then every layout's compute replayed with both ranks at
-once (``plan.profiled_costs``: tp ranks on their shards with their collectives);
-and from the FLOP model with the documented constants alone (``analytic_s``).
+once (``sim.group_profile``: tp ranks on their shards with their collectives;
+pipelines also rank by rank). Those replays run in the measuring processes, a round
+of them before each measured round, so that a machine whose load comes and goes
+loads profile and measurement alike; and from the FLOP model with the documented
+constants alone (``analytic_s``).
 Prints one JSON line per layout, then a summary line (also appended to ``--out``):
 Spearman rank correlation of predicted and measured step times, the measured best's
 place in the predicted order, the worst memory error, the calibration. The machine
@@ -38,10 +41,12 @@ import torch.distributed as dist
 
 from conveyor.config import ModelConfig
 from conveyor.parallel.mesh import Mesh
-from conveyor.plan import Candidate, Cluster, profiled_costs, simulate_candidate
+from conveyor.plan import Candidate, Cluster, simulate_candidate
+from conveyor.plan.estimate import costs_from_times, profile_jobs_of
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
 from conveyor.sim.gloo import calibrate
+from conveyor.sim.group_profile import GroupReplay, Job
 from sim_accuracy import _others, _Usage  # the same load measurement
 
 # Spread so that neighbours differ by more than a quiet machine's noise: microbatch
@@ -68,9 +73,11 @@ def candidates(batch: int) -> list[Candidate]:
     return out
 
 
-def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int
-            ) -> dict[str, Any]:
+def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int,
+            jobs: list[Job]) -> dict[str, Any]:
     torch.set_num_threads(1)
+    # the planner's profile of every layout, a round of it before each measured round
+    group = GroupReplay(model, jobs) if jobs else None
     meshes: dict[tuple[int, int, int], Mesh] = {}
     pipes = []
     for c in cands:
@@ -84,6 +91,8 @@ def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int
     times: list[list[float]] = [[] for _ in cands]
     usage = _Usage()
     for rep in range(reps + 1):  # the first repetition warms up
+        if group is not None:
+            group.round(record=rep > 0)
         for k in range(len(cands)):
             i = (k + rep) % len(cands)
             dist.barrier()
@@ -93,7 +102,7 @@ def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int
             if rep:
                 times[i].append(time.perf_counter() - start)
     return {"times": times, "peak": [p.peak_stashed_bytes() for p in pipes],
-            "usage": usage.done()}
+            "usage": usage.done(), "profiled": group.finish() if group is not None else []}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -121,8 +130,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="predict from collectives and compute timed here first (`conveyor "
                     "plan --profile`); --no-profile: the FLOP model and documented constants")
-    ap.add_argument("--profile-repeats", type=int, default=5,
-                    help="replayed steps per layout when profiling (round-robin)")
     ap.add_argument("--out", default=None, help="also write the JSON lines to this file "
                     "(e.g. docs/results/plan_accuracy_cpu.jsonl)")
     args = ap.parse_args(argv)
@@ -131,17 +138,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cands = candidates(args.batch)
     cluster = Cluster.build("cpu", 2)
     analytic = [simulate_candidate(model, c, cluster, args.seq, args.batch) for c in cands]
-    started = time.perf_counter()
     predicted, cal = analytic, None
+    jobs = profile_jobs_of(model, cands, args.seq, args.batch) if args.profile else []
     if args.profile:  # what `conveyor plan --profile` does: calibrate, then time every layout
         cal = calibrate()
+    started = time.perf_counter()
+    got = launch(_worker, 2, model, cands, args.batch, args.reps, jobs, timeout_s=1800)
+    if args.profile:
         calibrated = cluster.calibrated(cal)
-        timed = profiled_costs(model, cands, calibrated, args.seq, args.batch,
-                               repeats=args.profile_repeats)
+        times = [{got[r]["profiled"][i][0]: got[r]["profiled"][i][1] for r in got}
+                 for i in range(len(jobs))]
+        timed = costs_from_times(model, cands, calibrated, args.seq, jobs, times)
         predicted = [simulate_candidate(model, c, calibrated, args.seq, args.batch, cost=k)
                      for c, k in zip(cands, timed, strict=True)]
-    profile_s = time.perf_counter() - started
-    got = launch(_worker, 2, model, cands, args.batch, args.reps, timeout_s=1800)
     # share of the cores other processes used meanwhile (0: a quiet machine)
     others = _others([got[r]["usage"] for r in got])
     measured, rows = [], []
@@ -164,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "measured_best": cands[best].label(),
                "measured_best_predicted_place": order.index(best) + 1,
                "worst_memory_error": max(abs(r["memory_error"]) for r in rows),
-               "others_cpu": others, "reps": args.reps, "profile_s": round(profile_s, 1),
+               "others_cpu": others, "reps": args.reps,
+               "seconds": round(time.perf_counter() - started, 1),
                "load_avg": os.getloadavg()[0],
                "collectives": cal.to_dict()["collectives"] if cal else None}
     print(json.dumps(summary))

@@ -119,7 +119,7 @@ def test_plan_accuracy_tiny_model_compares_every_layout(capsys: pytest.CaptureFi
 
         summary = plan_accuracy.main(["--layers", "2", "--d-model", "32", "--heads", "2",
                                       "--seq", "16", "--vocab", "128", "--batch", "16",
-                                      "--reps", "1", "--profile-repeats", "1"])
+                                      "--reps", "1"])
     finally:
         sys.path.remove(str(BENCHMARKS))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]

@@ -48,7 +48,8 @@ from conveyor.sim.profile import RankProfile, costs_from_profiles
 
 from .cluster import Cluster
 
-__all__ = ["Candidate", "Estimate", "estimate", "model_flops", "profiled_costs",
+__all__ = ["Candidate", "Estimate", "costs_from_times", "estimate", "model_flops",
+           "profile_jobs_of", "profiled_costs",
            "simulate_candidate"]
 
 
@@ -251,17 +252,31 @@ def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Clus
     ``--profile``, collectives measured here: ``sim.gloo``); layouts are profiled in
     one launch per world size; ``repeats`` replayed steps each (after one warm-up).
     """
-    jobs = [Job(_layout(model, c, seq_len, global_batch, dp_bucket_mb), c.microbatch_size,
-                seq_len, {"none": False, "full": True}.get(c.recompute, c.recompute))
-            for c in cands]
+    jobs = profile_jobs_of(model, cands, seq_len, global_batch, dp_bucket_mb)
     profiles: list[dict[tuple[int, int, int], RankTimes]] = [{} for _ in jobs]
     for world in sorted({j.world for j in jobs}):
         mine = [i for i, j in enumerate(jobs) if j.world == world]
         for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine],
                                                          repeats=repeats), strict=True):
             profiles[i] = got
-    return [_with_profile(model, c, cluster, seq_len, dp_bucket_mb, job, prof)
-            for c, job, prof in zip(cands, jobs, profiles, strict=True)]
+    return costs_from_times(model, cands, cluster, seq_len, jobs, profiles, dp_bucket_mb)
+
+
+def profile_jobs_of(model: ModelConfig, cands: Sequence[Candidate], seq_len: int,
+                    global_batch: int, dp_bucket_mb: float = 25.0) -> list[Job]:
+    """What :func:`profiled_costs` replays for each candidate (its runtime layout)."""
+    return [Job(_layout(model, c, seq_len, global_batch, dp_bucket_mb), c.microbatch_size,
+                seq_len, {"none": False, "full": True}.get(c.recompute, c.recompute))
+            for c in cands]
+
+
+def costs_from_times(model: ModelConfig, cands: Sequence[Candidate], cluster: Cluster,
+                     seq_len: int, jobs: Sequence[Job],
+                     times: Sequence[dict[tuple[int, int, int], RankTimes]],
+                     dp_bucket_mb: float = 25.0) -> list[CostModel]:
+    """Each candidate's costs from its jobs' replay times (see :func:`profiled_costs`)."""
+    return [_with_profile(model, c, cluster, seq_len, dp_bucket_mb, job, t)
+            for c, job, t in zip(cands, jobs, times, strict=True)]
 
 
 def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,

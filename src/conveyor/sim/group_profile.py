@@ -39,7 +39,7 @@ from conveyor.parallel.tp_blocks import build_tp_blocks
 from .analytic import host_memory
 from .profile import RankProfile, RankReplay
 
-__all__ = ["Job", "RankTimes", "profile_jobs"]
+__all__ = ["GroupReplay", "Job", "RankTimes", "profile_jobs"]
 
 
 @dataclass(frozen=True)
@@ -66,52 +66,77 @@ class RankTimes:
     """Replayed while the other ranks waited (pipelines without tp only); None: not taken."""
 
 
+class GroupReplay:
+    """One rank's replays of every job, stepped round-robin (run in every rank at once).
+
+    :meth:`round` replays each job's step once with all ranks at once, then, for
+    pipelines without tp, once more on each rank alone while the others wait; so load
+    coming and going on the machine hits every job and both kinds alike. Callers may
+    interleave rounds with other work (``benchmarks/plan_accuracy.py`` measures the
+    real steps in between).
+    """
+
+    def __init__(self, cfg: ModelConfig, jobs: list[Job], seed: int = 0) -> None:
+        torch.set_num_threads(1)
+        meshes: dict[tuple[int, int, int], Mesh] = {}
+        self.replays: list[tuple[Mesh, RankReplay]] = []
+        for job in jobs:
+            lay = job.layout
+            key = (lay.pp, lay.dp, lay.tp)
+            if key not in meshes:
+                meshes[key] = Mesh.build(*key)
+            mesh = meshes[key]
+            group = mesh.tp_group if lay.tp > 1 else None
+
+            def build(c: ModelConfig, s: int, idx: list[int], group: Any = group,
+                      sp: bool = lay.sequence_parallel) -> list[nn.Module]:
+                if group is None:
+                    return build_blocks(c, s, idx)
+                return build_tp_blocks(c, s, idx, group, sequence_parallel=sp)
+
+            self.replays.append((mesh, RankReplay(
+                cfg, lay, mesh.pp_rank, microbatch_size=job.microbatch_size,
+                seq_len=job.seq_len, seed=seed, recompute=job.recompute, build=build)))
+        self.together = [r.profile for _, r in self.replays]
+        # a pipeline's ranks also idle (they take turns at m = 1): time each rank alone too
+        self.alone = {i: RankProfile(param_bytes=r.profile.param_bytes)
+                      for i, (job, (_, r)) in enumerate(zip(jobs, self.replays, strict=True))
+                      if job.layout.pp > 1 and job.layout.tp == 1}
+
+    def round(self, record: bool = True) -> None:
+        """Every job's step once with all ranks at once, then the pipelines' ranks alone."""
+        for (_, replay), prof in zip(self.replays, self.together, strict=True):
+            dist.barrier()
+            replay.profile = prof
+            replay.step(record)
+        for k in range(dist.get_world_size()):
+            for i, prof in self.alone.items():
+                if dist.get_rank() == k:
+                    replay = self.replays[i][1]
+                    replay.profile = prof
+                    replay.step(record)
+            dist.barrier()
+
+    def finish(self) -> list[tuple[tuple[int, int, int], RankTimes]]:
+        """Per job: this rank's (pp, dp, tp) index and its times (kinds never run timed alone)."""
+        out = []
+        for i, (mesh, replay) in enumerate(self.replays):
+            replay.profile = self.together[i]
+            times = RankTimes(replay.finish())
+            if i in self.alone:
+                replay.profile = self.alone[i]
+                times.alone = replay.finish(isolated_repeats=1)
+            out.append(((mesh.pp_rank, mesh.dp_rank, mesh.tp_rank), times))
+        return out
+
+
 def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repeats: int
                 ) -> list[tuple[tuple[int, int, int], RankTimes]]:
-    """In each rank: replay every job's pipeline rank; ((pp, dp, tp) index, times) per job.
-
-    Round-robin: each replayed step runs every job once, so that load coming and going
-    on the machine hits all jobs alike.
-    """
-    torch.set_num_threads(1)
-    meshes: dict[tuple[int, int, int], Mesh] = {}
-    replays: list[tuple[Mesh, RankReplay]] = []
-    for job in jobs:
-        lay = job.layout
-        key = (lay.pp, lay.dp, lay.tp)
-        if key not in meshes:
-            meshes[key] = Mesh.build(*key)
-        mesh = meshes[key]
-        group = mesh.tp_group if lay.tp > 1 else None
-
-        def build(c: ModelConfig, s: int, idx: list[int], group: Any = group,
-                  sp: bool = lay.sequence_parallel) -> list[nn.Module]:
-            if group is None:
-                return build_blocks(c, s, idx)
-            return build_tp_blocks(c, s, idx, group, sequence_parallel=sp)
-
-        replays.append((mesh, RankReplay(cfg, lay, mesh.pp_rank,
-                                         microbatch_size=job.microbatch_size, seq_len=job.seq_len,
-                                         seed=seed, recompute=job.recompute, build=build)))
+    """In each rank: ``warmup + repeats`` rounds of every job; ((pp, dp, tp), times) per job."""
+    group = GroupReplay(cfg, jobs, seed)
     for step in range(warmup + repeats):
-        for _, replay in replays:
-            dist.barrier()
-            replay.step(record=step >= warmup)
-    times = [RankTimes(replay.finish()) for _, replay in replays]
-    # a pipeline's ranks also idle (they take turns at m = 1): time each rank alone too
-    alone = [i for i, job in enumerate(jobs) if job.layout.pp > 1 and job.layout.tp == 1]
-    for i in alone:
-        replays[i][1].profile = RankProfile(param_bytes=times[i].together.param_bytes)
-    for step in range(warmup + repeats):
-        for k in range(dist.get_world_size()):
-            for i in alone:
-                if dist.get_rank() == k:
-                    replays[i][1].step(record=step >= warmup)
-            dist.barrier()
-    for i in alone:
-        times[i].alone = replays[i][1].finish(isolated_repeats=1)
-    return [((m.pp_rank, m.dp_rank, m.tp_rank), t) for (m, _), t in zip(replays, times,
-                                                                        strict=True)]
+        group.round(record=step >= warmup)
+    return group.finish()
 
 
 def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: int = 1,
