@@ -11,13 +11,15 @@ its place), dp replicas side by side. A barrier starts each replayed step on eve
 rank. Ranks sharing cores and memory slow each other down, but a pipeline's ranks
 are not always busy together (with one microbatch they take turns): so a pipeline
 without tp is also replayed one rank at a time, and the planner weighs the two by
-how much the other ranks compute meanwhile (``plan.estimate``). What stays modelled: the pipeline's messages and the executor (the runtime's
-measured constants), the dp gradient reduction and the once-per-step reductions
+how much the other ranks compute meanwhile (``plan.estimate``). What stays
+modelled: the pipeline's messages and the executor (the runtime's measured
+constants), the dp gradient reduction and the once-per-step reductions
 (:mod:`conveyor.sim.gloo`'s fits).
 
 Several layouts of one world size are profiled in one launch (the process start and
-``import torch`` cost seconds). ``sim`` does not import the runtime: the launcher is
-looked up by name.
+``import torch`` cost seconds), round-robin (:class:`GroupReplay`), as many at once as
+fit a share of the host's memory. ``sim`` does not import the runtime: the launcher
+is looked up by name.
 """
 
 from __future__ import annotations
