@@ -6,7 +6,7 @@ processes, one thread each, as the runtime runs them) time, at a few sizes, each
 collective the runtime issues (all-reduce, all-gather, reduce-scatter; ``S`` = the
 full tensor's bytes) from a barrier to its return, and a send/recv ping-pong (half
 a round trip). The slower rank's median per size is fitted with ``t = a + S / B``
-(least squares, ``a >= 0``) per collective; so is the copying a data-parallel
+(least squares of the relative error, ``a >= 0``) per collective; so is the copying a data-parallel
 bucket costs each rank around its all-reduce (``bucket-copy``: the grads
 concatenated, averaged, copied back; ``parallel.data``), which no link model has.
 :meth:`CommCalibration.ring_ops` turns
@@ -60,19 +60,28 @@ class Fit:
 
 
 def fit_line(points: Sequence[tuple[float, float]]) -> Fit:
-    """Least-squares ``t = a + b S`` over (bytes, seconds), with ``a >= 0`` and ``b > 0``."""
+    """``t = a + b S`` over (bytes, seconds), least squares of the *relative* error.
+
+    Weighting each point by ``1 / t^2`` lets the small sizes set the latency and the
+    large ones the bandwidth: a plain fit lets the few milliseconds of the largest
+    messages (and their noise) decide the intercept, which tiny collectives (a loss,
+    an SP norm's grad) then pay many times. ``a >= 0`` and ``b > 0``.
+    """
     if len(points) < 2:
         raise CostError(f"a fit needs at least 2 sizes, got {len(points)}")
     xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-    slope = max(slope, 1e-15)
+    ws = [1.0 / max(y, 1e-12) ** 2 for y in ys]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / sw
+    my = sum(w * y for w, y in zip(ws, ys, strict=True)) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True))
+    sxy = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True))
+    slope = max(sxy / sxx if sxx else 0.0, 1e-15)
     intercept = my - slope * mx
     if intercept < 0:  # no negative latency: refit through the origin
         intercept = 0.0
-        slope = max(sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs),
-                    1e-15)
+        slope = max(sum(w * x * y for w, x, y in zip(ws, xs, ys, strict=True))
+                    / sum(w * x * x for w, x in zip(ws, xs, strict=True)), 1e-15)
     return Fit(intercept, 1.0 / slope)
 
 
