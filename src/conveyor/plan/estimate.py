@@ -44,7 +44,7 @@ from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
 from conveyor.sim.comm import Collective, MeshLinks, collective_time
 from conveyor.sim.group_profile import Job, RankTimes, profile_jobs
-from conveyor.sim.profile import RankProfile, costs_from_profiles
+from conveyor.sim.profile import costs_from_profiles
 
 from .cluster import Cluster
 
@@ -296,9 +296,19 @@ def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: i
     sp_s = max((sum(collective_time(Collective("all-reduce", float(n)), c.tp, link)
                     for n in t.together.sp_grads) for t in times.values()), default=0.0)
 
-    def timed(profiles: list[RankProfile]) -> CostModel:
-        prof = costs_from_profiles(model, job.layout.partition, profiles,
-                                   microbatch_size=c.microbatch_size, seq_len=seq_len)
+    def timed(kind: str) -> CostModel:
+        # a dp step waits for its slowest replica (the gradient all-reduce synchronises
+        # them): each stage's costs are the slowest replica's medians
+        per_dp = [costs_from_profiles(model, job.layout.partition,
+                                      [getattr(t, kind) for (_, d, _), t in times.items()
+                                       if d == dp_rank], microbatch_size=c.microbatch_size,
+                                      seq_len=seq_len)
+                  for dp_rank in sorted({d for _, d, _ in times})]
+        def slowest(name: str) -> tuple[float, ...]:
+            return tuple(max(v) for v in zip(*(getattr(k, name) for k in per_dp), strict=True))
+
+        prof = replace(per_dp[0], f=slowest("f"), b=slowest("b"), w=slowest("w"),
+                       full_b=slowest("full_b") if per_dp[0].full_b is not None else None)
 
         def within(comm: tuple[float, ...], whole: tuple[float, ...]) -> tuple[float, ...]:
             return tuple(min(x, y) for x, y in zip(comm, whole, strict=True)) if comm else ()
@@ -309,11 +319,10 @@ def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: i
                        source=f"{prof.source}, {job.world} ranks at once; messages, dp and "
                        "step-end reductions modelled")
 
-    together = timed([t.together for t in times.values()])
-    alone = [t.alone for t in times.values() if t.alone is not None]
-    if len(alone) < len(times):
+    together = timed("together")
+    if any(t.alone is None for t in times.values()):
         return together
-    solo = timed(alone)
+    solo = timed("alone")
     # the simulated pipeline's other ranks, plus this rank's dp replicas (always busy with it)
     p, dp = job.layout.pp, job.layout.dp
     share = {s: ((dp - 1) + dp * (p - 1) * x) / (p * dp - 1)
