@@ -118,7 +118,7 @@ def test_plan_accuracy_tiny_model_compares_every_layout(capsys: pytest.CaptureFi
         import plan_accuracy
 
         summary = plan_accuracy.main(["--layers", "2", "--d-model", "32", "--heads", "2",
-                                      "--seq", "16", "--vocab", "128", "--batch", "8",
+                                      "--seq", "16", "--vocab", "128", "--batch", "16",
                                       "--reps", "1"])
     finally:
         sys.path.remove(str(BENCHMARKS))

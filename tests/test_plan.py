@@ -44,7 +44,7 @@ def test_fig13_ranks_tp8_pp8_first() -> None:
 
 
 @pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1),
-                                        ("zb-v", 2)])
+                                        ("zb-h2", 1), ("zb-v", 2)])
 def test_closed_form_agrees_with_the_simulator(schedule: str, v: int) -> None:
     model = ModelConfig(vocab_size=512, n_layers=16, d_model=512, n_heads=8, max_seq_len=256)
     cluster = Cluster.build("a100", 16)
@@ -142,7 +142,8 @@ def test_recompute_flag_and_file_take_the_three_modes(tmp_path: Path,
 
 
 def test_profiled_plan_times_the_finalists_here() -> None:
-    p = plan(TINY, Cluster.build("cpu", 2), global_batch=8, seq_len=16, profile=True)
+    p = plan(TINY, Cluster.build("cpu", 2), global_batch=8, seq_len=16, profile=True,
+             finalists=4)
     assert p.best.simulated and p.best.step_s > 0
     # the profiler runs the runtime's stage runner: selective recomputation included
     c = Candidate(tp=2, pp=2, dp=1, schedule="zb-h1", virtual_stages=1, microbatch_size=2,

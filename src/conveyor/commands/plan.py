@@ -39,8 +39,15 @@ def register(sub: Any) -> None:
     p.add_argument("--dp-bucket-mb", type=float, default=25.0,
                    help="MiB per data-parallel gradient bucket")
     p.add_argument("--profile", action="store_true",
-                   help="cpu only: time the finalists' compute here (the runtime's stage "
-                   "runner, replayed in schedule order) instead of the FLOP model")
+                   help="cpu only: measure gloo's collectives here (cached, see "
+                   "--calibration) and time the finalists' compute with all their ranks at once "
+                   "(the runtime's stage runner, replayed in schedule order) instead of the "
+                   "FLOP model and the documented constants")
+    p.add_argument("--calibration", default=None, metavar="FILE.json",
+                   help="with --profile: where the measured collectives are cached (default: "
+                   "$XDG_CACHE_HOME/conveyor/gloo-2ranks.json); an existing file is reused")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --profile: measure the collectives again, replacing the cache")
     p.add_argument("--top", type=int, default=10, help="layouts to print")
     p.add_argument("--out", default=None, metavar="FILE.toml",
                    help="write the first choice as a `conveyor train --config` file")
@@ -55,6 +62,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.memory_gib is not None and not args.memory_gib > 0:
         raise ConfigError(f"--memory-gib {args.memory_gib} must be > 0")
     start = time.perf_counter()
+    if args.profile and cluster.device.name == "cpu" and not cluster.device.collectives:
+        from ..sim.cost import CostError
+        from ..sim.gloo import calibrate, default_path
+
+        path = args.calibration or default_path()
+        try:
+            cal = calibrate(path, refresh=args.recalibrate)
+        except CostError as err:
+            raise ConfigError(str(err)) from None
+        cluster = cluster.calibrated(cal)
+        fits = ", ".join(f"{op} {f.latency_s * 1e6:.0f} us + {f.bandwidth_Bps / 1e9:.2f} GB/s"
+                         for op, f in cal.fits.items())
+        print(f"measured ({path}): {fits}")
     result = plan(model, cluster, global_batch=args.batch,
                   seq_len=args.seq_len or model.max_seq_len,
                   memory_limit=None if args.memory_gib is None else args.memory_gib * 2**30,

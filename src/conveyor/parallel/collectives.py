@@ -44,8 +44,8 @@ __all__ = [
 Group = dist.ProcessGroup | None
 
 # torch 2.13 deprecates the *_tensor names in favour of *_single; torch 2.4 has only the former
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 # Open count_collectives() logs; every issued collective is appended to each of them
 _logs: list[list[tuple[str, str]]] = []
@@ -98,7 +98,7 @@ def all_gather(x: Tensor, dim: int, group: Group, phase: str) -> Tensor:
     # the flat collective concatenates along dim 0, so move ``dim`` there and back
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((world * front.shape[0], *front.shape[1:]))
-    _ALL_GATHER(out, front, group=group)
+    ALL_GATHER(out, front, group=group)
     # contiguous: callers view() the result; a copy only when dim is not 0 ((B, T, D)
     # activations pay a transpose each way, a sequence-first layout would not)
     return out.movedim(0, dim).contiguous()
@@ -116,7 +116,7 @@ def _reduce_scatter(x: Tensor, dim: int, group: Group, phase: str) -> Tensor:
     _record("reduce_scatter", phase)
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
-    _REDUCE_SCATTER(out, front, group=group)
+    REDUCE_SCATTER(out, front, group=group)
     return out.movedim(0, dim).contiguous()
 
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from .cluster import Cluster, load_device
-from .estimate import Candidate, Estimate, estimate, model_flops, simulate_candidate
+from .estimate import (
+    Candidate,
+    Estimate,
+    estimate,
+    model_flops,
+    profiled_costs,
+    simulate_candidate,
+)
 from .planner import SCHEDULES, Plan, candidates, plan
 from .report import table, to_toml, why, write_toml
 
@@ -18,6 +25,7 @@ __all__ = [
     "load_device",
     "model_flops",
     "plan",
+    "profiled_costs",
     "simulate_candidate",
     "table",
     "to_toml",

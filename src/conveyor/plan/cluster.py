@@ -11,6 +11,7 @@ from pathlib import Path
 from conveyor.config import ConfigError
 from conveyor.sim import Device, get_device
 from conveyor.sim.cost import CostError
+from conveyor.sim.gloo import CommCalibration, Fit, ring_ops
 
 __all__ = ["Cluster", "load_device"]
 
@@ -33,6 +34,15 @@ class Cluster:
         """Devices sharing one node's fast link."""
         return self.device.gpus_per_node
 
+    def calibrated(self, cal: CommCalibration) -> Cluster:
+        """This cluster with its collectives priced by ``cal`` (measured here), unless the
+        device file already gives them."""
+        if self.device.collectives:
+            return self
+        return Cluster(dataclasses.replace(
+            self.device, collectives=cal.ring_ops(),
+            copy_bandwidth_Bps=cal.fits["bucket-copy"].bandwidth_Bps), self.gpus)
+
     @classmethod
     def build(cls, device: str, gpus: int, gpus_per_node: int | None = None) -> Cluster:
         """A preset name (cpu, a100, h100) or a TOML/JSON device file; optional node size."""
@@ -49,7 +59,8 @@ def load_device(spec: str) -> Device:
 
     A file may name a preset to start from (``base = "a100"``) and override any field,
     e.g. ``peak_flops``, ``memory_bytes``, ``link_bandwidth_Bps`` (intra-node),
-    ``inter_bandwidth_Bps``, ``gpus_per_node``.
+    ``inter_bandwidth_Bps``, ``gpus_per_node``; ``collectives`` may be a calibration's
+    table (``{op: {latency_s, bandwidth_Bps}}`` at 2 ranks, as ``sim.gloo`` writes it).
     """
     path = Path(spec)
     if not path.suffix:
@@ -73,6 +84,16 @@ def load_device(spec: str) -> Device:
         raise ConfigError(f"device file {path} cannot be read ({err}); fix its syntax") from None
     raw = dict(raw.get("device", raw))
     base = raw.pop("base", None)
+    if isinstance(raw.get("collectives"), dict):  # a calibration's 2-rank fits, by op
+        try:
+            fits = {op: Fit(float(v["latency_s"]), float(v["bandwidth_Bps"]))
+                    for op, v in raw["collectives"].items()}
+            raw["collectives"] = ring_ops(fits)
+            if "bucket-copy" in fits:
+                raw.setdefault("copy_bandwidth_Bps", fits["bucket-copy"].bandwidth_Bps)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"device file {path}: collectives need {{op: {{latency_s, "
+                              f"bandwidth_Bps}}}} ({err!r})") from None
     unknown = sorted(set(raw) - _DEVICE_FIELDS)
     if unknown:
         raise ConfigError(f"device file {path}: unknown field(s) {', '.join(unknown)}; "

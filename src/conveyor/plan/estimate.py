@@ -9,13 +9,15 @@ first stage's forward ``f``:
 
 - 1f1b (and gpipe): ``(m + p - 1) R`` (the last microbatch's path through p ranks);
 - interleaved-1f1b with v chunks: ``(m + (p - 1) / v) R``;
-- zb-h1: ``m R + (p - 1)(F + I - W)``; zb-v: ``m R + (p - 1) f`` (``f`` = a chunk's F);
+- zb-h1 and zb-h2: ``m R + (p - 1)(F + I - W)``; zb-v: ``m R + (p - 1) f`` (``f`` = a
+  chunk's F);
 
 each the validator's makespan for uniform stages once m >= p (zb-v: 2m >= 3p - 1;
 ``schedules.zero_bubble``), each plus ``2 (p - 1)`` point-to-point transfers on the
 critical path. Peak held
 activations per rank, in stage-microbatches, are those the schedules' docstrings
-derive, for rank r: 1F1B ``min(p - r, m)`` stages, ZB-H1 ``min(p, m)``, ZB-V
+derive, for rank r: 1F1B ``min(p - r, m)`` stages, ZB-H1 ``min(p, m)``, ZB-H2
+``min(m, p + min(p - 1 - r, x) + min(r, x))`` with ``x = min(p - 1, max(0, m - p))``, ZB-V
 ``min(2p, 2m, m + 1 + r)`` chunks, interleaved (Megatron's warm-up)
 ``min(2 (p - r - 1) + (v - 1) p + 1, m v)`` chunks, each the size of the rank's
 average stage. Finalists are simulated exactly (:func:`conveyor.sim.simulate`), which
@@ -25,18 +27,29 @@ also walks memory exactly.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from conveyor.config import ModelConfig, ParallelConfig
-from conveyor.parallel.layout import analytic_block_costs, resolve_layout, resolve_partition
+from conveyor.parallel.layout import (
+    Layout,
+    analytic_block_costs,
+    resolve_layout,
+    resolve_partition,
+)
 from conveyor.parallel.partition import Partition
-from conveyor.sim import CostModel, analytic_costs, profile_costs, simulate
+from conveyor.schedules.validate import TimedAction
+from conveyor.sim import CostModel, analytic_costs, simulate
 from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
+from conveyor.sim.comm import Collective, MeshLinks, collective_time
+from conveyor.sim.group_profile import Job, RankTimes, profile_jobs
+from conveyor.sim.profile import costs_from_profiles
 
 from .cluster import Cluster
 
-__all__ = ["Candidate", "Estimate", "estimate", "model_flops", "profiled_costs",
+__all__ = ["Candidate", "Estimate", "costs_from_times", "estimate", "model_flops",
+           "profile_jobs_of", "profiled_costs",
            "simulate_candidate"]
 
 
@@ -119,7 +132,23 @@ def costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
         recompute=recompute_mode(c.recompute), dp_bucket_mb=dp_bucket_mb, zero=c.zero)
     if cluster.device.name == "cpu":  # the CPU runtime's executor and gloo, as measured
         cost = replace(cost, **gloo_runtime_costs(cost.message_bytes))
-    return cost
+    return replace(cost, step_end_s=step_end_seconds(model, c, cluster))
+
+
+def step_end_seconds(model: ModelConfig, c: Candidate, cluster: Cluster) -> float:
+    """What the runtime reduces once per step after the pipeline: the tied embedding's
+    grad across the two pipeline ranks holding copies (fp32, this tp rank's vocabulary
+    rows), and the loss over pp and over dp (one fp32 scalar each)."""
+    dev = cluster.device
+    links = MeshLinks.build(tp=c.tp, dp=c.dp, pp=c.pp, gpus_per_node=dev.gpus_per_node,
+                            intra=dev.intra, inter=dev.inter)
+    scalar = Collective("all-reduce", 4.0)
+    seconds = collective_time(scalar, c.pp, links.pp) + collective_time(scalar, c.dp, links.dp)
+    if model.tie_embeddings and c.pp > 1 and c.schedule != "zb-v":  # V: one rank holds both
+        rows = -(-model.vocab_size // c.tp)
+        seconds += collective_time(Collective("all-reduce", 4.0 * rows * model.d_model), 2,
+                                   links.pp)
+    return seconds
 
 
 def _held_stages(c: Candidate, r: int) -> float:
@@ -133,6 +162,9 @@ def _held_stages(c: Candidate, r: int) -> float:
         return m
     if c.schedule == "zb-h1":
         return min(p, m)
+    if c.schedule == "zb-h2":  # up to p - 1 extra warm-up forwards (schedules.zero_bubble)
+        x = min(p - 1, max(0, m - p))
+        return min(m, p + min(p - 1 - r, x) + min(r, x))
     return min(p - r, m)
 
 
@@ -156,7 +188,7 @@ def estimate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
     transfer = 2 * (p - 1) * cost.transfer_time()
     if c.schedule == "interleaved-1f1b":
         pipe = (m + (p - 1) / v) * R
-    elif c.schedule == "zb-h1":
+    elif c.schedule in ("zb-h1", "zb-h2"):  # the same makespan; H2 fills the drain
         pipe = m * R + (p - 1) * max(work(ranks[busiest], "fb") - work(ranks[busiest], "w"), 0)
     elif c.schedule == "zb-v":
         pipe = m * R + (p - 1) * cost.f[0]
@@ -171,7 +203,7 @@ def estimate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
         n = sum(cost.dp_buckets[s] for s in ranks[0])
         dp_tail = max(total / n, total - last_b * (n - 1) / n)
         dp_tail += sum(cost.stage_value("dp_after_s", s) for s in ranks[0])
-    step = pipe + dp_tail
+    step = pipe + dp_tail + cost.step_end_s
     tp_s = m * sum(cost.stage_value("tp_f_s", s) + cost.stage_value("tp_b_s", s)
                    for s in ranks[busiest])
     # per rank: its held chunks, each of its stages' average size, and its static bytes
@@ -201,51 +233,152 @@ def _stages_of(rank: int, p: int, v: int, schedule: str) -> list[int]:
     return [rank + k * p for k in range(v)]  # looped placement
 
 
-def profiled_costs(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
-                   global_batch: int, dp_bucket_mb: float = 25.0) -> CostModel:
-    """Candidate ``c``'s costs with compute timed on this machine (``sim.profile_costs``).
+def _layout(model: ModelConfig, c: Candidate, seq_len: int, global_batch: int,
+            dp_bucket_mb: float) -> Layout:
+    return resolve_layout(model, c.parallel_config(dp_bucket_mb), batch_size=global_batch,
+                          seq_len=seq_len)
 
-    The runtime's stage runner replays one pipeline of the layout (tp=1, dp=1: the
-    profiler runs in one process) in schedule order; what tp does to a stage's compute
-    is the analytic model's ratio, and its collectives, the dp reduction, links and
-    activation bytes are the analytic model's.
+
+def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Cluster,
+                   seq_len: int, global_batch: int, dp_bucket_mb: float = 25.0, *,
+                   repeats: int = 3) -> list[CostModel]:
+    """Each candidate's costs with its compute timed on this machine (``sim.group_profile``).
+
+    Every rank of each layout runs in its own local process at once, replaying its
+    compute in schedule order: tp ranks on their shards with the real collectives
+    inside, so F, I, W and B are measured whole (the tp share reported is the
+    cluster's collective model's). The pipeline's messages, the dp reduction and the
+    once-per-step reductions are the model's, on the cluster's device (with
+    ``--profile``, collectives measured here: ``sim.gloo``); layouts are profiled in
+    one launch per world size; ``repeats`` replayed steps each (after one warm-up).
     """
-    one = replace(c, tp=1, dp=1, sequence_parallel=False, zero=0)
-    layout = resolve_layout(model, one.parallel_config(dp_bucket_mb), seq_len=seq_len,
-                            batch_size=c.microbatch_size * c.microbatches)
-    prof = profile_costs(model, layout, microbatch_size=c.microbatch_size, seq_len=seq_len,
-                         recompute={"none": False, "full": True}.get(c.recompute, c.recompute))
-    mine, base = costs(model, c, cluster, seq_len, dp_bucket_mb), costs(model, one, cluster,
-                                                                       seq_len, dp_bucket_mb)
+    jobs = profile_jobs_of(model, cands, seq_len, global_batch, dp_bucket_mb)
+    profiles: list[dict[tuple[int, int, int], RankTimes]] = [{} for _ in jobs]
+    for world in sorted({j.world for j in jobs}):
+        mine = [i for i, j in enumerate(jobs) if j.world == world]
+        for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine],
+                                                         repeats=repeats), strict=True):
+            profiles[i] = got
+    return costs_from_times(model, cands, cluster, seq_len, jobs, profiles, dp_bucket_mb)
 
-    def scaled(name: str, comm: str | None) -> tuple[float, ...]:
-        own = getattr(mine, name)
-        extra = [mine.stage_value(comm, s) if comm else 0.0 for s in range(len(own))]
-        ratio = [(o - e) / b if b else 1.0
-                 for o, e, b in zip(own, extra, getattr(base, name), strict=True)]
-        return tuple(p * r + e for p, r, e in zip(getattr(prof, name), ratio, extra, strict=True))
 
-    f, b, w = scaled("f", "tp_f_s"), scaled("b", "tp_b_s"), scaled("w", None)
-    full_b = None
-    if prof.full_b is not None:  # B = I + W in the analytic model: scale as both
-        full_b = tuple(pb * (bi + wi) / (pi + pw) if pi + pw else pb for pb, bi, wi, pi, pw in
-                       zip(prof.full_b, b, w, prof.b, prof.w, strict=True))
-    return replace(mine, f=f, b=b, w=w, full_b=full_b, step_start_s=prof.step_start_s,
-                   source=f"{prof.source}; tp and dp analytic")
+def profile_jobs_of(model: ModelConfig, cands: Sequence[Candidate], seq_len: int,
+                    global_batch: int, dp_bucket_mb: float = 25.0) -> list[Job]:
+    """What :func:`profiled_costs` replays for each candidate (its runtime layout)."""
+    return [Job(_layout(model, c, seq_len, global_batch, dp_bucket_mb), c.microbatch_size,
+                seq_len, {"none": False, "full": True}.get(c.recompute, c.recompute))
+            for c in cands]
+
+
+def costs_from_times(model: ModelConfig, cands: Sequence[Candidate], cluster: Cluster,
+                     seq_len: int, jobs: Sequence[Job],
+                     times: Sequence[dict[tuple[int, int, int], RankTimes]],
+                     dp_bucket_mb: float = 25.0) -> list[CostModel]:
+    """Each candidate's costs from its jobs' replay times (see :func:`profiled_costs`)."""
+    return [_with_profile(model, c, cluster, seq_len, dp_bucket_mb, job, t)
+            for c, job, t in zip(cands, jobs, times, strict=True)]
+
+
+def _with_profile(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
+                  dp_bucket_mb: float, job: Job,
+                  times: dict[tuple[int, int, int], RankTimes]) -> CostModel:
+    """The model's costs of ``c`` with the profiled compute (and SP grad sums) in.
+
+    Where the ranks were also timed alone (a pipeline without tp), each stage's costs
+    are the alone ones plus the slowdown of replaying all at once in proportion to
+    how busy the other ranks are while the stage computes (:func:`_overlap`, on the
+    step simulated with the alone costs): ranks that take turns keep their alone costs.
+    """
+    c = replace(c, partition=job.layout.partition_method)
+    mine = costs(model, c, cluster, seq_len, dp_bucket_mb)
+    link = cluster.device.intra if c.tp <= cluster.gpus_per_node else cluster.device.inter
+    # under SP each replicated param's grad is all-reduced over tp once per step
+    sp_s = max((sum(collective_time(Collective("all-reduce", float(n)), c.tp, link)
+                    for n in t.together.sp_grads) for t in times.values()), default=0.0)
+
+    def timed(kind: str) -> CostModel:
+        # a dp step waits for its slowest replica (the gradient all-reduce synchronises
+        # them): each stage's costs are the slowest replica's medians
+        per_dp = [costs_from_profiles(model, job.layout.partition,
+                                      [getattr(t, kind) for (_, d, _), t in times.items()
+                                       if d == dp_rank], microbatch_size=c.microbatch_size,
+                                      seq_len=seq_len)
+                  for dp_rank in sorted({d for _, d, _ in times})]
+        def slowest(name: str) -> tuple[float, ...]:
+            return tuple(max(v) for v in zip(*(getattr(k, name) for k in per_dp), strict=True))
+
+        prof = replace(per_dp[0], f=slowest("f"), b=slowest("b"), w=slowest("w"),
+                       full_b=slowest("full_b") if per_dp[0].full_b is not None else None)
+
+        def within(comm: tuple[float, ...], whole: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(min(x, y) for x, y in zip(comm, whole, strict=True)) if comm else ()
+
+        return replace(mine, f=prof.f, b=prof.b, w=prof.w, full_b=prof.full_b,
+                       tp_f_s=within(mine.tp_f_s, prof.f), tp_b_s=within(mine.tp_b_s, prof.b),
+                       step_start_s=prof.step_start_s, step_end_s=mine.step_end_s + sp_s,
+                       source=f"{prof.source}, {job.world} ranks at once; messages, dp and "
+                       "step-end reductions modelled")
+
+    together = timed("together")
+    if any(t.alone is None for t in times.values()):
+        return together
+    solo = timed("alone")
+    # the simulated pipeline's other ranks, plus this rank's dp replicas (always busy with it)
+    p, dp = job.layout.pp, job.layout.dp
+    share = {s: ((dp - 1) + dp * (p - 1) * x) / (p * dp - 1)
+             for s, x in _overlap(simulate(job.layout.schedule, solo).timeline).items()}
+
+    def blend(a: tuple[float, ...] | None, t: tuple[float, ...] | None
+              ) -> tuple[float, ...] | None:
+        if a is None or t is None:
+            return t
+        return tuple(x + (y - x) * share.get(s, 1.0)
+                     for s, (x, y) in enumerate(zip(a, t, strict=True)))
+
+    return replace(together, f=blend(solo.f, together.f), b=blend(solo.b, together.b),
+                   w=blend(solo.w, together.w), full_b=blend(solo.full_b, together.full_b),
+                   source=together.source + "; alone and together weighed by overlap")
+
+
+def _overlap(timeline: dict[int, list[TimedAction]]) -> dict[int, float]:
+    """Per stage: the share of its compute time during which the other ranks compute too
+    (averaged over the other ranks)."""
+    spans = {r: sorted(((t.start, t.end, t) for t in row if t.action.kind.is_compute),
+                       key=lambda x: (x[0], x[1])) for r, row in timeline.items()}
+    num: dict[int, float] = {}
+    den: dict[int, float] = {}
+    for r, mine in spans.items():
+        others = [q for q in spans if q != r]
+        shared = [0.0] * len(mine)
+        for q in others:  # both lists in time order: one sweep
+            theirs, j = spans[q], 0
+            for i, (b, e, _) in enumerate(mine):
+                while j < len(theirs) and theirs[j][1] <= b:
+                    j += 1
+                k = j
+                while k < len(theirs) and theirs[k][0] < e:
+                    shared[i] += min(e, theirs[k][1]) - max(b, theirs[k][0])
+                    k += 1
+        for (b, e, t), x in zip(mine, shared, strict=True):
+            for part in t.action.parts:
+                num[part.stage] = num.get(part.stage, 0.0) + x / max(len(others), 1)
+                den[part.stage] = den.get(part.stage, 0.0) + e - b
+    return {s: num[s] / den[s] for s in den if den[s] > 0}
 
 
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
                        global_batch: int, dp_bucket_mb: float = 25.0, *,
-                       profile: bool = False) -> Estimate:
+                       profile: bool = False, cost: CostModel | None = None) -> Estimate:
     """The candidate run through the step simulator: exact under the cost model.
 
-    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`).
+    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`); ``cost``:
+    costs already profiled for ``c``.
     """
-    layout = resolve_layout(model, c.parallel_config(dp_bucket_mb), batch_size=global_batch,
-                            seq_len=seq_len)
+    layout = _layout(model, c, seq_len, global_batch, dp_bucket_mb)
     c = replace(c, partition=layout.partition_method)
-    cost = (profiled_costs(model, c, cluster, seq_len, global_batch, dp_bucket_mb) if profile
-            else costs(model, c, cluster, seq_len, dp_bucket_mb))
+    if cost is None:
+        cost = (profiled_costs(model, [c], cluster, seq_len, global_batch, dp_bucket_mb)[0]
+                if profile else costs(model, c, cluster, seq_len, dp_bucket_mb))
     result = simulate(layout.schedule, cost)
     step = result.step_time
     busy = {r: result.execution.busy(r) for r in result.timeline}

@@ -26,13 +26,14 @@ from dataclasses import dataclass, replace
 
 from conveyor.config import ConfigError, ModelConfig
 from conveyor.parallel.tp_blocks import check_tensor_parallel
+from conveyor.sim import CostModel
 
 from .cluster import Cluster
-from .estimate import Candidate, Estimate, estimate, simulate_candidate
+from .estimate import Candidate, Estimate, estimate, profiled_costs, simulate_candidate
 
 __all__ = ["Plan", "plan", "SCHEDULES", "candidates"]
 
-SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-v")
+SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v")
 """Schedules the planner weighs (gpipe is dominated by 1f1b)."""
 
 _MAX_SIMULATED_ACTIONS = 8_000
@@ -153,6 +154,14 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
     # next closed form (which, idealising the pipeline, is optimistic), or ``finalists``
     # (profiled times are not comparable with closed forms: then the first ``finalists``
     # are all simulated and ranked ahead of the rest)
+    def small(c: Candidate) -> bool:
+        return c.pp * c.virtual_stages * c.microbatches * 3 <= _MAX_SIMULATED_ACTIONS
+
+    timed: dict[Candidate, CostModel] = {}
+    if profile:  # every finalist's compute timed here, in one launch
+        picked = [e.candidate for e in fits[:finalists] if small(e.candidate)]
+        timed = dict(zip(picked, profiled_costs(model, picked, cluster, seq_len, global_batch,
+                                                dp_bucket_mb), strict=True))
     ranked: list[Estimate] = []
     best = math.inf
     for i, e in enumerate(fits):
@@ -160,12 +169,12 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
         if i >= finalists or (e.step_s >= best and not profile):
             ranked.append(e)
             continue
-        if c.pp * c.virtual_stages * c.microbatches * 3 > _MAX_SIMULATED_ACTIONS:
+        if not small(c):
             ranked.append(e)
             best = min(best, e.step_s)
             continue
         sim = simulate_candidate(model, c, cluster, seq_len, global_batch, dp_bucket_mb,
-                                 profile=profile)
+                                 cost=timed.get(c))
         if sim.peak_memory_bytes <= limit:  # the exact walk may hold more than the bound
             ranked.append(sim)
             best = min(best, sim.step_s)

@@ -144,6 +144,13 @@ class Device:
     score_bytes: float = 0.0
     """Bytes moved per attention score (per head, query and key) in one forward by
     an unfused softmax kernel; 0 for fused kernels that never write the scores."""
+    copy_bandwidth_Bps: float = math.inf
+    """Bytes per second a rank spends copying a data-parallel gradient bucket (flattened
+    before its all-reduce, averaged and copied back after); inf: free (fused on GPUs)."""
+    collectives: tuple[tuple[str, float, float], ...] = ()
+    """Measured (op, per-step latency s, bandwidth B/s) of all-reduce, all-gather and
+    reduce-scatter within a node, replacing the link's two numbers for them
+    (``sim.gloo.CommCalibration.ring_ops``; () : the link's)."""
     attention_flops: float = 0.5
     """Share of the full s x s attention matmuls the kernels run: 0.5 when causal kernels
     skip the masked half (the convention of ``models.block_forward_flops``), 1.0 when
@@ -152,7 +159,7 @@ class Device:
     @property
     def intra(self) -> Link:
         """The intra-node link."""
-        return Link(self.link_bandwidth_Bps, self.link_latency_s)
+        return Link(self.link_bandwidth_Bps, self.link_latency_s, self.collectives)
 
     @property
     def inter(self) -> Link:
@@ -243,7 +250,7 @@ def get_device(name: str) -> Device:
             name="cpu",
             peak_flops=measure_cpu_flops(),
             efficiency=CPU_EFFICIENCY,
-            memory_bytes=_host_memory(),
+            memory_bytes=host_memory(),
             link_bandwidth_Bps=GLOO_LOCALHOST_BANDWIDTH_BPS,
             link_latency_s=GLOO_LOCALHOST_LATENCY_S,
             dtype_bytes=4,  # CPU training runs in fp32
@@ -259,7 +266,8 @@ def get_device(name: str) -> Device:
         ) from None
 
 
-def _host_memory() -> int:
+def host_memory() -> int:
+    """This machine's memory in bytes (16 GiB where /proc/meminfo is missing)."""
     try:
         with open("/proc/meminfo") as f:
             return int(f.readline().split()[1]) * 1024  # first line: MemTotal in kB
@@ -366,7 +374,8 @@ def analytic_costs(
         grads, gathered = dp_grad_collectives(
             float(p * grad_bytes), bucket_bytes=dp_bucket_mb * 2**20, zero=zero,
             param_bytes=float(p * dev.dtype_bytes))
-        reduce_s.append(sum(k * collective_time(c, dp, links.dp) for c, k in grads))
+        reduce_s.append(sum(k * (collective_time(c, dp, links.dp)
+                                 + c.nbytes / dev.copy_bandwidth_Bps) for c, k in grads))
         buckets.append(max(1, sum(k for _, k in grads)))
         after_s.append(sum(collective_time(c, dp, links.dp) for c in gathered))
 

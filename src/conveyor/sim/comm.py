@@ -36,6 +36,9 @@ class Link:
 
     bandwidth_Bps: float
     latency_s: float
+    ops: tuple[tuple[str, float, float], ...] = ()
+    """Measured (op, per-step latency, bandwidth) of single collectives on this link, which
+    replace the two above for that op (``sim.gloo``: gloo's collectives are not one rate)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,9 @@ def collective_time(c: Collective, n: int, link: Link) -> float:
     if n <= 1:
         return 0.0
     steps = 2 * (n - 1) if c.op == "all-reduce" else n - 1
-    return steps * (link.latency_s + c.nbytes / n / link.bandwidth_Bps)
+    latency, bandwidth = next(((lat, bw) for op, lat, bw in link.ops if op == c.op),
+                              (link.latency_s, link.bandwidth_Bps))
+    return steps * (latency + c.nbytes / n / bandwidth)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,10 @@ class CostModel:
     step_start_s: float = 0.0
     """Extra seconds of each rank's first compute action in a step (cold caches after
     whatever ran between steps)."""
+    step_end_s: float = 0.0
+    """Seconds a step goes on after the pipeline and the dp reduction: what the runtime
+    reduces once per step (tied embedding grads across the pipeline, sequence-parallel
+    grads over tp, the loss)."""
     tp_f_s: tuple[float, ...] = ()
     """Of ``f``, the seconds each stage spends in tensor-parallel collectives (() : none)."""
     tp_b_s: tuple[float, ...] = ()
@@ -106,7 +110,7 @@ class CostModel:
                     f"full_b={self.full_b!r} needs one finite value >= 0 per stage ({n}), or None"
                 )
         for name in ("latency_s", "send_overhead_s", "recv_overhead_s", "action_overhead_s",
-                     "message_compute_s", "step_start_s"):
+                     "message_compute_s", "step_start_s", "step_end_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise CostError(f"{name}={v!r} must be finite and >= 0")

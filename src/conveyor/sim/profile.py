@@ -114,6 +114,8 @@ class RankProfile:
     """Bytes of each stage's parameters."""
     first: list[tuple[int, str, float]] = field(default_factory=list)
     """The first action of each replayed step: (stage, kind, seconds)."""
+    sp_grads: list[int] = field(default_factory=list)
+    """Bytes of each parameter whose grad the runtime sums over tp after the step (SP)."""
 
     def add(self, stage: int, kind: str, seconds: float) -> None:
         """Record one timed action."""
@@ -134,6 +136,9 @@ class _Data:
     seed: int
     partition: Partition | None = None
     """Where the cuts are (what crosses one may depend on it); None: after block 0."""
+    tp: int = 1
+    sequence_parallel: bool = False
+    """Tensor-parallel width and SP: boundaries of a tp rank hold a sequence shard under SP."""
 
     def _example(self, mb: int) -> tuple[Any, Any]:
         gen = torch.Generator().manual_seed(self.seed * 1000 + mb)
@@ -157,21 +162,27 @@ class _Data:
         first = self.tokens(0)
         shapes = ({"tokens": tuple(first.shape)} if isinstance(first, Tensor)
                   else {k: tuple(t.shape) for k, t in first.items()})
-        sig = family_of(self.cfg).signature(self.cfg, shapes, after_block)
+        sig = family_of(self.cfg).signature(self.cfg, shapes, after_block, tp=self.tp,
+                                            sequence_parallel=self.sequence_parallel)
         return {name: torch.randn(spec.shape).to(spec.dtype) if spec.dtype.is_floating_point
                 else torch.ones(spec.shape, dtype=spec.dtype) for name, spec in sig.items()}
 
 
+BlockBuilder = Callable[[ModelConfig, int, list[int]], list[nn.Module]]
+"""Builds blocks ``(cfg, seed, indices)``: ``models.build_blocks``, or a tp rank's shards."""
+
+
 def _factory(cfg: ModelConfig, partition: Partition, runner: StageFactory | None, seed: int,
              num_microbatches: int, recompute: bool | str,
-             autocast_dtype: torch.dtype | None) -> Callable[..., StageLike]:
+             autocast_dtype: torch.dtype | None,
+             build: BlockBuilder = build_blocks) -> Callable[..., StageLike]:
     make_runner = runner or _runtime_stage_runner()
 
     def make(stage: int, split_backward: bool, meter: ActivationMeter | None = None,
              blocks: list[nn.Module] | None = None) -> StageLike:
         idx = list(partition.blocks_of(stage))
         # blocks of its own: a runner attaches its weight-grad store to its blocks
-        blocks = blocks if blocks is not None else build_blocks(cfg, seed, idx)
+        blocks = blocks if blocks is not None else build(cfg, seed, idx)
         return make_runner(stage, dict(zip(idx, blocks, strict=True)),
                            num_microbatches=num_microbatches, recompute=recompute,
                            split_backward=split_backward, autocast_dtype=autocast_dtype,
@@ -255,6 +266,7 @@ class RankReplay:
         recompute: bool | str = False,
         autocast_dtype: torch.dtype | None = None,
         runner: StageFactory | None = None,
+        build: BlockBuilder = build_blocks,
     ) -> None:
         sched = layout.schedule
         self.rank = rank
@@ -262,12 +274,12 @@ class RankReplay:
         self.last = sched.num_stages - 1
         self.split = {p.stage for p in sched.parts() if p.kind is Kind.I}
         self.make = _factory(cfg, layout.partition, runner, seed, sched.num_microbatches,
-                             recompute, autocast_dtype)
-        self.data = _Data(cfg, microbatch_size, seq_len, seed, layout.partition)
+                             recompute, autocast_dtype, build)
+        self.data = _Data(cfg, microbatch_size, seq_len, seed, layout.partition, layout.tp,
+                          layout.sequence_parallel)
         self.meter = ActivationMeter()  # stages of one rank share a meter, as in the runtime
         self.stages = sched.placement.stages_of(rank)
-        blocks = {s: build_blocks(cfg, seed, list(layout.partition.blocks_of(s)))
-                  for s in self.stages}
+        blocks = {s: build(cfg, seed, list(layout.partition.blocks_of(s))) for s in self.stages}
         if cfg.tie_embeddings and 0 in blocks and self.last in blocks and self.last != 0:
             tie_weights(blocks[0][0], blocks[self.last][-1])  # one table on this rank, as Pipeline ties it
         self.runners = {s: self.make(s, s in self.split, self.meter, blocks[s])
@@ -275,7 +287,9 @@ class RankReplay:
         self.params = [p for s in self.stages for p in _params(blocks[s])]
         self.targets = {m: self.data.targets(10**6 + m) for m in range(sched.num_microbatches)}
         self.profile = RankProfile(param_bytes={
-            s: sum(p.numel() * p.element_size() for p in _params(blocks[s])) for s in self.stages})
+            s: sum(p.numel() * p.element_size() for p in _params(blocks[s])) for s in self.stages},
+            sp_grads=[p.numel() * p.element_size() for s in self.stages for p in _params(blocks[s])
+                      if getattr(p, "sequence_parallel", False)])
 
     def step(self, record: bool = True) -> None:
         """Run every compute action of the rank once, in order, on one thread."""
@@ -361,6 +375,7 @@ def replay_rank(
     runner: StageFactory | None = None,
     sync: Callable[[], None] | None = None,
     isolated_repeats: int = 3,
+    build: BlockBuilder = build_blocks,
 ) -> RankProfile:
     """Time every compute action of ``rank``'s list over ``warmup + repeats`` replayed steps.
 
@@ -369,7 +384,7 @@ def replay_rank(
     """
     replay = RankReplay(cfg, layout, rank, microbatch_size=microbatch_size, seq_len=seq_len,
                         seed=seed, recompute=recompute, autocast_dtype=autocast_dtype,
-                        runner=runner)
+                        runner=runner, build=build)
     for step in range(warmup + repeats):
         if sync is not None:
             sync()

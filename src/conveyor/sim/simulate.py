@@ -73,7 +73,7 @@ class SimResult:
     @property
     def dp_exposed(self) -> float:
         """Seconds the data-parallel reduction adds after the pipeline's last action."""
-        return max(0.0, self.step_time - self.pipeline_time)
+        return max(0.0, self.step_time - self.cost.step_end_s - self.pipeline_time)
 
     def tp_seconds(self, rank: int) -> float:
         """Seconds ``rank`` spends in tensor-parallel collectives (inside its compute)."""
@@ -102,8 +102,9 @@ class SimResult:
 
     @property
     def step_time(self) -> float:
-        """Seconds from the first action to the last, or to the end of the dp reduction."""
-        return max(self.execution.makespan, *self.dp_end.values(), 0.0)
+        """Seconds from the first action to the last, or to the end of the dp reduction,
+        plus the step's closing reductions (``cost.step_end_s``)."""
+        return max(self.execution.makespan, *self.dp_end.values(), 0.0) + self.cost.step_end_s
 
     @property
     def bubble_fraction(self) -> float:
