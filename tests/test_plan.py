@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -151,3 +152,13 @@ def test_profiled_plan_times_the_finalists_here() -> None:
     assert simulate_candidate(TINY, c, Cluster.build("cpu", 4), 16, 8, profile=True).step_s > 0
     with pytest.raises(ConfigError, match="--device cpu"):
         plan(TINY, Cluster.build("a100", 2), global_batch=8, seq_len=16, profile=True)
+
+
+def test_an_imported_models_special_ids_round_trip_through_the_toml(tmp_path: Path) -> None:
+    ids = {"pad": 0, "cls": 101, "sep": 102, "mask": 103}
+    model = dataclasses.replace(TINY, family="bert", special_ids=ids)
+    p = plan(model, Cluster.build("cpu", 2), global_batch=8, seq_len=16)
+    out = tmp_path / "plan.toml"
+    out.write_text(to_toml(p))
+    run = build_run_config(build_parser().parse_args(["train", "--config", str(out)]))
+    assert run.model.special_ids == ids and run.model == p.model
