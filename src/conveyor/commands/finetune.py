@@ -114,9 +114,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     summary = results[min(results)]
     run_dir = Path(summary["run_dir"])
-    kind = json.loads((run_dir / "task.json").read_text())["kind"]
-    follow = (f"conveyor predict --checkpoint {run_dir} --text ..."
-              if kind == "classification" else f"conveyor report {run_dir}")
+    task_meta = json.loads((run_dir / "task.json").read_text())
+    if task_meta.get("text_to_text") or task_meta["kind"] != "classification":
+        follow = f"conveyor generate --checkpoint {run_dir} --prompts-file FILE"
+    else:
+        follow = f"conveyor predict --checkpoint {run_dir} --text ..."
     table = summarize(read_metrics(run_dir / METRICS_FILE)).table(
         extra=[("checkpoint", summary["checkpoint"]), ("next", follow)])
     print(f"\nrun {run_dir}\n{table}")
