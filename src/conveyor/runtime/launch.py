@@ -34,7 +34,6 @@ import torch.multiprocessing as mp
 
 from ..log import get_logger, setup_logging
 from .faults import fault_point
-from .host_memory import keep_freed_memory
 
 __all__ = ["Preempted", "RankDied", "launch", "default_backend", "under_torchrun", "free_port"]
 
@@ -84,7 +83,6 @@ def _loopback_store(rank: int, world_size: int, port: int,
 def _init(rank: int, world_size: int, backend: str, timeout_s: float, threads: int,
           local_port: int | None = None) -> None:
     torch.set_num_threads(threads)
-    keep_freed_memory()  # before the first step allocates: see host_memory
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
