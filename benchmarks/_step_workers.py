@@ -13,11 +13,13 @@ takes the max over ranks. Single-process cases run on rank 0 while the other ran
 sleep in the next barrier.
 
 Compute time (for the bubble):
-  - Conveyor: the executor's own timeline (``executor.record``): F, B and W actions.
+  - Conveyor: the executor's own timeline (``executor.record``): F, B and W actions,
+    less the waits for their inputs (a receive is waited on inside the action that
+    reads it, and timed there as its own entry).
   - torch: wall time inside the stage's ``forward_one_chunk``, ``backward_one_chunk``
     and ``backward_weight_one_chunk`` plus the loss function, by wrapping those
     bound methods on each ``PipelineStage``. Receives are waited on by the schedule
-    outside these methods, so waiting is not counted as compute on either side.
+    outside these methods. Waiting is not counted as compute on either side.
 
 Loss scaling: Conveyor's last stage uses ``lm_loss / M`` per microbatch and sums
 grads. torch's schedules, with ``scale_grads=True`` (their default), divide all grads
@@ -258,7 +260,11 @@ class ConveyorRunner(_Runner):
         return loss
 
     def compute_s(self) -> float:
-        return sum(t.end - t.start for t in self.pipe.executor.timeline if t.action.kind.is_compute)
+        # a compute action's span includes the wait for its input (the receive is timed
+        # inside it, as its own entry): only the rest is compute
+        timeline = self.pipe.executor.timeline
+        spans = sum(t.end - t.start for t in timeline if t.action.kind.is_compute)
+        return spans - sum(t.end - t.start for t in timeline if not t.action.kind.is_compute)
 
     def peak_stash(self) -> int:
         return self.pipe.peak_stashed_bytes()
