@@ -29,7 +29,7 @@ from conveyor.models.hf import check_exportable
 from conveyor.models.hf_gpt2 import GPT2
 from conveyor.models.hf_llama import LLAMA
 from conveyor.train.checkpoint import save_checkpoint
-from conveyor.train.export import load_exported
+from conveyor.train.export import load_exported, read_exported_config
 from conveyor.train.metrics import read_metrics, train_rows
 from conveyor.train.trainer import prepare
 
@@ -68,7 +68,7 @@ def _hf_gpt2(path: Path) -> Any:
     return model
 
 
-def _hf_llama(path: Path, **save: Any) -> Any:
+def _hf_llama(path: Path, hidden_act: str = "silu", **save: Any) -> Any:
     """Llama with GQA (2 kv heads for 4), a vocabulary padded past the tokenizer's, "</s>" as eos."""
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe(["<s>", "</s>"]),
                                                bos_token="<s>", eos_token="</s>")
@@ -76,7 +76,7 @@ def _hf_llama(path: Path, **save: Any) -> Any:
         vocab_size=tok.vocab_size + 6, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, initializer_range=0.2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, hidden_act=hidden_act)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path, **save)
@@ -157,6 +157,28 @@ def test_import_matches_transformers_and_exports_back(
         assert torch.equal(tensor, original[name]), name
     back_tok = transformers.AutoTokenizer.from_pretrained(back)
     assert back_tok.encode(SAMPLE, add_special_tokens=False) == ours_tok.encode(SAMPLE)
+
+
+def test_a_geglu_llama_imports_and_exports_with_its_activation(tmp_path: Path) -> None:
+    hf_dir, ours, back = tmp_path / "hf", tmp_path / "conveyor", tmp_path / "back"
+    hf_model = _hf_llama(hf_dir, hidden_act="gelu_pytorch_tanh")
+    assert main(["import", str(hf_dir), "--out", str(ours)]) == 0
+    model, cfg = load_exported(ours)
+    assert cfg.activation == "gelu_tanh"
+    torch.testing.assert_close(_conveyor_logits(model.eval(), TOKENS),
+                               _hf_logits(hf_model, TOKENS), rtol=0, atol=1e-4)
+    assert main(["export", "--checkpoint", str(ours), "--out", str(back), "--format", "hf"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(back)
+    assert again.config.hidden_act == "gelu_pytorch_tanh"
+    _same_tensors(hf_dir, back)
+    # an ordinary (silu) Llama's config stays the default: activation None
+    assert read_exported_config(_import(tmp_path / "silu", _hf_llama)).activation is None
+
+
+def _import(path: Path, build: Any) -> Path:
+    build(path / "hf")
+    assert main(["import", str(path / "hf"), "--out", str(path / "ours")]) == 0
+    return path / "ours"
 
 
 def _conveyor_run(tmp_path: Path, cfg: ModelConfig,

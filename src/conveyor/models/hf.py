@@ -21,6 +21,7 @@ from torch import Tensor
 from conveyor.config import ConfigError, ModelConfig
 
 __all__ = [
+    "HF_ACTIVATIONS", "TO_HF_ACTIVATION",
     "TensorMap",
     "HFFamily",
     "SHAPE_FIELDS",
@@ -31,6 +32,17 @@ __all__ = [
     "to_conveyor",
     "to_hf",
 ]
+
+
+HF_ACTIVATIONS: dict[str, str] = {
+    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+    "silu": "silu", "swish": "silu",
+}
+"""HF's ``hidden_act`` names -> ``ModelConfig.activation`` (gelu_new and gelu_pytorch_tanh
+compute the same tanh GELU)."""
+TO_HF_ACTIVATION: dict[str, str] = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                                    "relu": "relu", "silu": "silu"}
+"""``ModelConfig.act`` -> the ``hidden_act`` name an export writes."""
 
 
 SHAPE_FIELDS = frozenset({"vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",

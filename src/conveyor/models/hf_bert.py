@@ -24,7 +24,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.config import ConfigError, ModelConfig
-from conveyor.models.hf import SHAPE_FIELDS, HFFamily, TensorMap, hf_field, refuse
+from conveyor.models.hf import (
+    HF_ACTIVATIONS,
+    SHAPE_FIELDS,
+    TO_HF_ACTIVATION,
+    HFFamily,
+    TensorMap,
+    hf_field,
+    refuse,
+)
 
 __all__ = ["BERT_MLM", "BERT_PRETRAINING", "BERT_CLASSIFIER", "NUM_SEGMENTS"]
 
@@ -38,10 +46,6 @@ _DEFAULTS: dict[str, Any] = {
     "layer_norm_eps": 1e-12, "position_embedding_type": "absolute", "is_decoder": False,
     "add_cross_attention": False, "tie_word_embeddings": True,
 }
-# HF's hidden_act names -> ModelConfig.activation
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
 
 
 def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
@@ -50,9 +54,9 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         return hf_field(raw, key, _DEFAULTS[key])
 
     act = get("hidden_act")
-    if act not in _ACTIVATIONS:
+    if act not in HF_ACTIVATIONS:
         raise refuse(where, "hidden_act", act,
-                     f"Conveyor's activations are {', '.join(sorted(_ACTIVATIONS))}")
+                     f"Conveyor's activations are {', '.join(sorted(HF_ACTIVATIONS))}")
     for key, want, why in (
         ("type_vocab_size", NUM_SEGMENTS, "Conveyor's bert has two segments (sentence A, B)"),
         ("position_embedding_type", "absolute", "Conveyor's bert learns absolute positions"),
@@ -83,7 +87,7 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         norm_eps=float(get("layer_norm_eps")),
         init_std=float(get("initializer_range")),
         norm_position="post",
-        activation=_ACTIVATIONS[act],  # type: ignore[arg-type]
+        activation=HF_ACTIVATIONS[act],  # type: ignore[arg-type]
         head_bias=True,
         **fields,
     )
@@ -103,7 +107,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "intermediate_size": cfg.ffn_dim,
-        "hidden_act": _HF_ACTIVATION[cfg.act],
+        "hidden_act": TO_HF_ACTIVATION[cfg.act],
         "max_position_embeddings": cfg.max_seq_len,
         "type_vocab_size": NUM_SEGMENTS,
         "initializer_range": cfg.init_std,

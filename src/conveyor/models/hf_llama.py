@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.config import ModelConfig
-from conveyor.models.hf import SHAPE_FIELDS, HFFamily, TensorMap, hf_field, refuse
+from conveyor.models.hf import (
+    HF_ACTIVATIONS,
+    SHAPE_FIELDS,
+    TO_HF_ACTIVATION,
+    HFFamily,
+    TensorMap,
+    hf_field,
+    refuse,
+)
 
 __all__ = ["LLAMA"]
 
@@ -45,8 +53,10 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
     def get(key: str) -> Any:
         return hf_field(raw, key, _DEFAULTS[key])
 
-    if get("hidden_act") != "silu":
-        raise refuse(where, "hidden_act", get("hidden_act"), "Conveyor's llama MLP is SwiGLU (silu)")
+    act = get("hidden_act")
+    if act not in HF_ACTIVATIONS:  # the gate's activation: silu is SwiGLU, gelu_tanh GeGLU
+        raise refuse(where, "hidden_act", act,
+                     f"Conveyor's activations are {', '.join(sorted(HF_ACTIVATIONS))}")
     for key in ("attention_bias", "mlp_bias"):
         if get(key):
             raise refuse(where, key, get(key), "Conveyor's llama projections have no biases")
@@ -69,6 +79,8 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         norm_eps=float(get("rms_norm_eps")),
         rope_theta=_rope_theta(raw, where),
         init_std=float(get("initializer_range")),
+        # None (the flavour's silu) keeps an ordinary Llama's config equal to a fresh one's
+        activation=None if HF_ACTIVATIONS[act] == "silu" else HF_ACTIVATIONS[act],  # type: ignore[arg-type]
     )
 
 
@@ -82,7 +94,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": TO_HF_ACTIVATION[cfg.act],
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "initializer_range": cfg.init_std,
@@ -129,7 +141,7 @@ LLAMA = HFFamily(
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     tensor_maps=tensor_maps,
-    exported_fields=SHAPE_FIELDS | {"n_kv_heads", "rope_theta"},
+    exported_fields=SHAPE_FIELDS | {"n_kv_heads", "rope_theta", "activation"},
     # the rotary table older transformers saved with every attention layer
     ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
     base_prefix="model.",
