@@ -35,8 +35,12 @@ from conveyor.data.tokenizer import load_tokenizer
 from conveyor.models import SequentialModel
 from conveyor.train.checkpoint import save_checkpoint
 from conveyor.train.export import load_exported, read_exported_config
-from conveyor.train.metrics import read_metrics, train_rows
-from test_hf_families import _conveyor_logits, _two_stage_logits
+from test_hf_families import (
+    _conveyor_logits,
+    _two_stage_logits,
+    assert_init_at_pp2_matches_one_process,
+    small_corpus,
+)
 from test_hf_interop import (
     SAMPLE,
     TEXT,
@@ -226,20 +230,8 @@ def test_pre_norm_bert_is_refused_on_export_in_one_line(
 @pytest.mark.multiprocess
 def test_train_init_of_a_bert_directory_at_pp2_matches_one_process(tmp_path: Path) -> None:
     _hf_bert(tmp_path / "hf")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text((TEXT + SAMPLE + "\n") * (6 + i))
-    losses = {}
-    for pp in ("1", "2"):
-        assert main(["train", "--init", str(tmp_path / "hf"), "--data", str(corpus),
-                     "--batch-size", "4", "--microbatches", "2", "--steps", "2", "--lr", "1e-3",
-                     "--warmup", "1", "--val-fraction", "0", "--eval-every", "0",
-                     "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
-                     "--name", f"pp{pp}", "--pp", pp]) == 0
-        rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
-        losses[pp] = [r["loss"] for r in rows]
-    assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
+    assert_init_at_pp2_matches_one_process(tmp_path, "train", "--data", str(small_corpus(tmp_path)),
+                                           "--val-fraction", "0")
 
 
 @pytest.mark.multiprocess
@@ -249,16 +241,8 @@ def test_finetune_init_of_a_bert_directory_at_pp2_matches_one_process(tmp_path: 
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"text": SAMPLE[:20 + i], "label": words[i % 3]}) + "\n"
                             for i in range(24)))
-    losses = {}
-    for pp in ("1", "2"):
-        assert main(["finetune", "--init", str(tmp_path / "hf"), "--task", str(task),
-                     "--batch-size", "4", "--microbatches", "2", "--steps", "2", "--lr", "1e-3",
-                     "--warmup", "1", "--val-fraction", "0.25", "--eval-every", "0",
-                     "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
-                     "--name", f"pp{pp}", "--pp", pp]) == 0
-        rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
-        losses[pp] = [r["loss"] for r in rows]
-    assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
+    assert_init_at_pp2_matches_one_process(tmp_path, "finetune", "--task", str(task),
+                                           "--val-fraction", "0.25")
 
 
 def test_sequence_classifier_converts_both_ways_with_its_labels(tmp_path: Path) -> None:

@@ -138,23 +138,33 @@ def test_t5_imports_with_transformers_logits_and_exports_back(
     _same_tensors(hf_dir, back)  # and every other tensor is the one transformers saved
 
 
-@pytest.mark.multiprocess
-def test_train_init_of_a_t5_directory_at_pp2_matches_one_process(tmp_path: Path) -> None:
-    _hf_t5(tmp_path / "hf")
+def small_corpus(tmp_path: Path) -> Path:
+    """A directory of four small text files (enough rows for batch 4 at seq 32)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
         (corpus / f"doc{i}.txt").write_text((TEXT + SAMPLE + "\n") * (6 + i))
+    return corpus
+
+
+def assert_init_at_pp2_matches_one_process(tmp_path: Path, command: str, *data: str) -> None:
+    """``conveyor COMMAND --init tmp_path/hf DATA...`` at pp 2 logs the losses it logs at pp 1."""
     losses = {}
     for pp in ("1", "2"):
-        assert main(["train", "--init", str(tmp_path / "hf"), "--data", str(corpus),
+        assert main([command, "--init", str(tmp_path / "hf"), *data,
                      "--batch-size", "4", "--microbatches", "2", "--steps", "2", "--lr", "1e-3",
-                     "--warmup", "1", "--val-fraction", "0", "--eval-every", "0",
-                     "--checkpoint-every", "0", "--run-dir", str(tmp_path / "runs"),
-                     "--name", f"pp{pp}", "--pp", pp]) == 0
+                     "--warmup", "1", "--eval-every", "0", "--checkpoint-every", "0",
+                     "--run-dir", str(tmp_path / "runs"), "--name", f"pp{pp}", "--pp", pp]) == 0
         rows = train_rows(read_metrics(tmp_path / f"runs/pp{pp}/metrics.jsonl"))
         losses[pp] = [r["loss"] for r in rows]
     assert len(losses["1"]) == 2 and losses["2"] == pytest.approx(losses["1"], rel=1e-5, abs=0)
+
+
+@pytest.mark.multiprocess
+def test_train_init_of_a_t5_directory_at_pp2_matches_one_process(tmp_path: Path) -> None:
+    _hf_t5(tmp_path / "hf")
+    assert_init_at_pp2_matches_one_process(tmp_path, "train", "--data", str(small_corpus(tmp_path)),
+                                           "--val-fraction", "0")
 
 
 T5_CFG = ModelConfig(family="t5", flavour="llama", vocab_size=320, n_layers=2, d_model=32,

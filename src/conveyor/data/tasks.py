@@ -15,9 +15,10 @@ the fix (a missing field, a value that is not a non-empty string).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -90,16 +91,7 @@ def read_records(path: Path, kind: Kind | None = None) -> tuple[Kind, list[Recor
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read task file {path} ({err}); pass a UTF-8 .jsonl file") from None
     records: list[Record] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not a JSON object ({err.msg}); one record per line") from None
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: not a JSON object; one record per line")
+    for where, raw in _objects(path, lines):
         kind = kind or _kind_of(raw, where)
         first, second = FIELDS[kind]
         records.append(Record(_field(raw, first, where),
@@ -109,13 +101,8 @@ def read_records(path: Path, kind: Kind | None = None) -> tuple[Kind, list[Recor
     return kind, records
 
 
-def read_inputs(path: Path) -> list[Record]:
-    """Records to classify: a ``text`` each, and a ``label`` where known (else empty)."""
-    records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read --input {path} ({err}); pass a UTF-8 .jsonl file") from None
+def _objects(path: Path, lines: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``path:line``, object) of each non-blank line; DataError naming a line that is none."""
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -126,6 +113,17 @@ def read_inputs(path: Path) -> list[Record]:
             raise DataError(f"{where}: not a JSON object ({err.msg}); one record per line") from None
         if not isinstance(raw, dict):
             raise DataError(f"{where}: not a JSON object; one record per line")
+        yield where, raw
+
+
+def read_inputs(path: Path) -> list[Record]:
+    """Records to classify: a ``text`` each, and a ``label`` where known (else empty)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read --input {path} ({err}); pass a UTF-8 .jsonl file") from None
+    for where, raw in _objects(path, lines):
         label = _field(raw, "label", where, label=True) if "label" in raw else ""
         records.append(Record(_field(raw, "text", where), label))
     if not records:
