@@ -364,14 +364,19 @@ def test_cli_pipelined_prompts_file_matches_one_process_and_traces(
     tmp_path: Path, tokenizer: Tokenizer
 ) -> None:
     out = _export_dir(tmp_path, tokenizer, _cli_cfg(tokenizer))
+    names = assert_pp2_file_matches_one_process(tmp_path, out, ["The quick", "café à la", "fox"])
+    assert {"F0 s0", "F0 s1", "F0 s2"} <= names  # stage 2 is round 1 on rank 0: the ring
+
+
+def assert_pp2_file_matches_one_process(tmp_path: Path, model: Path, prompts: list[str]) -> set[str]:
+    """`conveyor generate --prompts-file` writes the same at pp 2 as at pp 1; the trace's names."""
     txt = tmp_path / "prompts.txt"
-    txt.write_text("The quick\ncafé à la\nfox\n")
-    common = ["generate", "--checkpoint", str(out), "--prompts-file", str(txt), "--seed", "5",
+    txt.write_text("\n".join(prompts) + "\n")
+    common = ["generate", "--checkpoint", str(model), "--prompts-file", str(txt), "--seed", "5",
               "--max-new-tokens", "5", "--timeout", "60"]
     assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
     trace = tmp_path / "trace.json"
     assert main([*common, "--pp", "2", "--output", str(tmp_path / "two.jsonl"),
                  "--trace", str(trace)]) == 0
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
-    names = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"}
-    assert {"F0 s0", "F0 s1", "F0 s2"} <= names  # stage 2 is round 1 on rank 0: the ring
+    return {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"}

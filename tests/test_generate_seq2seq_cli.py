@@ -17,6 +17,7 @@ from conveyor.data.tokenizer import Tokenizer, train_tokenizer
 from conveyor.generation.batch import Sampling
 from conveyor.generation.seq2seq import generate_seq2seq, t5_specials
 from conveyor.models import SequentialModel
+from test_generate import assert_pp2_file_matches_one_process
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3,
          "def generate(model, source):\n    return model(source)\n" * 3,
@@ -84,16 +85,7 @@ def test_cli_streams_one_output_and_writes_a_file_of_sources(
 @pytest.mark.multiprocess
 def test_cli_pipelined_file_matches_one_process(tmp_path: Path, tokenizer: Tokenizer) -> None:
     out = _export(tmp_path, tokenizer, _cfg(tokenizer))
-    txt = tmp_path / "sources.txt"
-    txt.write_text("\n".join(SOURCES) + "\n")
-    common = ["generate", "--checkpoint", str(out), "--prompts-file", str(txt), "--seed", "5",
-              "--max-new-tokens", "5", "--timeout", "60"]
-    assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
-    trace = tmp_path / "trace.json"
-    assert main([*common, "--pp", "2", "--output", str(tmp_path / "two.jsonl"),
-                 "--trace", str(trace)]) == 0
-    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
-    names = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"}
+    names = assert_pp2_file_matches_one_process(tmp_path, out, SOURCES)
     assert {"F0 s0", "F0 s1", "F0 s2"} <= names  # round 0 (the encoder) on both, round 1
 
 
