@@ -45,6 +45,7 @@ from conveyor.plan import Candidate, Cluster, simulate_candidate
 from conveyor.plan.estimate import costs_from_times, profile_jobs_of
 from conveyor.runtime.launch import launch
 from conveyor.runtime.pipeline import Pipeline
+from conveyor.runtime.stage import StageRunner
 from conveyor.sim.gloo import calibrate
 from conveyor.sim.group_profile import GroupReplay, Job
 from sim_accuracy import _others, _Usage  # the same load measurement
@@ -77,7 +78,7 @@ def _worker(model: ModelConfig, cands: list[Candidate], batch: int, reps: int,
             jobs: list[Job]) -> dict[str, Any]:
     torch.set_num_threads(1)
     # the planner's profile of every layout, a round of it before each measured round
-    group = GroupReplay(model, jobs) if jobs else None
+    group = GroupReplay(model, jobs, runner=StageRunner) if jobs else None
     meshes: dict[tuple[int, int, int], Mesh] = {}
     pipes = []
     for c in cands:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     predicted, cal = analytic, None
     jobs = profile_jobs_of(model, cands, args.seq, args.batch) if args.profile else []
     if args.profile:  # what `conveyor plan --profile` does: calibrate, then time every layout
-        cal = calibrate()
+        cal = calibrate(launch=launch)
     started = time.perf_counter()
     got = launch(_worker, 2, model, cands, args.batch, args.reps, jobs, timeout_s=1800)
     if args.profile:

@@ -211,6 +211,7 @@ def test_unknown_family_is_one_line() -> None:
 
 @pytest.mark.parametrize("family", ["bert", "t5"])
 def test_profiler_replays_every_family(family: str) -> None:
+    from conveyor.runtime.stage import StageRunner
     from conveyor.sim.profile import profile_costs
     from conveyor.sim.simulate import simulate
 
@@ -218,7 +219,8 @@ def test_profiler_replays_every_family(family: str) -> None:
     layout = resolve_layout(cfg, ParallelConfig(pp=2, schedule="zb-v", microbatches=2),
                             batch_size=4)
     for part in (layout, layout.partition):  # replayed in schedule order; each stage alone
-        cost = profile_costs(cfg, part, microbatch_size=2, seq_len=16, repeats=1, warmup=0)
+        cost = profile_costs(cfg, part, microbatch_size=2, seq_len=16, repeats=1, warmup=0,
+                             runner=StageRunner)
         assert simulate(layout.schedule, cost).step_time > 0
     assert not family_of(cfg).generates
 

@@ -54,3 +54,11 @@ def test_no_upward_imports(package: str) -> None:
 def test_schedules_import_without_torch() -> None:
     code = "import sys, conveyor.schedules; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("package", ["schedules", "sim", "plan"])
+def test_no_runtime_by_name(package: str) -> None:
+    """A module looked up by name is an import the rule above cannot see: none here."""
+    for path in sorted((SRC / package).rglob("*.py")):
+        text = path.read_text()
+        assert "import_module(" not in text and "__import__(" not in text, path

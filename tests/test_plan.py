@@ -21,6 +21,7 @@ from conveyor.plan.published import (
     predict_table1,
     table1_model,
 )
+from conveyor.runtime.profiling import profiling_runtime
 
 TINY = ModelConfig(vocab_size=320, n_layers=4, d_model=32, n_heads=2, max_seq_len=16)
 
@@ -143,15 +144,16 @@ def test_recompute_flag_and_file_take_the_three_modes(tmp_path: Path,
 
 
 def test_profiled_plan_times_the_finalists_here() -> None:
-    p = plan(TINY, Cluster.build("cpu", 2), global_batch=8, seq_len=16, profile=True,
+    runtime = profiling_runtime()
+    p = plan(TINY, Cluster.build("cpu", 2), global_batch=8, seq_len=16, profile=runtime,
              finalists=4)
     assert p.best.simulated and p.best.step_s > 0
     # the profiler runs the runtime's stage runner: selective recomputation included
     c = Candidate(tp=2, pp=2, dp=1, schedule="zb-h1", virtual_stages=1, microbatch_size=2,
                   microbatches=4, recompute="selective")
-    assert simulate_candidate(TINY, c, Cluster.build("cpu", 4), 16, 8, profile=True).step_s > 0
+    assert simulate_candidate(TINY, c, Cluster.build("cpu", 4), 16, 8, profile=runtime).step_s > 0
     with pytest.raises(ConfigError, match="--device cpu"):
-        plan(TINY, Cluster.build("a100", 2), global_batch=8, seq_len=16, profile=True)
+        plan(TINY, Cluster.build("a100", 2), global_batch=8, seq_len=16, profile=runtime)
 
 
 def test_an_imported_models_special_ids_round_trip_through_the_toml(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from conveyor.config import ConfigError, ModelConfig
 from conveyor.parallel.layout import resolve_layout
 from conveyor.plan import Candidate, Cluster, load_device, profiled_costs, simulate_candidate
 from conveyor.plan.estimate import costs, step_end_seconds
+from conveyor.runtime.launch import launch
+from conveyor.runtime.profiling import profiling_runtime
 from conveyor.sim import CostError, simulate
 from conveyor.sim.comm import Collective, collective_time
 from conveyor.sim.gloo import CommCalibration, Fit, calibrate, fit_line
@@ -85,16 +87,16 @@ def test_step_end_reductions_are_in_the_step() -> None:
 @pytest.mark.multiprocess
 def test_calibrate_measures_caches_and_reuses(tmp_path: Path) -> None:
     path = tmp_path / "gloo.json"
-    cal = calibrate(path, sizes=(4096, 65536), repeats=2)
+    cal = calibrate(path, launch=launch, sizes=(4096, 65536), repeats=2)
     assert set(cal.fits) == {"all-reduce", "all-gather", "reduce-scatter", "send-recv",
                              "bucket-copy"}
     assert all(f.bandwidth_Bps > 0 and f.latency_s >= 0 for f in cal.fits.values())
     assert [b for b, _ in cal.medians["all-reduce"]] == [4096, 65536]
-    again = calibrate(path)  # read back, not measured
+    again = calibrate(path, launch=launch)  # read back, not measured
     assert again.fits == cal.fits
     path.write_text("{")
     with pytest.raises(CostError, match="delete it"):
-        calibrate(path)
+        calibrate(path, launch=launch)
 
 
 @pytest.mark.multiprocess
@@ -105,7 +107,7 @@ def test_profiled_costs_time_every_rank_at_once() -> None:
                      microbatches=4, partition="uniform")
     tp = Candidate(tp=2, pp=1, dp=1, schedule="1f1b", virtual_stages=1, microbatch_size=4,
                    microbatches=2, sequence_parallel=True)
-    got = profiled_costs(TINY, [pipe, tp], cluster, 16, 8)
+    got = profiled_costs(TINY, [pipe, tp], cluster, 16, 8, runtime=profiling_runtime())
     assert "alone and together" in got[0].source and "alone" not in got[1].source
     assert all(x > 0 for k in got for x in (*k.f, *k.b, *k.w))
     # the tp share reported is the collective model's, never more than the measured F

@@ -12,6 +12,7 @@ import torch
 from conveyor.config import ModelConfig
 from conveyor.models import block_param_counts, build_blocks
 from conveyor.parallel.partition import uniform
+from conveyor.runtime.stage import StageRunner
 from conveyor.schedules import (
     SCHEDULE_CHUNKS,
     Kind,
@@ -323,7 +324,8 @@ def test_table_has_a_row_per_rank() -> None:
 
 def test_profile_tiny_model() -> None:
     part = uniform(TINY.num_blocks, 2)
-    cost = profile_costs(TINY, part, microbatch_size=4, seq_len=16, warmup=1, repeats=3)
+    cost = profile_costs(TINY, part, microbatch_size=4, seq_len=16, warmup=1, repeats=3,
+                         runner=StageRunner)
     assert cost.num_stages == 2
     assert all(x > 0 for x in cost.f + cost.b + cost.w)
     assert all(x > 0 for x in cost.activation_bytes)
@@ -397,8 +399,6 @@ def test_message_and_step_start_costs_are_busy() -> None:
 def test_profile_replays_the_runtime_stage_runner() -> None:
     from conveyor.config import ParallelConfig
     from conveyor.parallel.layout import resolve_layout
-    from conveyor.runtime.stage import StageRunner
-
     built: list[tuple[int, bool]] = []
 
     def runner(stage: int, blocks: dict, **kw: object) -> StageRunner:

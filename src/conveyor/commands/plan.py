@@ -56,19 +56,21 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..plan import Cluster, plan, table, why, write_toml
+    from ..runtime.profiling import profiling_runtime
 
     model = load_model_config(args.model)
     cluster = Cluster.build(args.device, args.gpus, args.gpus_per_node)
     if args.memory_gib is not None and not args.memory_gib > 0:
         raise ConfigError(f"--memory-gib {args.memory_gib} must be > 0")
     start = time.perf_counter()
-    if args.profile and cluster.device.name == "cpu" and not cluster.device.collectives:
+    runtime = profiling_runtime() if args.profile else None
+    if runtime is not None and cluster.device.name == "cpu" and not cluster.device.collectives:
         from ..sim.cost import CostError
         from ..sim.gloo import calibrate, default_path
 
         path = args.calibration or default_path()
         try:
-            cal = calibrate(path, refresh=args.recalibrate)
+            cal = calibrate(path, launch=runtime.launch, refresh=args.recalibrate)
         except CostError as err:
             raise ConfigError(str(err)) from None
         cluster = cluster.calibrated(cal)
@@ -78,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     result = plan(model, cluster, global_batch=args.batch,
                   seq_len=args.seq_len or model.max_seq_len,
                   memory_limit=None if args.memory_gib is None else args.memory_gib * 2**30,
-                  dp_bucket_mb=args.dp_bucket_mb, profile=args.profile)
+                  dp_bucket_mb=args.dp_bucket_mb, profile=runtime)
     print(table(result, args.top))
     print(f"planned in {time.perf_counter() - start:.2f} s\n\nwhy: {why(result)}")
     if args.out:

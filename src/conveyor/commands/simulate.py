@@ -149,7 +149,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.tp * args.dp > 1 or args.recompute != "none":
             raise ConfigError("--profile times one pipeline's stages; drop --tp, --dp and "
                               "--recompute, or use the analytic model (no --profile)")
-        cost = profile_costs(cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq)
+        from ..runtime.stage import StageRunner
+
+        cost = profile_costs(cfg, partition, microbatch_size=args.microbatch_size, seq_len=seq,
+                             runner=StageRunner)
     else:
         device = get_device(args.device)
         if args.gpus_per_node is not None:

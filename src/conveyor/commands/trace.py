@@ -27,6 +27,7 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..parallel.layout import resolve_layout
+    from ..runtime.stage import StageRunner
     from ..sim import profile_costs, render_comparison, simulate, write_chrome_trace
     from ..sim.timeline_io import load_timeline
     from ..train.rundir import CONFIG_FILE, TIMELINE_FILE
@@ -58,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     schedule = layout.schedule
     assert layout.microbatch_size is not None  # the batch size was given
     cost = profile_costs(model, layout.partition, microbatch_size=layout.microbatch_size,
-                         seq_len=model.max_seq_len)
+                         seq_len=model.max_seq_len, runner=StageRunner)
     sim = simulate(schedule, cost)
 
     from ..schedules.validate import Execution

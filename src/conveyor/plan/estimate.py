@@ -44,7 +44,7 @@ from conveyor.sim.activations import recompute_mode
 from conveyor.sim.analytic import gloo_runtime_costs
 from conveyor.sim.comm import Collective, MeshLinks, collective_time
 from conveyor.sim.group_profile import Job, RankTimes, profile_jobs
-from conveyor.sim.profile import costs_from_profiles
+from conveyor.sim.profile import Runtime, costs_from_profiles
 
 from .cluster import Cluster
 
@@ -241,7 +241,7 @@ def _layout(model: ModelConfig, c: Candidate, seq_len: int, global_batch: int,
 
 def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Cluster,
                    seq_len: int, global_batch: int, dp_bucket_mb: float = 25.0, *,
-                   repeats: int = 3) -> list[CostModel]:
+                   runtime: Runtime, repeats: int = 3) -> list[CostModel]:
     """Each candidate's costs with its compute timed on this machine (``sim.group_profile``).
 
     Every rank of each layout runs in its own local process at once, replaying its
@@ -250,14 +250,15 @@ def profiled_costs(model: ModelConfig, cands: Sequence[Candidate], cluster: Clus
     cluster's collective model's). The pipeline's messages, the dp reduction and the
     once-per-step reductions are the model's, on the cluster's device (with
     ``--profile``, collectives measured here: ``sim.gloo``); layouts are profiled in
-    one launch per world size; ``repeats`` replayed steps each (after one warm-up).
+    one launch per world size; ``repeats`` replayed steps each (after one warm-up);
+    ``runtime`` is what runs them (``conveyor.runtime.profiling``).
     """
     jobs = profile_jobs_of(model, cands, seq_len, global_batch, dp_bucket_mb)
     profiles: list[dict[tuple[int, int, int], RankTimes]] = [{} for _ in jobs]
     for world in sorted({j.world for j in jobs}):
         mine = [i for i, j in enumerate(jobs) if j.world == world]
-        for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine],
-                                                         repeats=repeats), strict=True):
+        for i, got in zip(mine, profile_jobs(model, [jobs[i] for i in mine], runtime=runtime,
+                                             repeats=repeats), strict=True):
             profiles[i] = got
     return costs_from_times(model, cands, cluster, seq_len, jobs, profiles, dp_bucket_mb)
 
@@ -368,17 +369,19 @@ def _overlap(timeline: dict[int, list[TimedAction]]) -> dict[int, float]:
 
 def simulate_candidate(model: ModelConfig, c: Candidate, cluster: Cluster, seq_len: int,
                        global_batch: int, dp_bucket_mb: float = 25.0, *,
-                       profile: bool = False, cost: CostModel | None = None) -> Estimate:
+                       profile: Runtime | None = None, cost: CostModel | None = None
+                       ) -> Estimate:
     """The candidate run through the step simulator: exact under the cost model.
 
-    ``profile`` (cpu only): time the compute here (:func:`profiled_costs`); ``cost``:
-    costs already profiled for ``c``.
+    ``profile`` (cpu only): time the compute here with this runtime
+    (:func:`profiled_costs`); ``cost``: costs already profiled for ``c``.
     """
     layout = _layout(model, c, seq_len, global_batch, dp_bucket_mb)
     c = replace(c, partition=layout.partition_method)
     if cost is None:
-        cost = (profiled_costs(model, [c], cluster, seq_len, global_batch, dp_bucket_mb)[0]
-                if profile else costs(model, c, cluster, seq_len, dp_bucket_mb))
+        cost = (profiled_costs(model, [c], cluster, seq_len, global_batch, dp_bucket_mb,
+                               runtime=profile)[0]
+                if profile is not None else costs(model, c, cluster, seq_len, dp_bucket_mb))
     result = simulate(layout.schedule, cost)
     step = result.step_time
     busy = {r: result.execution.busy(r) for r in result.timeline}

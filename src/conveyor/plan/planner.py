@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from conveyor.config import ConfigError, ModelConfig
 from conveyor.parallel.tp_blocks import check_tensor_parallel
 from conveyor.sim import CostModel
+from conveyor.sim.profile import Runtime
 
 from .cluster import Cluster
 from .estimate import Candidate, Estimate, estimate, profiled_costs, simulate_candidate
@@ -114,11 +115,13 @@ def _schedules(pp: int, m: int, blocks: int, names: tuple[str, ...]
 def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: int,
          memory_limit: float | None = None, dp_bucket_mb: float = 25.0, finalists: int = 16,
          schedules: tuple[str, ...] = SCHEDULES,
-         where: Callable[[Candidate], bool] | None = None, profile: bool = False) -> Plan:
+         where: Callable[[Candidate], bool] | None = None,
+         profile: Runtime | None = None) -> Plan:
     """Search, prune and rank; raise ConfigError if nothing fits in memory.
 
     ``where`` keeps only the candidates it accepts (e.g. one (tp, pp) split);
-    ``profile`` (cpu) times the finalists' compute on this machine.
+    ``profile`` (cpu) times the finalists' compute on this machine with this runtime
+    (``conveyor.runtime.profiling``).
     """
     if profile and cluster.device.name != "cpu":
         raise ConfigError("--profile times this machine; use it with --device cpu")
@@ -161,7 +164,7 @@ def plan(model: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: in
     if profile:  # every finalist's compute timed here, in one launch
         picked = [e.candidate for e in fits[:finalists] if small(e.candidate)]
         timed = dict(zip(picked, profiled_costs(model, picked, cluster, seq_len, global_batch,
-                                                dp_bucket_mb), strict=True))
+                                                dp_bucket_mb, runtime=profile), strict=True))
     ranked: list[Estimate] = []
     best = math.inf
     for i, e in enumerate(fits):

@@ -16,13 +16,11 @@ scales it by the ring's steps and bytes on more.
 
 A calibration is cached as JSON (:func:`calibrate` with ``path``), so one
 measurement serves many plans; the file's ``collectives`` table can also be put in a
-device file. ``sim`` does not import the runtime: the launcher is looked up by name
-when a measurement is taken.
+device file. ``sim`` does not import the runtime: the caller hands its launcher in.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import statistics
@@ -38,6 +36,7 @@ import torch.distributed as dist
 from conveyor.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 
 from .cost import CostError
+from .profile import Launcher
 
 __all__ = ["CommCalibration", "Fit", "calibrate", "default_path", "fit_line", "ring_ops",
            "time_collectives"]
@@ -206,11 +205,13 @@ def default_path() -> Path:
     return Path(base) / "conveyor" / "gloo-2ranks.json"
 
 
-def calibrate(path: str | Path | None = None, *, sizes: Sequence[int] = SIZES,
-              repeats: int = 15, refresh: bool = False) -> CommCalibration:
+def calibrate(path: str | Path | None = None, *, launch: Launcher,
+              sizes: Sequence[int] = SIZES, repeats: int = 15,
+              refresh: bool = False) -> CommCalibration:
     """Measure gloo on 2 local ranks and fit each operation; cached at ``path`` if given.
 
     An existing ``path`` is read instead of measuring again, unless ``refresh``.
+    ``launch`` starts the ranks (the runtime's, ``conveyor.runtime.profiling``).
     """
     if path is not None and Path(path).is_file() and not refresh:
         try:
@@ -218,7 +219,6 @@ def calibrate(path: str | Path | None = None, *, sizes: Sequence[int] = SIZES,
         except (ValueError, OSError) as err:
             raise CostError(f"calibration {path} cannot be read ({err}); delete it (or pass "
                             "--recalibrate) to measure again") from None
-    launch = importlib.import_module("conveyor.runtime.launch").launch  # by name: see docstring
     got = launch(_measure_rank, 2, tuple(sizes), repeats, backend="gloo", timeout_s=300)
     medians = {op: [(b, max(got[r][op][i][1] for r in got)) for i, (b, _) in
                     enumerate(got[0][op])] for op in OPS}

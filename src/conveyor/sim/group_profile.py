@@ -18,13 +18,12 @@ constants), the dp gradient reduction and the once-per-step reductions
 
 Several layouts of one world size are profiled in one launch (the process start and
 ``import torch`` cost seconds), round-robin (:class:`GroupReplay`), as many at once as
-fit a share of the host's memory. ``sim`` does not import the runtime: the launcher
-is looked up by name.
+fit a share of the host's memory. ``sim`` does not import the runtime: the caller
+hands it in (:class:`~conveyor.sim.profile.Runtime`).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ from conveyor.parallel.mesh import Mesh
 from conveyor.parallel.tp_blocks import build_tp_blocks
 
 from .analytic import host_memory
-from .profile import RankProfile, RankReplay
+from .profile import RankProfile, RankReplay, Runtime, StageFactory
 
 __all__ = ["GroupReplay", "Job", "RankTimes", "profile_jobs"]
 
@@ -78,7 +77,8 @@ class GroupReplay:
     real steps in between).
     """
 
-    def __init__(self, cfg: ModelConfig, jobs: list[Job], seed: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, jobs: list[Job], seed: int = 0, *,
+                 runner: StageFactory) -> None:
         torch.set_num_threads(1)
         meshes: dict[tuple[int, int, int], Mesh] = {}
         self.replays: list[tuple[Mesh, RankReplay]] = []
@@ -98,7 +98,8 @@ class GroupReplay:
 
             self.replays.append((mesh, RankReplay(
                 cfg, lay, mesh.pp_rank, microbatch_size=job.microbatch_size,
-                seq_len=job.seq_len, seed=seed, recompute=job.recompute, build=build)))
+                seq_len=job.seq_len, seed=seed, recompute=job.recompute, runner=runner,
+                build=build)))
         self.together = [r.profile for _, r in self.replays]
         # a pipeline's ranks also idle (they take turns at m = 1): time each rank alone too
         self.alone = {i: RankProfile(param_bytes=r.profile.param_bytes)
@@ -132,17 +133,17 @@ class GroupReplay:
         return out
 
 
-def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repeats: int
-                ) -> list[tuple[tuple[int, int, int], RankTimes]]:
+def _replay_all(cfg: ModelConfig, jobs: list[Job], seed: int, warmup: int, repeats: int,
+                runner: StageFactory) -> list[tuple[tuple[int, int, int], RankTimes]]:
     """In each rank: ``warmup + repeats`` rounds of every job; ((pp, dp, tp), times) per job."""
-    group = GroupReplay(cfg, jobs, seed)
+    group = GroupReplay(cfg, jobs, seed, runner=runner)
     for step in range(warmup + repeats):
         group.round(record=step >= warmup)
     return group.finish()
 
 
-def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: int = 1,
-                 repeats: int = 3, timeout_s: float = 600.0
+def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, runtime: Runtime, seed: int = 0,
+                 warmup: int = 1, repeats: int = 3, timeout_s: float = 600.0
                  ) -> list[dict[tuple[int, int, int], RankTimes]]:
     """Profile every job (one world size) on local gloo ranks; per job, times by rank index."""
     if not jobs:
@@ -151,11 +152,10 @@ def profile_jobs(cfg: ModelConfig, jobs: list[Job], *, seed: int = 0, warmup: in
     if len(worlds) != 1:
         raise ValueError(f"jobs need {sorted(worlds)} ranks; profile one world size at a time")
     world = worlds.pop()
-    launch = importlib.import_module("conveyor.runtime.launch").launch  # by name: see docstring
     out: list[dict[tuple[int, int, int], RankTimes]] = []
     for batch in _batches(cfg, jobs, world):
-        got = launch(_replay_all, world, cfg, batch, seed, warmup, repeats, backend="gloo",
-                     timeout_s=timeout_s)
+        got = runtime.launch(_replay_all, world, cfg, batch, seed, warmup, repeats,
+                             runtime.stage_runner, backend="gloo", timeout_s=timeout_s)
         out += [{got[r][i][0]: got[r][i][1] for r in got} for i in range(len(batch))]
     return out
 

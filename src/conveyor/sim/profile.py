@@ -36,14 +36,13 @@ a runner built without split backward, I and W on one built with it.
 - **step start**: how much longer each rank's first action of a replayed step takes
   than the median of its kind (``CostModel.step_start_s``).
 
-``sim`` does not import the runtime (``tests/test_layering.py``): the runner class
-can be passed in (``runner=``); without it the runtime's ``StageRunner`` is looked
-up by name when a profile is taken.
+``sim`` does not import the runtime (``tests/test_layering.py``): the caller hands
+the runtime's ``StageRunner`` in (``runner=``; ``conveyor.runtime.profiling``
+gathers what profiling needs from the runtime in one :class:`Runtime`).
 """
 
 from __future__ import annotations
 
-import importlib
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -67,7 +66,10 @@ from .cost import CostError, CostModel
 
 __all__ = [
     "RankProfile",
+    "Launcher",
     "RankReplay",
+    "Runtime",
+    "StageFactory",
     "StageLike",
     "costs_from_profiles",
     "profile_costs",
@@ -97,9 +99,19 @@ StageFactory = Callable[..., StageLike]
 split_backward, autocast_dtype, meter)``, the runtime's ``StageRunner`` signature."""
 
 
-def _runtime_stage_runner() -> StageFactory:
-    # Looked up by name so that importing sim never imports the runtime.
-    return importlib.import_module("conveyor.runtime.stage").StageRunner  # type: ignore[no-any-return]
+Launcher = Callable[..., dict[int, Any]]
+"""Runs a function on local ranks: the runtime's ``launch(fn, world, *args, backend=,
+timeout_s=)``, returning each rank's result."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What profiling runs of the runtime, handed down by a layer that may import it."""
+
+    launch: Launcher
+    """Starts local ranks with a process group (``runtime.launch.launch``)."""
+    stage_runner: StageFactory
+    """Builds a stage's runner (``runtime.stage.StageRunner``)."""
 
 
 @dataclass
@@ -172,11 +184,11 @@ BlockBuilder = Callable[[ModelConfig, int, list[int]], list[nn.Module]]
 """Builds blocks ``(cfg, seed, indices)``: ``models.build_blocks``, or a tp rank's shards."""
 
 
-def _factory(cfg: ModelConfig, partition: Partition, runner: StageFactory | None, seed: int,
+def _factory(cfg: ModelConfig, partition: Partition, runner: StageFactory, seed: int,
              num_microbatches: int, recompute: bool | str,
              autocast_dtype: torch.dtype | None,
              build: BlockBuilder = build_blocks) -> Callable[..., StageLike]:
-    make_runner = runner or _runtime_stage_runner()
+    make_runner = runner
 
     def make(stage: int, split_backward: bool, meter: ActivationMeter | None = None,
              blocks: list[nn.Module] | None = None) -> StageLike:
@@ -265,7 +277,7 @@ class RankReplay:
         seed: int = 0,
         recompute: bool | str = False,
         autocast_dtype: torch.dtype | None = None,
-        runner: StageFactory | None = None,
+        runner: StageFactory,
         build: BlockBuilder = build_blocks,
     ) -> None:
         sched = layout.schedule
@@ -372,7 +384,7 @@ def replay_rank(
     repeats: int = 3,
     recompute: bool | str = False,
     autocast_dtype: torch.dtype | None = None,
-    runner: StageFactory | None = None,
+    runner: StageFactory,
     sync: Callable[[], None] | None = None,
     isolated_repeats: int = 3,
     build: BlockBuilder = build_blocks,
@@ -456,7 +468,7 @@ def profile_costs(
     optimizer_states: int = 2,
     recompute: bool | str = False,
     autocast_dtype: torch.dtype | None = None,
-    runner: StageFactory | None = None,
+    runner: StageFactory,
 ) -> CostModel:
     """Time every stage of ``cfg`` as the runtime runs it; return a CostModel in seconds.
 
@@ -466,7 +478,7 @@ def profile_costs(
     times every stage m times); with a bare partition each stage is timed in isolation
     (``repeats`` times after ``warmup``, default 5 after 2). ``recompute`` and ``autocast_dtype`` are the
     runtime's (``ParallelConfig.recompute``, bf16); ``runner`` builds a stage runner
-    (default: the runtime's ``StageRunner``).
+    (the runtime's ``StageRunner``).
     """
     layout = partition if isinstance(partition, Layout) else None
     part = layout.partition if layout is not None else partition
