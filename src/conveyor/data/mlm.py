@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from conveyor.data.errors import DataError
+from conveyor.data.special_ids import SpecialIds
 
 __all__ = ["BertSpecials", "IGNORE", "mask_tokens", "sentence_pairs"]
 
@@ -23,16 +24,9 @@ IGNORE = -100
 
 
 @dataclass(frozen=True)
-class BertSpecials:
-    """Special ids placed after a tokenizer's ``base`` ids, or ``given`` by the model's tokenizer."""
-
-    base: int
-    """Ids below it are ordinary tokens (random replacements are drawn from them)."""
-    given: tuple[tuple[str, int], ...] = ()
-    """(name, id) pairs of an imported model's own ids (``ModelConfig.special_ids``)."""
-
-    def _id(self, name: str, offset: int) -> int:
-        return dict(self.given).get(name, self.base + offset)
+class BertSpecials(SpecialIds):
+    """[PAD], [CLS], [SEP], [MASK] after a tokenizer's ``base`` ids (random replacements are
+    drawn below it), or ``given`` by the model's tokenizer."""
 
     @property
     def pad(self) -> int:

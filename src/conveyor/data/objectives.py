@@ -58,14 +58,15 @@ def special_count(model: ModelConfig) -> int:
 
 def bert_specials(model: ModelConfig) -> BertSpecials:
     """The masked-LM special ids of ``model``: its own (``special_ids``) or after the tokenizer's."""
-    return BertSpecials(model.vocab_size - special_count(model), tuple((model.special_ids or {}).items()))
+    return BertSpecials(model.vocab_size - special_count(model),
+                        given=tuple((model.special_ids or {}).items()))
 
 
 def t5_specials(model: ModelConfig) -> T5Specials:
     """The span-corruption special ids of ``model``: its own or after the tokenizer's."""
-    given = sum(1 for name in model.special_ids or {} if name.startswith("sentinel_"))
-    return T5Specials(model.vocab_size - special_count(model), given or SENTINELS,
-                      tuple((model.special_ids or {}).items()))
+    named = sum(1 for name in model.special_ids or {} if name.startswith("sentinel_"))
+    return T5Specials(model.vocab_size - special_count(model), named or SENTINELS,
+                      given=tuple((model.special_ids or {}).items()))
 
 
 def packed_seq_len(model: ModelConfig) -> int:

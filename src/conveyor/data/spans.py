@@ -20,22 +20,17 @@ import numpy as np
 
 from conveyor.data.errors import DataError
 from conveyor.data.mlm import IGNORE
+from conveyor.data.special_ids import SpecialIds
 
 __all__ = ["T5Specials", "corrupt_spans", "span_batch"]
 
 
 @dataclass(frozen=True)
-class T5Specials:
+class T5Specials(SpecialIds):
     """Special ids after a tokenizer's ``base`` ids: pad (= decoder start), eos, sentinels;
     or ``given`` by the model's own tokenizer (HF T5: pad 0, eos 1, <extra_id_k> at the top)."""
 
-    base: int
     sentinels: int = 16
-    given: tuple[tuple[str, int], ...] = ()
-    """(name, id) pairs of an imported model's own ids (``ModelConfig.special_ids``)."""
-
-    def _id(self, name: str, offset: int) -> int:
-        return dict(self.given).get(name, self.base + offset)
 
     @property
     def pad(self) -> int:
