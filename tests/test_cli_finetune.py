@@ -17,6 +17,12 @@ TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320
 LOOP = ["--batch-size", "8", "--microbatches", "2", "--warmup", "0"]
 
 
+def _pretrain(runs: Path, family: str, corpus: Path, name: str) -> None:
+    """One step of a tiny model's pretraining: the start of a fine-tuning run."""
+    assert main(["train", "--family", family, "--data", str(corpus), *TINY, "--steps", "1",
+                 "--eval-every", "0", "--run-dir", str(runs), "--name", name]) == 0
+
+
 def _records(path: Path, n: int, *, seq2seq: bool = False) -> Path:
     words = ["alpha", "beta", "gamma", "delta"]
     rows = [{"source": f"{words[i % 4]} {words[(i + 1) % 4]}", "target": words[i % 4]}
@@ -30,8 +36,7 @@ def _records(path: Path, n: int, *, seq2seq: bool = False) -> Path:
 def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
         tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
-    assert main(["train", "--family", "bert", "--data", str(corpus), *TINY, "--steps", "1",
-                 "--eval-every", "0", "--run-dir", str(runs), "--name", "base"]) == 0
+    _pretrain(runs, "bert", corpus, "base")
     task = _records(tmp_path / "task.jsonl", 48)
     assert main(["finetune", "--checkpoint", str(runs / "base"), "--task", str(task),
                  "--pp", "2", "--steps", "2", *LOOP, "--eval-every", "1", "--val-fraction",
@@ -101,8 +106,7 @@ def test_finetune_a_classifier_at_pp2_then_predict_and_resume(
 def test_finetune_a_summariser_at_pp2_scores_its_generations(
         family: str, tmp_path: Path, corpus: Path) -> None:
     runs = tmp_path / "runs"
-    assert main(["train", "--family", family, "--data", str(corpus), *TINY, "--steps", "1",
-                 "--eval-every", "0", "--run-dir", str(runs), "--name", "gpt"]) == 0
+    _pretrain(runs, family, corpus, "gpt")
     task = _records(tmp_path / "seq.jsonl", 40, seq2seq=True)
     assert main(["finetune", "--checkpoint", str(runs / "gpt"), "--task", str(task), "--pp", "2",
                  "--steps", "1", *LOOP, "--eval-every", "0", "--val-fraction", "0.25",
@@ -118,8 +122,7 @@ def test_finetune_a_summariser_at_pp2_scores_its_generations(
 def test_t5_learns_a_classification_task_text_to_text(
         tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
-    assert main(["train", "--family", "t5", "--data", str(corpus), *TINY, "--steps", "1",
-                 "--eval-every", "0", "--run-dir", str(runs), "--name", "t5"]) == 0
+    _pretrain(runs, "t5", corpus, "t5")
     task = _records(tmp_path / "task.jsonl", 48)
     assert main(["finetune", "--checkpoint", str(runs / "t5"), "--task", str(task), "--pp", "2",
                  "--steps", "1", *LOOP, "--eval-every", "0", "--val-fraction", "0.34",
