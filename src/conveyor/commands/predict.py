@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..data.atomic import atomic_write
 from ..log import setup_logging
 
 __all__ = ["register"]
@@ -62,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(lines)
     else:
-        args.out.write_text(lines, encoding="utf-8")
+        data = lines.encode("utf-8")
+        atomic_write(args.out, lambda f: f.write(data))  # never a half-written file
         print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
     return 0

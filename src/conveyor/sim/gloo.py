@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from conveyor.data.atomic import atomic_write
 from conveyor.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 
 from .cost import CostError
@@ -226,6 +227,6 @@ def calibrate(path: str | Path | None = None, *, launch: Launcher,
                           f"gloo on 2 local ranks, 1 thread each, median of {repeats}, "
                           f"measured {time.strftime('%Y-%m-%d %H:%M:%S')}")
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
+        text = (json.dumps(cal.to_dict(), indent=2) + "\n").encode()
+        atomic_write(Path(path), lambda f: f.write(text))  # a killed plan leaves no half file
     return cal

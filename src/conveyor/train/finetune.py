@@ -30,6 +30,7 @@ import torch
 
 from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, to_dict
 from ..data import DataError, Sampler
+from ..data.atomic import atomic_write
 from ..data.task_encode import TaskRows, decoder_prompt, encode_records, encoder_source
 from ..data.tasks import Record, TaskData, load_task
 from ..data.tokenizer import Tokenizer, load_tokenizer
@@ -198,7 +199,8 @@ def run_finetune(run: RunConfig, task: TaskConfig, source: Path | None = None
     job = _job(data, model, tokenizer, task, str(source) if source else None)
     run_dir = create_run_dir(run, tokenizer, ckpt, step)
     if int(os.environ.get("RANK", "0")) == 0:
-        (run_dir / "task.json").write_text(json.dumps(job.meta, indent=2) + "\n")
+        task_json = (json.dumps(job.meta, indent=2) + "\n").encode()
+        atomic_write(run_dir / "task.json", lambda f: f.write(task_json))
         log.info("fine-tuning on %s (%s): %d train, %d val examples%s -> %s", data.name,
                  data.kind, len(train), 0 if val is None else len(val),
                  f", {len(data.labels)} labels" if data.labels else "", run_dir)
