@@ -13,7 +13,10 @@ One JSON line per configuration on stdout, progress and a summary table on stder
       microbatches, same data, same init, split the way a user writes by hand
       (``torch``: the uniform split) and, for a like-for-like comparison, on
       Conveyor's balanced split (``torch-balanced``; ``--no-torch-balanced`` skips it);
-  (e) with ``--pp4``: pp=4 on 4 ranks (oversubscribed on a 2-core machine).
+  (e) with ``--pp4``: pp=4 on 4 ranks (oversubscribed on a 2-core machine);
+  (f) with ``--lend``: ``conveyor-lend``, the default line with ``--lend-cores`` (idle
+      ranks' cores lent to the warm-up and cool-down actions that run alone), with
+      ``vs_default`` beside the other ratios.
 
 All of (a)-(d) run in one launched group of 2 ranks (single-process cases on rank 0
 while rank 1 sleeps in a barrier), repetitions round-robin over the cases, so
@@ -104,6 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--no-torch-balanced", action="store_true",
                    help="skip torch on Conveyor's balanced split (keep torch on the uniform one)")
     r.add_argument("--no-single", action="store_true", help="skip the single-process cases")
+    r.add_argument("--lend", action="store_true",
+                   help="also Conveyor's default with --lend-cores (conveyor-lend lines, with "
+                   "vs_default): idle ranks' cores lent at warm-up and cool-down")
     r.add_argument("--isolate", action="store_true",
                    help="every case in its own processes (clean per-case RSS, no interleaving)")
     r.add_argument("--sgd", type=float, default=0.0, metavar="LR",
@@ -117,6 +123,10 @@ def _cases(args: argparse.Namespace, pp: int, schedules: list[str]) -> list[Case
     cases = []
     for s in schedules:
         cases += [Case("conveyor", s, pp, partition="cost"), Case("conveyor", s, pp)]
+        if args.lend:
+            par = ParallelConfig(pp=pp, schedule=s, microbatches=args.microbatches, lend_cores=True)
+            cases.append(Case("conveyor", s, pp, partition="cost", parallel=par,
+                              label=f"pp{pp}-{s}-conveyor-lend"))
         cls = TORCH_COUNTERPART[s]
         if cls is not None and not args.no_torch:
             cases.append(Case("torch", s, pp, torch_class=cls))
@@ -144,6 +154,10 @@ def _peers(name: str) -> dict[str, str]:
         base = name.removesuffix("-conveyor-default")
         return {"vs_torch": f"{base}-torch", "vs_torch_same_split": f"{base}-torch-balanced",
                 "vs_uniform": f"{base}-conveyor-uniform", "vs_single_2t": "single-2t"}
+    if name.endswith("-conveyor-lend"):
+        base = name.removesuffix("-conveyor-lend")
+        return {"vs_torch": f"{base}-torch", "vs_torch_same_split": f"{base}-torch-balanced",
+                "vs_default": f"{base}-conveyor-default", "vs_single_2t": "single-2t"}
     if name.endswith("-conveyor-uniform"):
         base = name.removesuffix("-conveyor-uniform")
         return {"vs_torch": f"{base}-torch", "vs_torch_same_split": f"{base}-torch",

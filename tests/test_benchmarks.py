@@ -33,13 +33,14 @@ def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureF
     step_time.main([
         "--layers", "2", "--d-model", "32", "--heads", "2", "--seq", "16", "--vocab", "128",
         "--batch", "8", "--microbatches", "4", "--steps", "2", "--warmup", "1",
-        "--schedules", "1f1b",
+        "--schedules", "1f1b", "--lend",
     ])
     out = capsys.readouterr().out
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [(d["config"], d["impl"]) for d in lines] == [
         ("single-1t", "single"), ("single-2t", "single"),
         ("pp2-1f1b-conveyor-default", "conveyor"), ("pp2-1f1b-conveyor-uniform", "conveyor"),
+        ("pp2-1f1b-conveyor-lend", "conveyor"),
         ("pp2-1f1b-torch", "torch"), ("pp2-1f1b-torch-balanced", "torch"),
     ]
     for d in lines:
@@ -48,7 +49,8 @@ def test_step_time_tiny_model_prints_complete_json_lines(capsys: pytest.CaptureF
         assert "error" not in d, d
         assert d["median_step_s"] > 0 and d["tokens_per_s"] > 0
         assert d["max_rss_bytes"] > 0
-    ours, uniform, theirs, balanced = lines[2:6]
+    ours, uniform, lend, theirs, balanced = lines[2:7]
+    assert lend["vs_default"] is not None and lend["vs_torch"] is not None
     assert ours["vs_torch"] is not None and theirs["torch_schedule"] == "Schedule1F1B"
     for field in ("vs_torch_same_split", "vs_uniform", "vs_single_2t"):
         assert ours[field] is not None, field

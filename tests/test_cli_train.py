@@ -121,6 +121,9 @@ def test_toml_config_and_flags_override_it(tmp_path: Path) -> None:
     assert run.parallel.schedule == "gpipe" and run.parallel.pp == 2
     assert run.train.steps == 50 and run.train.lr == 0.01
     assert run.data.paths == ("a.txt", "b.txt")
+    assert run.parallel.lend_cores is False  # off unless asked for
+    lend = build_run_config(build_parser().parse_args(["train", "--config", str(cfg), "--lend-cores"]))
+    assert lend.parallel.lend_cores is True
 
 
 def test_help_explains_every_option_and_the_default_corpus(
@@ -131,6 +134,6 @@ def test_help_explains_every_option_and_the_default_corpus(
     for flag in ("--layers", "--kv-heads", "--tie-embeddings", "--virtual-stages", "--recompute",
                  "--partition", "--min-lr", "--grad-clip", "--checkpoint-every", "--keep",
                  "--bf16", "--resume", "--val-fraction", "--config", "--tp",
-                 "--sequence-parallel"):
+                 "--sequence-parallel", "--lend-cores"):
         assert flag in text
     assert "standard library" in text and "(default: 1f1b)" in text

@@ -6,6 +6,8 @@ reference, as in the equivalence tests.
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from functools import cache
 from unittest import mock
 
@@ -144,9 +146,37 @@ def _send_peaks(mesh: Mesh) -> dict[str, int]:
     return out
 
 
+def _threads_seen(mesh: Mesh) -> dict[bool, object]:
+    """Each F and B's intra-op threads in a 1F1B step at m=4, with and without lending cores."""
+    out: dict[bool, object] = {}
+    forward, backward = StageRunner.forward, StageRunner.backward
+    seen: list[tuple[str, int]] = []
+
+    def recording_forward(self: StageRunner, mb: int, *args: object, **kw: object) -> object:
+        seen.append((f"{self.stage}F{mb}", torch.get_num_threads()))
+        return forward(self, mb, *args, **kw)
+
+    def recording_backward(self: StageRunner, mb: int, *args: object, **kw: object) -> object:
+        seen.append((f"{self.stage}B{mb}", torch.get_num_threads()))
+        return backward(self, mb, *args, **kw)
+
+    x, y = batches()[0]
+    case = Case("1f1b", 2, 4)
+    for lend in (True, False):
+        seen.clear()
+        pipe = Pipeline(case.model, replace(case.parallel, lend_cores=lend), mesh, seed=0)
+        with mock.patch.object(StageRunner, "forward", recording_forward), \
+                mock.patch.object(StageRunner, "backward", recording_backward):
+            loss = pipe.train_step(x, y)
+        out[lend] = {"seen": dict(seen), "after": torch.get_num_threads(), "loss": loss,
+                     "grads": _grads(pipe)}
+    return out
+
+
 def _run() -> dict[str, object]:
     mesh = Mesh.build(2)
-    return {"bad": _bad_batches(mesh), "bad_named": _bad_named_batches(mesh),
+    return {"threads": _threads_seen(mesh),
+            "bad": _bad_batches(mesh), "bad_named": _bad_named_batches(mesh),
             "accumulate": _accumulate(mesh),
             "send_peaks": _send_peaks(mesh),
             "failed": _failed_step(mesh), "in_flight": _failed_in_flight()}
@@ -155,6 +185,20 @@ def _run() -> dict[str, object]:
 @cache
 def _results() -> dict[int, dict[str, object]]:
     return launch(_run, 2, timeout_s=60)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="lending needs a core per rank")
+def test_idle_cores_are_lent_to_the_actions_that_run_alone() -> None:
+    for rank, result in _results().items():
+        lent, own = result["threads"][True], result["threads"][False]  # type: ignore[index]
+        alone = {"0F0", "0B3"} if rank == 0 else set()  # see test_schedules_concurrency
+        assert {a for a, n in lent["seen"].items() if n == 2} == alone
+        assert all(n == 1 for a, n in lent["seen"].items() if a not in alone)
+        assert set(own["seen"].values()) == {1}, "lend_cores=False keeps every action on its own thread"
+        assert lent["after"] == own["after"] == 1
+        assert lent["loss"] == pytest.approx(own["loss"], rel=1e-6)
+        for name, grad in lent["grads"].items():
+            assert rel_diff(grad, own["grads"][name]) <= 1e-5, name
 
 
 def test_named_batches_that_do_not_fit_are_named_errors() -> None:

@@ -272,6 +272,11 @@ class ParallelConfig:
     kept); False (or "none") keeps everything."""
     compile: bool = False
     """``torch.compile`` every block (split backward included); the first step pays for compiling."""
+    lend_cores: bool = False
+    """On CPU, run warm-up and cool-down actions that no other rank can run alongside on the
+    idle ranks' cores too (only where every rank is on this machine and none is oversubscribed).
+    Off by default: on a machine busy with other work, a 2-thread action waits for the
+    thread the other work delays, and lending costs more than it gains."""
     partition: Literal["uniform", "params", "cost"] = "cost"
     """How blocks are assigned to stages: one of PARTITIONS (default: balanced predicted compute)."""
     partition_costs: Literal["analytic", "profile"] = "analytic"
@@ -297,8 +302,9 @@ class ParallelConfig:
         if self.partition_costs not in ("analytic", "profile"):
             raise ConfigError(f"partition_costs={self.partition_costs!r} is unknown; use "
                               "analytic (FLOPs) or profile (time each block on this machine)")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile={self.compile!r} must be true or false")
+        for name in ("compile", "lend_cores"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.recompute in RECOMPUTE_MODES:  # the names map onto the booleans older files hold
             object.__setattr__(self, "recompute", RECOMPUTE_MODES[self.recompute])
         elif self.recompute not in (True, False, "selective"):

@@ -96,6 +96,10 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("parallel", "compile", "--compile", {"action": _BOOL},
      "torch.compile every block, split backward included (the first step compiles; on CPU "
      "it needs a C++ compiler)"),
+    ("parallel", "lend_cores", "--lend-cores", {"action": _BOOL},
+     "on CPU, run warm-up and cool-down actions that no other rank can run alongside on "
+     "the idle ranks' cores too (faster on a machine doing nothing else, slower on "
+     "a busy one)"),
     ("parallel", "partition", "--partition", {"metavar": "HOW"},
      "blocks to stages: uniform (equal layer counts), params (balanced parameter counts) or "
      "cost (balanced predicted compute, embedding and head included)"),

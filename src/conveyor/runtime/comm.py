@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,16 @@ def link_of(a: Action, stage_ranks: Sequence[int]) -> tuple[int, int, str]:
     if a.kind is Kind.RECV_B:
         return stage_ranks[s + 1], stage_ranks[s], GRAD
     raise ValueError(f"{a} is not a communication action")
+
+
+class _Route(NamedTuple):
+    """Where one communication action's tensors go, the same every step."""
+
+    group: dist.ProcessGroup
+    peer: int  # global rank sent to or received from
+    boundary: int  # the cut crossed: after stage ``boundary``
+    channel: str
+    grads: bool  # only the boundary tensors that carry a grad travel
 
 
 @dataclass
@@ -95,6 +106,7 @@ class P2P:
         # shared by every P2P over the same groups: stale messages outlive a pipeline
         self._health = {} if health is None else health
         self.buffers = RecvBuffers()
+        self._routes: dict[Action, _Route] = {}
 
     @property
     def broken(self) -> str | None:
@@ -110,19 +122,24 @@ class P2P:
         # unique within a step; gloo matches by it, NCCL ignores it
         return ((a.microbatch * self.num_stages + boundary) * 8 + index) * 2 + _CHANNEL_CODE[channel]
 
-    def _specs(self, a: Action) -> tuple[int, Signature]:
-        assert self.signature is not None, "P2P.signature is set before a step"
-        boundary = a.stage if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
-        sig = self.signature(boundary)
-        if a.kind in (Kind.SEND_B, Kind.RECV_B):
-            sig = {name: spec for name, spec in sig.items() if spec.grad}
-        return boundary, sig
+    def _route(self, a: Action) -> _Route:
+        route = self._routes.get(a)
+        if route is None:  # the same every step: worked out once per action
+            src, dst, channel = link_of(a, self.stage_ranks)
+            sending = a.kind in (Kind.SEND_F, Kind.SEND_B)
+            boundary = a.stage if a.kind in (Kind.SEND_F, Kind.RECV_B) else a.stage - 1
+            route = _Route(self.groups[(src, dst, channel)], dst if sending else src, boundary,
+                           channel, grads=channel == GRAD)
+            self._routes[a] = route
+        return route
 
     def post(self, a: Action, tensors: dict[str, Tensor] | None = None) -> Posted:
         """Post a send of ``tensors`` or, without them, a receive into a free pooled buffer."""
-        src, dst, channel = link_of(a, self.stage_ranks)
-        group = self.groups[(src, dst, channel)]
-        boundary, sig = self._specs(a)
+        assert self.signature is not None, "P2P.signature is set before a step"
+        group, peer, boundary, channel, grads = self._route(a)
+        sig = self.signature(boundary)
+        if grads:
+            sig = {name: spec for name, spec in sig.items() if spec.grad}
         sending = tensors is not None
         out: dict[str, Tensor] = {}
         ops: list[dist.P2POp] = []
@@ -136,8 +153,7 @@ class P2P:
             else:
                 t = self.buffers.take(spec.shape, spec.dtype, self.device)
             out[name] = t
-            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, t,
-                                  dst if sending else src, group,
+            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, t, peer, group,
                                   self._tag(a, boundary, index, channel)))
         works = works_per_op(ops, self.transport.batch(ops))
         unique = list({id(w): w for w in works}.values())

@@ -22,6 +22,7 @@ from ..log import get_logger
 from ..memory import ActivationMeter
 from ..schedules.ir import Action, Kind, Schedule, format_table
 from ..schedules.validate import TimedAction
+from ..threads import intra_op_threads
 from .comm import P2P, CommTimeout, Posted
 from .stage import StageRunner
 
@@ -102,9 +103,18 @@ class Executor:
         # called with a stage just before the action that makes its grads final runs
         # (e.g. to start reducing each bucket of grads as soon as backward completes it)
         self.before_stage_done: Callable[[int], None] | None = None
+        # compute actions that run on more intra-op threads than the rank's own: the
+        # cores of ranks that are idle by construction while they run (runtime.lending)
+        self.threads: dict[Action, int] = {}
         self.timeline: list[TimedAction] = []
         self._t0 = 0.0
         self._index = {a: i for i, a in enumerate(self.actions)}
+        # decided once, not per action per step: what each index does, and for every
+        # compute action the receive it takes its input from and the hand-over it makes
+        self._compute_at = [a.kind.is_compute for a in self.actions]
+        self._send_at = [a.kind in _SENDS for a in self.actions]
+        self._links = {p: _links_of(p, self.last_stage)
+                       for a in self.actions if a.kind.is_compute for p in a.parts}
         comm = [i for i, a in enumerate(self.actions) if not a.kind.is_compute]
         self._last_comm = comm[-1] if comm else -1
         self._prefetch = self._plan_prefetch()
@@ -155,7 +165,7 @@ class Executor:
         i = 0
         try:
             for i, a in enumerate(self.actions):
-                if a.kind.is_compute:
+                if self._compute_at[i]:
                     for j in self._prefetch[i]:
                         self._post_recv(state, self.actions[j])
                     if self.before_stage_done is not None:
@@ -166,7 +176,7 @@ class Executor:
                     if self.after_stage_done is not None:
                         for s in self._done_after.get(i, ()):
                             self.after_stage_done(s)
-                elif a.kind in _SENDS:
+                elif self._send_at[i]:
                     assert self.p2p is not None
                     posted = self.p2p.post(a, state.outgoing.pop(a))
                     self.meter.add(posted.nbytes, "send")
@@ -236,46 +246,46 @@ class Executor:
             self.p2p.wait(posted)
         except CommTimeout as err:
             raise _ActionFailed(self._index[key], str(err)) from err
-        self._note(key, t0, time.perf_counter())
+        if self.record:
+            self._note(key, t0, time.perf_counter())
         return posted.tensors
-
-    def _input(self, a: Action, state: _StepState, data: StepInputs) -> Any:
-        if a.stage == 0:
-            return data.inputs[a.microbatch]
-        return self._take(state, Action(a.stage, Kind.RECV_F, a.microbatch))
-
-    def _output_grad(self, a: Action, state: _StepState) -> dict[str, Tensor] | None:
-        if a.stage == self.last_stage:
-            return None
-        return self._take(state, Action(a.stage, Kind.RECV_B, a.microbatch))
 
     def _compute(self, a: Action, state: _StepState, data: StepInputs) -> None:
         t0 = time.perf_counter()
+        threads = self.threads.get(a) if self.threads else None
+        if threads is None:
+            self._compute_parts(a, state, data)
+        else:
+            with intra_op_threads(threads):
+                self._compute_parts(a, state, data)
+        if self.record:
+            self._note(a, t0, time.perf_counter())
+
+    def _compute_parts(self, a: Action, state: _StepState, data: StepInputs) -> None:
         if a.kind is Kind.OVERLAP_F_B:
             f, b = a.sub
             self.overlap(f, lambda: self._run_one(f, state, data),
                          b, lambda: self._run_one(b, state, data))
         else:
             self._run_one(a, state, data)
-        self._note(a, t0, time.perf_counter())
 
     def _run_one(self, a: Action, state: _StepState, data: StepInputs) -> None:
         stage = self.stages[a.stage]
+        source, hand_over = self._links[a]
         if a.kind is Kind.F:
             targets = data.targets[a.microbatch] if a.stage == self.last_stage else None
-            out = stage.forward(a.microbatch, self._input(a, state, data), targets, train=self.train)
-            if a.stage < self.last_stage:
-                self._hand_over(Action(a.stage, Kind.SEND_F, a.microbatch),
-                                Action(a.stage + 1, Kind.RECV_F, a.microbatch), out, state)
-        elif a.kind.is_backward:
-            grad_in = stage.backward(a.microbatch, self._output_grad(a, state),
-                                     defer_weights=a.kind is Kind.I)
-            if a.stage > 0:
-                assert grad_in is not None
-                self._hand_over(Action(a.stage, Kind.SEND_B, a.microbatch),
-                                Action(a.stage - 1, Kind.RECV_B, a.microbatch), grad_in, state)
-        else:
+            inputs = data.inputs[a.microbatch] if source is None else self._take(state, source)
+            out = stage.forward(a.microbatch, inputs, targets, train=self.train)
+            if hand_over is not None:
+                self._hand_over(*hand_over, out, state)
+        elif a.kind is Kind.W:
             stage.weight(a.microbatch)
+        else:
+            grad_out = None if source is None else self._take(state, source)
+            grad_in = stage.backward(a.microbatch, grad_out, defer_weights=a.kind is Kind.I)
+            if hand_over is not None:
+                assert grad_in is not None
+                self._hand_over(*hand_over, grad_in, state)
 
     def _hand_over(
         self, send: Action, recv: Action, tensors: dict[str, Tensor], state: _StepState
@@ -288,9 +298,8 @@ class Executor:
     # -- reporting -----------------------------------------------------------------
 
     def _note(self, a: Action, start: float, end: float) -> None:
-        if self.record:  # seconds since this step began on this rank
-            t0 = self._t0
-            self.timeline.append(TimedAction(self.rank, a, start - t0, end - t0, start - t0))
+        t0 = self._t0  # seconds since this step began on this rank
+        self.timeline.append(TimedAction(self.rank, a, start - t0, end - t0, start - t0))
 
     def _error(self, index: int, reason: str) -> PipelineError:
         a = self.actions[index]
@@ -301,6 +310,19 @@ class Executor:
         )
         log.error(msg)
         return PipelineError(msg)
+
+
+def _links_of(a: Action, last: int) -> tuple[Action | None, tuple[Action, Action] | None]:
+    """The receive a compute action takes its input from (None: the batch, or nothing),
+    and the (send, receive) pair its output goes out as (None: it makes none)."""
+    s, m = a.stage, a.microbatch
+    if a.kind is Kind.F:
+        return (Action(s, Kind.RECV_F, m) if s > 0 else None,
+                (Action(s, Kind.SEND_F, m), Action(s + 1, Kind.RECV_F, m)) if s < last else None)
+    if a.kind.is_backward:
+        return (Action(s, Kind.RECV_B, m) if s < last else None,
+                (Action(s, Kind.SEND_B, m), Action(s - 1, Kind.RECV_B, m)) if s > 0 else None)
+    return None, None  # W: its input is its own I's, it hands nothing over
 
 
 class _ActionFailed(Exception):

@@ -124,6 +124,7 @@ def _worker(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),  # as torchrun says it: every rank is on this host
     )
     fault_point("start")  # a rank lost before the process group forms (the fault suite)
     _init(rank, world_size, backend, timeout_s, threads, local_port=port)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import ModelConfig, ParallelConfig
+from ..log import get_logger
 from ..memory import ActivationMeter
 from ..models import build_blocks, tie_weights
 from ..models.boundary import Signature
@@ -34,13 +35,16 @@ from ..parallel.mesh import Mesh
 from ..parallel.sharded import TensorParallel, reduce_sequence_parallel_grads
 from ..parallel.tp_blocks import build_tp_blocks, tp_owners
 from ..parallel.zero import ZeroShards
-from ..schedules import Kind, Schedule, lower, validate
+from ..schedules import Action, Kind, Schedule, lower, validate
 from .comm import P2P
 from .executor import Executor, StepInputs
+from .lending import cannot_lend, lent_threads
 from .links import NCCL_SEMANTICS_ENV, connect, nccl_semantics_requested
 from .stage import StageRunner
 
 __all__ = ["BatchError", "Pipeline", "NCCL_SEMANTICS_ENV"]
+
+log = get_logger(__name__)
 
 
 class BatchError(ValueError):
@@ -137,6 +141,15 @@ class Pipeline:
         self.executor = Executor(
             lowered, mesh.pp_rank, self.stages, self.p2p, meter=self.meter
         )
+        self.executor.threads = self._lent_threads(self.schedule)
+        if par.lend_cores and mesh.rank == 0:
+            why_not = cannot_lend(self.device, mesh.pp * mesh.dp * mesh.tp)
+            if why_not is not None:
+                log.warning("lend_cores: no cores are lent: %s", why_not)
+            else:
+                log.info("lend_cores: rank 0 runs %s on idle ranks' cores too",
+                         ", ".join(f"{a} ({n} threads)" for a, n in self.executor.threads.items())
+                         or "no action (its schedule leaves no rank idle while it computes)")
         # stages in the order their grads become final on this rank (the buckets' order)
         done_at = self.executor.stage_done_at
         self._done_order = sorted(self.stages, key=lambda s: (done_at.get(s, 1 << 30), s))
@@ -157,6 +170,14 @@ class Pipeline:
         self.eval_executor = Executor(
             lower(fwd), mesh.pp_rank, self.stages, self.p2p, train=False, meter=self.meter
         )
+        self.eval_executor.threads = self._lent_threads(fwd)
+
+    def _lent_threads(self, schedule: Schedule) -> dict[Action, int]:
+        """This rank's actions that run on idle ranks' cores too (``par.lend_cores``, CPU only)."""
+        if not self.par.lend_cores:
+            return {}
+        return lent_threads(schedule, self.mesh.pp_rank, self.device,
+                            self.mesh.pp * self.mesh.dp * self.mesh.tp)
 
     def _make_buckets(self, bucket_mb: float) -> GradBuckets:
         """Data-parallel buckets of this rank's parameters, each under the stage that finishes it."""

@@ -12,7 +12,7 @@ process however many targets each microbatch holds.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -100,6 +100,12 @@ class StageRunner:
                 x = block(x)
         return x
 
+    def _autocast(self) -> AbstractContextManager[Any]:
+        # a disabled torch.autocast still costs its checks on every forward: skip it
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _stage_input(self, inputs: Any, train: bool) -> Any:
         """The first block's argument: the data on the first stage, else the received tensors.
 
@@ -127,10 +133,7 @@ class StageRunner:
         x = self._stage_input(inputs, train)
         shape = _shape_key(x)
         measure = train and shape not in self._saved_by_shape
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-            enabled=self.autocast_dtype is not None,
-        ), count_saved_bytes(self._weights) if measure else nullcontext() as saved:
+        with self._autocast(), count_saved_bytes(self._weights) if measure else nullcontext() as saved:
             out = self._run_blocks(x)
             if self.is_last and targets is None:  # prediction: keep the head's outputs
                 assert not train, "training needs targets on the last stage"

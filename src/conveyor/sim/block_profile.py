@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +20,9 @@ from torch import Tensor
 
 from conveyor.config import ModelConfig
 from conveyor.models import build_blocks
+from conveyor.threads import intra_op_threads
 
 __all__ = ["profile_block_costs"]
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _time_block(block: torch.nn.Module, x: Tensor, targets: Tensor | None) -> tuple[float, Tensor]:
@@ -58,7 +47,7 @@ def profile_block_costs(cfg: ModelConfig, *, microbatch_size: int, seq_len: int,
     blocks = build_blocks(cfg, seed)
     last = len(blocks) - 1
     times: list[list[float]] = [[] for _ in blocks]
-    with _threads(threads):
+    with intra_op_threads(threads):
         for rep in range(reps + 1):  # the first pass warms up allocator and kernels
             x: Tensor = tokens
             for i, block in enumerate(blocks):
