@@ -20,7 +20,7 @@ from conveyor.data import DataError, PreparedData, read_documents, train_tokeniz
 from conveyor.models import Transformer
 from conveyor.train.checkpoint import save_checkpoint
 from conveyor.train.metrics import MetricsWriter, read_metrics
-from conveyor.train.resume_checks import check_same_data, provenance
+from conveyor.train.resume_checks import check_same_data, data_provenance
 from conveyor.train.rng import capture_rng, restore_rng
 
 CFG = ModelConfig(vocab_size=320, n_layers=1, d_model=32, n_heads=2, max_seq_len=32)
@@ -51,7 +51,7 @@ def run(tmp_path: Path, corpus: Path) -> tuple[Path, PreparedData]:
     cfg = ModelConfig(**{**to_dict(CFG), "vocab_size": tok.vocab_size})
     tensors = {k: v.clone() for k, v in Transformer(cfg, seed=0).state_dict().items()}
     save_checkpoint(run_dir, 1, tensors=tensors,
-                    meta={"model": to_dict(cfg), **provenance(data)})
+                    meta={"model": to_dict(cfg), **data_provenance(data)})
     return run_dir, data
 
 

@@ -2,9 +2,9 @@
 ends in one line before any rank starts.
 
 A resumed run must keep its checkpoint's model, data and batches (``check_resumable``)
-and read the same corpus through the same tokenizer (``check_same_data``, against what
-``provenance`` recorded at save time). A run started from an ``--init`` model must train
-that very model, with its own tokenizer (``init_tokenizer``).
+and read the same corpus through the same tokenizer (``check_same_data``, against
+what ``data_provenance`` recorded at save time). A run started from an ``--init``
+model must train that very model, with its own tokenizer (``init_tokenizer``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .checkpoint_files import checkpoint_tokenizer
 from .export import ModelFiles
 from .rundir import TOKENIZER_FILE
 
-__all__ = ["check_resumable", "check_same_data", "init_tokenizer", "provenance"]
+__all__ = ["check_resumable", "check_same_data", "data_provenance", "init_tokenizer"]
 
 # what a resumed run must share with its checkpoint: the weights' shape and the data stream
 _FIXED_ON_RESUME = {"train": ("batch_size", "seed")}
@@ -80,7 +80,7 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def provenance(data: PreparedData) -> dict[str, str]:
+def data_provenance(data: PreparedData) -> dict[str, str]:
     """What a checkpoint records of its data: the tokenizer (a path relative to the
     checkpoint, and its hash) and the corpus fingerprint, checked on resume."""
     return {"tokenizer_path": f"../../{TOKENIZER_FILE}",

@@ -9,13 +9,14 @@ ends there in one line before any process starts. Then ``train_worker`` runs a
     sampler -> batch -> pipeline.train_step -> global-norm clip -> AdamW step (lr of step)
 
 Every rank sees the same batches and knows the loss; rank 0 writes the metrics
-(``metrics_sink``) and draws the progress bar. Validation: ``evaluation``. What goes
-in the run directory: see ``rundir``.
+(``metrics_sink``) and shows the progress (``progress``). Validation: ``evaluation``.
+What goes in the run directory: see ``rundir``.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import Sampler
@@ -48,8 +48,9 @@ from .hf_io import read_init
 from .metrics import perplexity
 from .metrics_sink import MetricsSink, tensorboard_available
 from .optim import build_optimizer, lr_at, set_lr
+from .progress import Progress
 from .ranks import rank_device, threads_per_rank, user_errors_of_ranks
-from .resume_checks import check_resumable, check_same_data, init_tokenizer, provenance
+from .resume_checks import check_resumable, check_same_data, data_provenance, init_tokenizer
 from .run_layout import run_layout
 from .rundir import TOKENIZER_FILE, create_run_dir
 from .state import (
@@ -116,7 +117,7 @@ def run_training(run: RunConfig) -> dict[int, dict[str, Any]]:
             log.info("%s", line)
     with user_errors_of_ranks():
         return launch(train_worker, world, run, layout, run_dir, data.train, data.val, ckpt,
-                      provenance(data), threads_per_rank=threads_per_rank(world),
+                      data_provenance(data), threads_per_rank=threads_per_rank(world),
                       timeout_s=run.train.timeout)
 
 
@@ -158,7 +159,7 @@ class Trainer:
         self.evals: list[tuple[int, float]] = []
         self.speeds: list[float] = []
         self.last_ckpt: Path | None = None
-        self.bar: tqdm | None = None
+        self.progress: Progress | None = None  # rank 0's, while fit runs
         self.t_start = time.perf_counter()
         self.stop = StopRequest()
         self.provenance: dict[str, str] = {}
@@ -182,30 +183,22 @@ class Trainer:
     def _log(self, msg: str, *args: Any) -> None:
         if self.rank != 0:
             return
-        if self.bar is not None:
-            self.bar.clear()
-        log.info(msg, *args)
-        if self.bar is not None:
-            self.bar.refresh()
+        with self._above_bar():
+            log.info(msg, *args)
+
+    def _above_bar(self) -> contextlib.AbstractContextManager[None]:
+        return self.progress.above() if self.progress is not None else contextlib.nullcontext()
 
     def _write(self, row: dict[str, Any]) -> None:
         if self.sink is not None:
             self.sink.write(row)
 
     def _progress(self, loss: float) -> None:
-        """The bar in a terminal; elsewhere (a log file, CI) a log line every tenth of the run."""
-        if self.bar is None:
+        if self.progress is None:
             return
-        speed = np.mean(self.speeds[-20:])
-        if not self.bar.disable:
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}", refresh=False)
-            self.bar.update(1)
-            return
-        every = max(1, self.cfg.steps // 10)
-        if self.step % every == 0 and self.step < self.cfg.steps:
-            left = (self.cfg.steps - self.step) * self.tokens_per_step / max(speed, 1e-9)
-            self._log("step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", self.step, self.cfg.steps,
-                      loss, speed, left)
+        line = self.progress.update(self.step, loss, float(np.mean(self.speeds[-20:])))
+        if line is not None:
+            self._log("%s", line)
 
     def train_step(self) -> float:
         cfg = self.cfg
@@ -265,15 +258,11 @@ class Trainer:
             **self.provenance,
             "ranks": {str(self.rank): rank_meta(self.elapsed())},
         }
-        if self.bar is not None:  # the checkpoint module logs a line: keep it off the bar
-            self.bar.clear()
-        self.last_ckpt = save_checkpoint(
-            self.run_dir, self.step, tensors=state_tensors(self.pipe, self.opt, self.zero),
-            meta=meta,
-            keep=self.cfg.keep,
-        )
-        if self.bar is not None:
-            self.bar.refresh()
+        with self._above_bar():  # the checkpoint module logs a line
+            self.last_ckpt = save_checkpoint(
+                self.run_dir, self.step, tensors=state_tensors(self.pipe, self.opt, self.zero),
+                meta=meta, keep=self.cfg.keep,
+            )
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t_start
@@ -283,11 +272,7 @@ class Trainer:
         start, preempted = self.step, 0
         self.t_start = time.perf_counter()
         if self.rank == 0:
-            # tqdm's default lock is a multiprocessing semaphore, which a rank leaving through
-            # os._exit never releases: the resource tracker then warns at the end of every run
-            tqdm.set_lock(threading.RLock())
-            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
-                            disable=None, desc="train")
+            self.progress = Progress(cfg.steps, start, self.tokens_per_step)
         if start == 0:
             self.evaluate()
         while self.step < cfg.steps:
@@ -305,8 +290,8 @@ class Trainer:
                     self.save()
                 preempted = signum
                 break
-        if self.bar is not None:
-            self.bar.close()
+        if self.progress is not None:
+            self.progress.close()
         if self.sink is not None:
             self.sink.close()
         return {
