@@ -20,8 +20,8 @@ from conveyor.data import DataError, PreparedData, read_documents, train_tokeniz
 from conveyor.models import Transformer
 from conveyor.train.checkpoint import save_checkpoint
 from conveyor.train.metrics import MetricsWriter, read_metrics
+from conveyor.train.resume_checks import check_same_data, data_provenance
 from conveyor.train.rng import capture_rng, restore_rng
-from conveyor.train.trainer import _check_same_data, _provenance
 
 CFG = ModelConfig(vocab_size=320, n_layers=1, d_model=32, n_heads=2, max_seq_len=32)
 
@@ -51,7 +51,7 @@ def run(tmp_path: Path, corpus: Path) -> tuple[Path, PreparedData]:
     cfg = ModelConfig(**{**to_dict(CFG), "vocab_size": tok.vocab_size})
     tensors = {k: v.clone() for k, v in Transformer(cfg, seed=0).state_dict().items()}
     save_checkpoint(run_dir, 1, tensors=tensors,
-                    meta={"model": to_dict(cfg), **_provenance(data)})
+                    meta={"model": to_dict(cfg), **data_provenance(data)})
     return run_dir, data
 
 
@@ -72,13 +72,13 @@ def test_resume_checks_corpus_and_tokenizer(run: tuple[Path, PreparedData]) -> N
     run_dir, data = run
     ckpt = run_dir / "checkpoints" / "step-00000001"
     meta = json.loads((ckpt / "meta.json").read_text())
-    _check_same_data(data, ckpt, meta)  # the same data: nothing to say
+    check_same_data(data, ckpt, meta)  # the same data: nothing to say
     changed = PreparedData(**{**data.__dict__, "fingerprint": "0" * 64})
     with pytest.raises(DataError, match="--data files changed since checkpoint"):
-        _check_same_data(changed, ckpt, meta)
+        check_same_data(changed, ckpt, meta)
     other = {**meta, "tokenizer_sha256": "0" * 64}
     with pytest.raises(DataError, match="different tokenizer"):
-        _check_same_data(data, ckpt, other)
+        check_same_data(data, ckpt, other)
 
 
 def test_metrics_lines_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import pytest
 
-import conveyor.train.trainer  # noqa: F401  (imported before patching: it binds `launch`)
+import conveyor.train.evaluation  # noqa: F401  (imported before patching: they bind `launch`)
+import conveyor.train.trainer  # noqa: F401
 from conveyor.cli import main
 from conveyor.config import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from conveyor.data.sampler import Sampler
 from conveyor.models import Transformer
 from conveyor.models.blocks import HeadBlock
 from conveyor.train.checkpoint import save_checkpoint
+from conveyor.train.corpus import prepare
 from conveyor.train.export import write_export
 from conveyor.train.metrics import METRICS_FILE, MetricsWriter
 from conveyor.train.rundir import TOKENIZER_FILE, create_run_dir
-from conveyor.train.trainer import prepare
 
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab-size", "320",
         "--seq-len", "16", "--batch-size", "8", "--microbatches", "2"]
@@ -428,7 +429,8 @@ def _no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a process was spawned for input that should have been rejected")
 
     for target in ("conveyor.runtime.launch.launch", "conveyor.train.trainer.launch",
-                   "conveyor.commands.generate.launch", "torch.multiprocessing.start_processes"):
+                   "conveyor.train.evaluation.launch", "conveyor.commands.generate.launch",
+                   "torch.multiprocessing.start_processes"):
         monkeypatch.setattr(target, spawn)
 
 

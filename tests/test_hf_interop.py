@@ -29,9 +29,9 @@ from conveyor.models.hf import check_exportable
 from conveyor.models.hf_gpt2 import GPT2
 from conveyor.models.hf_llama import LLAMA
 from conveyor.train.checkpoint import save_checkpoint
+from conveyor.train.corpus import prepare
 from conveyor.train.export import load_exported, read_exported_config
 from conveyor.train.metrics import read_metrics, train_rows
-from conveyor.train.trainer import prepare
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

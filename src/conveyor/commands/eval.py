@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..log import setup_logging
     from ..train.checkpoint import read_meta, resolve_checkpoint
-    from ..train.trainer import run_evaluation
+    from ..train.evaluation import run_evaluation
 
     setup_logging(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     positive(getattr(args, "batch_size", None), "--batch-size")

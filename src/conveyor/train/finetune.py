@@ -41,9 +41,11 @@ from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
 from .checkpoint import read_meta, resolve_checkpoint
 from .checkpoint_files import check_checkpoint, checkpoint_tokenizer
+from .evaluation import mean_loss
 from .export import param_shapes
 from .hf_io import read_init
 from .metrics import perplexity
+from .ranks import threads_per_rank, user_errors_of_ranks
 from .rundir import TOKENIZER_FILE, create_run_dir
 from .state import load_fitting_params
 from .task_metrics import (
@@ -53,7 +55,7 @@ from .task_metrics import (
     masked_accuracy,
     seq2seq_metrics,
 )
-from .trainer import Trainer, user_errors_of_ranks
+from .trainer import Trainer
 
 __all__ = ["FineTuner", "TaskConfig", "finetune_model", "finetune_worker", "generate_outputs",
            "run_finetune", "text_to_text"]
@@ -208,11 +210,10 @@ def run_finetune(run: RunConfig, task: TaskConfig, source: Path | None = None
             _log_loaded(model, tensors, source)
         for line in layout.describe().splitlines():
             log.info("%s", line)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // layout.world_size)
     with user_errors_of_ranks():
         return launch(finetune_worker, layout.world_size, run, layout, run_dir, train, val, job,
-                      ckpt, threads_per_rank=threads, timeout_s=run.train.timeout)
+                      ckpt, threads_per_rank=threads_per_rank(layout.world_size),
+                      timeout_s=run.train.timeout)
 
 
 def _log_loaded(model: ModelConfig, tensors: dict[str, torch.Tensor], source: Path | None) -> None:
@@ -297,7 +298,7 @@ class FineTuner(Trainer):
                 "majority_macro_f1": m["majority_macro_f1"]}
 
     def _seq2seq(self) -> dict[str, float]:
-        loss = sum(self.pipe.eval_step(x, y) for x, y in self.val) / len(self.val)
+        loss = mean_loss(self.pipe, self.val)
         correct = total = 0.0
         for x, y in self.val:
             pred = self.pipe.predict_step(x, reduce=lambda t: t.argmax(-1)).numpy()

@@ -27,8 +27,8 @@ from ..runtime.pipeline import Pipeline
 from .checkpoint import read_meta, resolve_checkpoint
 from .checkpoint_files import check_checkpoint, checkpoint_tokenizer
 from .export import model_config_from, param_shapes
+from .ranks import rank_device, user_errors_of_ranks
 from .state import load_params
-from .trainer import rank_device, user_errors_of_ranks
 
 __all__ = ["CHUNK_PER_STAGE", "predict_worker", "run_predict"]
 
