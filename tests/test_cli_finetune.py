@@ -138,6 +138,12 @@ def test_t5_learns_a_classification_task_text_to_text(
     assert main(["predict", "--checkpoint", str(runs / "cls"), "--text", "alpha"]) == 2
     err = capsys.readouterr().err.strip()
     assert "text-to-text" in err and len(err.splitlines()) == 1
+    # block costs profiled on this machine cover decoder LMs only: said, not ignored
+    assert main(["finetune", "--checkpoint", str(runs / "t5"), "--task", str(task),
+                 "--partition-costs", "profile", "--steps", "1", *LOOP, "--val-fraction", "0.34",
+                 "--run-dir", str(runs),
+                 "--name", "profiled"]) == 2
+    assert "family='t5' uses partition_costs='analytic'" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_classifier() -> None:

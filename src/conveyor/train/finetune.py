@@ -36,7 +36,7 @@ from ..data.tasks import Record, TaskData, load_task
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..log import get_logger
 from ..models.families import family_of
-from ..parallel.layout import Layout, resolve_layout
+from ..parallel.layout import Layout
 from ..runtime.launch import launch
 from ..runtime.pipeline import Pipeline
 from .checkpoint import read_meta, resolve_checkpoint
@@ -46,6 +46,7 @@ from .export import param_shapes
 from .hf_io import read_init
 from .metrics import perplexity
 from .ranks import threads_per_rank, user_errors_of_ranks
+from .run_layout import run_layout
 from .rundir import TOKENIZER_FILE, create_run_dir
 from .state import load_fitting_params
 from .task_metrics import (
@@ -197,7 +198,7 @@ def run_finetune(run: RunConfig, task: TaskConfig, source: Path | None = None
     if val is not None and len(val) < batch:
         raise DataError(f"--task {task.task}: {len(val)} validation records < batch size "
                         f"{batch}; raise --val-fraction or lower --batch-size")
-    layout = resolve_layout(model, run.parallel, batch_size=batch)
+    layout = run_layout(run)  # after the task checks: profiling costs seconds
     job = _job(data, model, tokenizer, task, str(source) if source else None)
     run_dir = create_run_dir(run, tokenizer, ckpt, step)
     if int(os.environ.get("RANK", "0")) == 0:

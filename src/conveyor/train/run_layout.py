@@ -19,9 +19,10 @@ def run_layout(run: RunConfig) -> Layout:
         return resolve_layout(run.model, par, batch_size=run.train.batch_size)
     from ..sim.block_profile import profile_block_costs
 
-    if run.model.family != "gpt":
-        raise ConfigError(f"partition_costs='profile' times decoder blocks only; family="
-                          f"{run.model.family!r} uses partition_costs='analytic'")
+    if run.model.family != "gpt" or run.model.num_labels:
+        what = f"family={run.model.family!r}" if run.model.family != "gpt" else "a classifier"
+        raise ConfigError(f"partition_costs='profile' times language-model decoder blocks only; "
+                          f"{what} uses partition_costs='analytic'")
     par.check_against(run.model, run.train.batch_size)  # before spending the seconds
     t0 = time.perf_counter()
     mbs = run.train.batch_size // (par.dp * par.microbatches)
