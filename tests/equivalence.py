@@ -69,6 +69,8 @@ class Case:
     """1: ZeRO-1, the optimizer steps each dp rank's chunks and parameters are all-gathered."""
     compile: bool = False
     """``torch.compile`` every block of every stage."""
+    lend: bool = False
+    """``lend_cores``: actions that run alone use the idle ranks' threads (on 2 ranks, 2 cores)."""
     ragged: bool = False
     """Ignore (-100) a different number of targets in each sequence, so microbatches and
     replicas hold different target counts."""
@@ -108,7 +110,7 @@ class Case:
             microbatches=self.microbatches,
             recompute=self.recompute, virtual_stages=self.virtual_stages,
             dp_bucket_mb=self.bucket_mb, zero=self.zero, compile=self.compile,
-            partition=self.partition,
+            partition=self.partition, lend_cores=self.lend,
         )
 
     def built_schedule(self) -> Schedule | None:
@@ -132,7 +134,7 @@ class Case:
         flags += [f"bucket{self.bucket_mb:g}"] * (self.bucket_mb != ParallelConfig.dp_bucket_mb)
         flags += [f"zero{self.zero}"] * (self.zero > 0)
         flags += ["nccl"] * self.nccl + [f"b{self.batch}"] * (self.batch != BATCH)
-        flags += ["compiled"] * self.compile
+        flags += ["compiled"] * self.compile + ["lend"] * self.lend
         flags += ["ragged"] * self.ragged
         flags += [self.partition] * (self.partition != ParallelConfig.partition)
         flags += [f"{name}={value}" for name, value in self.options]

@@ -188,11 +188,14 @@ def _family_cases(world: int) -> list[Case]:
 def _option_cases(world: int) -> list[Case]:
     """Model options: Hugging Face's BERT (post-norm, erf GELU, MLM decoder bias) at pp 1
     and 2; a post-norm decoder with a head bias under tp (the bias padded with the
-    vocabulary); a post-norm T5 with a GeGLU MLP split at pp 2."""
+    vocabulary); a post-norm T5 with a GeGLU MLP split at pp 2. And ``lend_cores`` on 2
+    ranks (both cores lent at GPipe's turn and 1F1B's ends; a V placement's first F)."""
     if world == 1:
         return [Case("1f1b", 1, 4, family="bert", tied=True, options=POST_NORM_BERT)]
     if world == 2:
-        return [Case("1f1b", 2, 2, family="bert", tied=True, nccl=True, options=POST_NORM_BERT),
+        return [Case("gpipe", 2, 4, lend=True), Case("1f1b", 2, 4, lend=True, nccl=True),
+                Case("zb-v", 2, 4, lend=True, tied=True),
+                Case("1f1b", 2, 2, family="bert", tied=True, nccl=True, options=POST_NORM_BERT),
                 Case("1f1b", 1, 2, tp=2, tied=True, vocab=61, options=POST_NORM_BERT),
                 Case("gpipe", 2, 4, family="t5", flavour="llama", partition="params",
                      options=(("norm_position", "post"), ("activation", "gelu_tanh")))]
