@@ -69,6 +69,24 @@ def _train(model: Transformer, opt: torch.optim.Optimizer, steps: int) -> None:
         opt.step()
 
 
+def test_adamw_is_torchs_fused_kernel_and_steps_like_the_plain_one() -> None:
+    model, twin = Transformer(TINY, seed=0), Transformer(TINY, seed=0)
+    opt = build_optimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"] is True  # CPU float32 parameters
+    plain = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                               for g in build_optimizer(twin.named_parameters(), lr=1e-2,
+                                                        weight_decay=0.1).param_groups],
+                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    _train(model, opt, 3)
+    _train(twin, plain, 3)
+    # an update moves a weight by ~lr = 1e-2; rounding differs where Adam divides noise by
+    # noise (the key bias, whose grad is zero up to rounding), never by a whole step
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    ints = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))  # no fused kernel: plain AdamW
+    assert not build_optimizer([("w", ints)], lr=1e-3, weight_decay=0.0).defaults["fused"]
+
+
 def test_adamw_state_round_trips_by_name() -> None:
     model = Transformer(TINY, seed=0)
     opt = build_optimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1)
