@@ -135,3 +135,6 @@ def test_describe_shows_tables_and_figures() -> None:
     assert "forward only (no backward)" in fwd and "rank 0: 0, rank 1: 0" in fwd
     assert "(vshape placement)" in describe(build_schedule("zb-v", 2, 4, 2))
     assert "B = full backward" in describe(build_schedule("gpipe", 2, 2))
+    assert text.splitlines()[-1] == "cores lent by idle ranks (--lend-cores, on CPU): rank 0: 0F0 x3"
+    assert describe(build_schedule("gpipe", 2, 2)).endswith(
+        "rank 0: 0F0 x2 0B1 x2, rank 1: 1F1 x2 1B0 x2")

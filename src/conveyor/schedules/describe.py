@@ -6,6 +6,7 @@ clock table under unit costs, and the validator's figures.
 
 from __future__ import annotations
 
+from .concurrency import core_shares
 from .ir import Kind, Schedule
 from .validate import execute, validate
 
@@ -48,4 +49,10 @@ def describe(schedule: Schedule) -> str:
         "(idle inside each rank's first-to-last action)",
         f"peak activations, in stage-microbatches held (F done, B or W not yet): {per_rank}",
     ]
+    if not schedule.lowered:
+        lent = ", ".join(f"rank {r}: " + " ".join(f"{a} x{k}" for a, k in row.items())
+                         for r, row in sorted(core_shares(schedule).items()) if row)
+        # what --lend-cores does: actions during which other ranks must be idle, and the
+        # ranks' worth of threads each takes (schedules.concurrency)
+        lines.append(f"cores lent by idle ranks (--lend-cores, on CPU): {lent or 'none'}")
     return "\n".join(lines)
