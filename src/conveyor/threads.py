@@ -1,13 +1,21 @@
-"""Intra-op threads for a block of work, then back to what they were."""
+"""This machine's cores, and intra-op threads for a block of work."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["intra_op_threads"]
+__all__ = ["available_cores", "intra_op_threads"]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS says, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextmanager

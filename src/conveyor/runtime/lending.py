@@ -21,6 +21,7 @@ import torch
 
 from ..schedules.concurrency import core_shares
 from ..schedules.ir import Action, Schedule
+from ..threads import available_cores
 from .launch import under_torchrun
 
 __all__ = ["cannot_lend", "lent_threads", "single_host"]
@@ -33,19 +34,13 @@ def single_host() -> bool:
     return os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]
 
 
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def cannot_lend(device: torch.device, world_size: int) -> str | None:
     """Why idle ranks' cores cannot be lent in this job, or None when they can."""
     if device.type != "cpu":
         return f"ranks compute on {device.type}, not on CPU threads"
     if not single_host():
         return "some ranks run on other machines (LOCAL_WORLD_SIZE != WORLD_SIZE)"
-    threads, cores = torch.get_num_threads(), _cores()
+    threads, cores = torch.get_num_threads(), available_cores()
     if world_size * threads > cores:
         return (f"{world_size} ranks x {threads} threads already take more than this "
                 f"machine's {cores} cores")

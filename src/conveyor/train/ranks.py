@@ -5,7 +5,6 @@ reaches the parent as one line."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from ..config import ConfigError
 from ..data import DataError
+from ..threads import available_cores
 from .checkpoint import CheckpointError
 
 __all__ = ["rank_device", "threads_per_rank", "user_errors_of_ranks"]
@@ -21,8 +21,7 @@ __all__ = ["rank_device", "threads_per_rank", "user_errors_of_ranks"]
 
 def threads_per_rank(world: int) -> int:
     """This machine's cores shared out over ``world`` ranks (at least one each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // world)  # more threads than cores slows every rank down
+    return max(1, available_cores() // world)  # more threads than cores slows every rank down
 
 
 def rank_device() -> torch.device:
