@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def test_simulate_rejects_unknown_model(capsys: pytest.CaptureFixture[str]) -> N
     assert "neither a preset" in capsys.readouterr().err
 
 
+def step_ms(out: str) -> float:
+    """The step time ``conveyor simulate`` printed, in ms."""
+    return float(re.search(r"; step (\S+) ms", out)[1])
+
+
 def test_simulate_takes_train_partition_options(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # "small" is the issue's model: vocab 8192, d_model 256, 8 layers; the head's vocab
@@ -75,10 +81,23 @@ def test_simulate_takes_train_partition_options(tmp_path: Path,
     assert "partition cost [0:6 | 6:10]" in printed["cost"]  # fewer layers beside the head
     assert "stage 1 on rank 1: blocks 6:10 (layers 5-7 + head)" in printed["cost"]
 
-    def step_ms(out: str) -> float:
-        return float(re.search(r"; step (\S+) ms", out)[1])
 
     assert step_ms(printed["cost"]) < step_ms(printed["uniform"])
+
+
+def test_simulate_predicts_lent_cores_on_cpu_only(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--model", "small", "--pp", "2", "--microbatches", "4", "--out", "none"]
+    assert main(argv) == 0
+    own = capsys.readouterr().out
+    assert main([*argv, "--lend-cores"]) == 0
+    lent = capsys.readouterr().out
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "--lend-cores: measured here, k ranks' threads run an action 2: " in lent
+        assert step_ms(lent) < step_ms(own)  # 0F0 and 0B3 run faster
+    else:
+        assert "no cores lent" in lent
+    assert main([*argv, "--device", "h100", "--lend-cores"]) == 2
+    assert "use it with --device cpu" in capsys.readouterr().err
 
 
 def test_schedule_show_writes_torchs_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -93,6 +94,18 @@ def test_step_time_grows_with_latency() -> None:
     assert times[0] < times[1] < times[2]
     # 2 * (p - 1) hops lie on the critical path of the first microbatch alone
     assert times[2] - times[0] >= 2 * 3 * 0.5 - 1e-9
+
+
+def test_lent_cores_speed_up_the_actions_that_run_alone() -> None:
+    """1F1B lends 0F0 and 0B3, GPipe its turn too: each runs ``thread_speedup[1]`` times faster."""
+    for build, saved in ((one_f_one_b, 0.5 + 1.0), (gpipe, 2 * (0.5 + 1.0))):
+        sched = build(2, 4)
+        cost = CostModel.uniform(2, f=1.0, b=2.0)
+        own = simulate(sched, cost).step_time
+        lent = simulate(sched, dataclasses.replace(cost, thread_speedup=(1.0, 2.0)))
+        assert own == 15.0 and lent.step_time == pytest.approx(own - saved)
+    with pytest.raises(CostError, match="the first 1.0"):
+        dataclasses.replace(CostModel.uniform(2), thread_speedup=(2.0, 3.0))
 
 
 def test_bandwidth_adds_to_transfer_time() -> None:

@@ -7,11 +7,14 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import PARTITIONS, ConfigError, ModelConfig, ParallelConfig
 from ..schedules import SCHEDULES
 from .checks import output_file, positive
+
+if TYPE_CHECKING:
+    from ..sim.cost import CostModel
 
 __all__ = ["register", "MODEL_PRESETS", "load_model_config"]
 
@@ -103,10 +106,33 @@ def register(sub: Any) -> None:
                    help="cost preset: cpu (measured here), a100, h100 (analytic FLOP model)")
     p.add_argument("--profile", action="store_true",
                    help="cpu only: time the real model's stages here instead of the FLOP model")
+    p.add_argument("--lend-cores", action="store_true",
+                   help="cpu only: predict `conveyor train --lend-cores` (actions that run alone "
+                   "use the idle ranks' threads; their speedup is measured here)")
     p.add_argument("--out", default="simulation.png",
                    help="Gantt chart PNG to write ('none': no chart)")
     p.add_argument("--trace-json", default=None, help="also write a Chrome/Perfetto trace here")
     p.set_defaults(run=_run)
+
+
+def _lend_cores(args: argparse.Namespace, cfg: ModelConfig, seq: int,
+                cost: CostModel) -> CostModel:
+    """``cost`` with the measured speedup of lent threads, as ``--lend-cores`` runs on this CPU."""
+    from ..sim.block_profile import thread_speedups
+    from ..threads import available_cores
+
+    if args.device != "cpu":
+        raise ConfigError("--lend-cores lends a CPU's idle cores; use it with --device cpu")
+    world, cores = args.pp * args.dp * args.tp, available_cores()
+    if world > cores:
+        print(f"--lend-cores: no cores lent: {world} ranks of one thread already take more "
+              f"than this machine's {cores} cores\n")
+        return cost
+    speedup = thread_speedups(cfg, microbatch_size=args.microbatch_size, seq_len=seq,
+                              max_threads=min(args.pp, cores))
+    print("--lend-cores: measured here, k ranks' threads run an action "
+          + ", ".join(f"{k}: {v:.2f}x" for k, v in enumerate(speedup, 1) if k > 1) + " as fast\n")
+    return dataclasses.replace(cost, thread_speedup=speedup)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -164,6 +190,8 @@ def _run(args: argparse.Namespace) -> int:
             tp=args.tp, dp=args.dp, sequence_parallel=args.sequence_parallel,
             recompute=args.recompute, dp_bucket_mb=args.dp_bucket_mb, zero=args.zero,
         )
+    if args.lend_cores:
+        cost = _lend_cores(args, cfg, seq, cost)
     result = simulate(schedule, cost)
     print(result.table())
     title = (f"{args.schedule} pp={args.pp} tp={args.tp} dp={args.dp} m={args.microbatches} "

@@ -11,6 +11,7 @@ repetitions after a warm-up, the median of each block; seconds are what
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -22,7 +23,7 @@ from conveyor.config import ModelConfig
 from conveyor.models import build_blocks
 from conveyor.threads import intra_op_threads
 
-__all__ = ["profile_block_costs"]
+__all__ = ["profile_block_costs", "thread_speedups"]
 
 
 def _time_block(block: torch.nn.Module, x: Tensor, targets: Tensor | None) -> tuple[float, Tensor]:
@@ -56,3 +57,17 @@ def profile_block_costs(cfg: ModelConfig, *, microbatch_size: int, seq_len: int,
                 if rep:
                     times[i].append(seconds)
     return tuple(statistics.median(t) for t in times)
+
+
+def thread_speedups(cfg: ModelConfig, *, microbatch_size: int, seq_len: int, max_threads: int,
+                    reps: int = 3, seed: int = 0) -> tuple[float, ...]:
+    """How much faster a one-layer model's forward + backward runs on k threads, k = 1..max_threads.
+
+    What ``CostModel.thread_speedup`` needs to predict ``--lend-cores``: the embedding, a
+    layer and the head together stand for the mix of work a lent stage action does.
+    """
+    one_layer = dataclasses.replace(cfg, n_layers=1)
+    seconds = [sum(profile_block_costs(one_layer, microbatch_size=microbatch_size,
+                                       seq_len=seq_len, reps=reps, seed=seed, threads=k))
+               for k in range(1, max_threads + 1)]
+    return tuple([1.0] + [seconds[0] / t for t in seconds[1:]])

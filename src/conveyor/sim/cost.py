@@ -80,6 +80,10 @@ class CostModel:
     """Buckets of each stage's gradient reduction (() : one each)."""
     dp_after_s: tuple[float, ...] = ()
     """Seconds after the optimizer that nothing overlaps (ZeRO-1's parameter all-gather)."""
+    thread_speedup: tuple[float, ...] = ()
+    """How much faster a compute action runs on ``k`` ranks' threads than on its own rank's
+    (entry ``k - 1``; the first is 1): ``--lend-cores``, where the schedule leaves ranks
+    idle (``schedules.concurrency.core_shares``). () : no cores are lent."""
     source: str = field(default="", compare=False)
     """Where the numbers came from, e.g. 'analytic h100' or 'profiled on cpu'."""
 
@@ -103,6 +107,11 @@ class CostModel:
             if values and (len(values) != n or not all(math.isfinite(v) and v >= 0 for v in values)):
                 raise CostError(f"{name}={values!r} needs one finite value >= 0 per stage ({n}), "
                                 "or none")
+        object.__setattr__(self, "thread_speedup", tuple(self.thread_speedup))
+        if self.thread_speedup and (self.thread_speedup[0] != 1.0 or not all(
+                math.isfinite(v) and v > 0 for v in self.thread_speedup)):
+            raise CostError(f"thread_speedup={self.thread_speedup!r} needs finite values > 0, "
+                            "the first 1.0 (one rank's own threads), or none")
         if self.full_b is not None:
             object.__setattr__(self, "full_b", tuple(self.full_b))
             if len(self.full_b) != n or not all(math.isfinite(v) and v >= 0 for v in self.full_b):

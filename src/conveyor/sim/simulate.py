@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from conveyor.schedules import Schedule, execute, lower
+from conveyor.schedules.concurrency import core_shares
 from conveyor.schedules.ir import Action, Kind
 from conveyor.schedules.validate import Execution, TimedAction, peak_activations
 
@@ -165,11 +166,13 @@ def simulate(schedule: Schedule, cost: CostModel) -> SimResult:
     tails = {(r, a.sub[1] if a.kind is Kind.OVERLAP_F_B else a): t for (r, a), t in tails.items()}
     heads = {(r, a.sub[0] if a.kind is Kind.OVERLAP_F_B else a): t for (r, a), t in heads.items()}
     extra = _busy_extras(opened, cost)
+    speedup = _lent_speedups(lowered, cost)
 
     def duration(rank: int, a: Action) -> float:
         key = (rank, a)
         if a.kind.is_compute:
-            own = cost.action_duration(a) + extra.get(key, 0.0) + heads.get(key, 0.0)
+            compute = cost.action_duration(a) / speedup.get((rank, pair_of.get(key, a)), 1.0)
+            own = compute + extra.get(key, 0.0) + heads.get(key, 0.0)
         elif a.kind in _SENDS:
             own = cost.send_overhead_s
         else:
@@ -313,6 +316,18 @@ def _busy_extras(opened: Schedule, cost: CostModel) -> dict[tuple[int, Action], 
                 if nxt is not None:
                     add((rank, nxt), cost.message_compute_s)
     return extra
+
+
+def _lent_speedups(lowered: Schedule, cost: CostModel) -> dict[tuple[int, Action], float]:
+    """Per (rank, compute action), how much faster lent cores make it (``thread_speedup``)."""
+    if not cost.thread_speedup:
+        return {}
+    own = Schedule.build(lowered.name, lowered.num_microbatches, lowered.placement,
+                         {r: [a for a in acts if a.kind.is_compute]
+                          for r, acts in lowered.actions.items()})
+    top = len(cost.thread_speedup)
+    return {(r, a): cost.thread_speedup[min(k, top) - 1]
+            for r, row in core_shares(own).items() for a, k in row.items()}
 
 
 def _open_pairs(lowered: Schedule) -> tuple[Schedule, dict[tuple[int, Action], Action]]:
