@@ -29,11 +29,13 @@ def test_a_local_cpu_job_lends_the_schedules_shares(one_thread: object,
     assert lent_threads(schedule, 1, torch.device("cpu"), 1) == {}
 
 
-def test_no_lending_on_gpus_across_machines_or_oversubscribed(
+def test_no_lending_on_gpus_compiled_across_machines_or_oversubscribed(
         one_thread: object, monkeypatch: pytest.MonkeyPatch) -> None:
     schedule = build_schedule("1f1b", 2, 4)
     assert "not on CPU threads" in cannot_lend(torch.device("cuda"), 2)
     assert lent_threads(schedule, 0, torch.device("cuda"), 2) == {}
+    assert "--compile builds each CPU kernel" in cannot_lend(torch.device("cpu"), 1, compiled=True)
+    assert lent_threads(schedule, 0, torch.device("cpu"), 1, compiled=True) == {}
     many = available_cores() + 1
     assert f"{many} ranks x 1 threads already take more" in cannot_lend(torch.device("cpu"), many)
     monkeypatch.setenv("RANK", "0")

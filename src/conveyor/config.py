@@ -274,7 +274,8 @@ class ParallelConfig:
     """``torch.compile`` every block (split backward included); the first step pays for compiling."""
     lend_cores: bool = False
     """On CPU, run warm-up and cool-down actions that no other rank can run alongside on the
-    idle ranks' cores too (only where every rank is on this machine and none is oversubscribed).
+    idle ranks' cores too (only where every rank is on this machine, none is oversubscribed
+    and blocks are not compiled).
     Off by default: on a machine busy with other work, a 2-thread action waits for the
     thread the other work delays, and lending costs more than it gains."""
     partition: Literal["uniform", "params", "cost"] = "cost"

@@ -34,10 +34,12 @@ def single_host() -> bool:
     return os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]
 
 
-def cannot_lend(device: torch.device, world_size: int) -> str | None:
+def cannot_lend(device: torch.device, world_size: int, *, compiled: bool = False) -> str | None:
     """Why idle ranks' cores cannot be lent in this job, or None when they can."""
     if device.type != "cpu":
         return f"ranks compute on {device.type}, not on CPU threads"
+    if compiled:  # a lent first forward would leave every later one on the lent threads
+        return "--compile builds each CPU kernel for the thread count it first runs with"
     if not single_host():
         return "some ranks run on other machines (LOCAL_WORLD_SIZE != WORLD_SIZE)"
     threads, cores = torch.get_num_threads(), available_cores()
@@ -47,10 +49,10 @@ def cannot_lend(device: torch.device, world_size: int) -> str | None:
     return None
 
 
-def lent_threads(schedule: Schedule, rank: int, device: torch.device,
-                 world_size: int) -> dict[Action, int]:
+def lent_threads(schedule: Schedule, rank: int, device: torch.device, world_size: int, *,
+                 compiled: bool = False) -> dict[Action, int]:
     """This rank's compute actions that run on more threads than its own, and how many."""
-    if cannot_lend(device, world_size) is not None:
+    if cannot_lend(device, world_size, compiled=compiled) is not None:
         return {}
     base = torch.get_num_threads()
     return {a: base * share for a, share in core_shares(schedule).get(rank, {}).items()}
