@@ -92,8 +92,10 @@ def test_simulate_predicts_lent_cores_on_cpu_only(capsys: pytest.CaptureFixture[
     assert main([*argv, "--lend-cores"]) == 0
     lent = capsys.readouterr().out
     if len(os.sched_getaffinity(0)) >= 2:
-        assert "--lend-cores: measured here, k ranks' threads run an action 2: " in lent
-        assert step_ms(lent) < step_ms(own)  # 0F0 and 0B3 run faster
+        speedup = float(re.search(r"--lend-cores: measured here, k ranks' threads run an action "
+                                  r"2: (\S+)x as fast", lent)[1])
+        # 0F0 and 0B3 run that much faster (slower, should a busy machine measure < 1)
+        assert (step_ms(lent) < step_ms(own)) == (speedup > 1)
     else:
         assert "no cores lent" in lent
     assert main([*argv, "--device", "h100", "--lend-cores"]) == 2
