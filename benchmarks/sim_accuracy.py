@@ -14,6 +14,9 @@ Costs (``--profile``):
          load that comes and goes hits profile and measurement alike.
   alone  ``sim.profile_costs`` here, before measuring, one rank after another.
 
+With ``--lend`` the pipelines run with ``--lend-cores`` and the simulation divides
+each lent action by the k-thread speedup measured first (``CostModel.thread_speedup``).
+
 Measured steps are read on one clock (each rank's timeline shifted by the moment
 its executor started) and, since the executor opens a compute action before
 waiting for its inputs, a compute action is busy for its span less the receives it
@@ -44,6 +47,7 @@ oversubscribed: reported, not expected to match).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -79,7 +83,7 @@ def _wait_idle(limit_s: float) -> float:
 
 
 def _measure(cfg: ModelConfig, layouts: dict[str, Layout], batch: int, steps: int,
-             profile: bool, wait_idle: float = 0.0) -> dict:
+             profile: bool, wait_idle: float = 0.0, lend: bool = False) -> dict:
     """Per schedule: each timed step's (executor start, timeline), peaks, replay profile."""
     import torch.distributed as dist
 
@@ -94,7 +98,8 @@ def _measure(cfg: ModelConfig, layouts: dict[str, Layout], batch: int, steps: in
     x, y = tokens[:, :-1], tokens[:, 1:]
     out: dict[str, Any] = {}
     for name, layout in layouts.items():
-        par = ParallelConfig(pp=layout.pp, schedule=name, microbatches=layout.microbatches)
+        par = ParallelConfig(pp=layout.pp, schedule=name, microbatches=layout.microbatches,
+                             lend_cores=lend)
         pipe = Pipeline(cfg, par, mesh, layout=layout)
         replay = None
         if profile:
@@ -207,11 +212,17 @@ def run_once(cfg: ModelConfig, names: list[str], args: argparse.Namespace, pp: i
                                  batch_size=args.batch) for n in names}
     in_ranks = args.profile == "ranks"
     cost_of = {} if in_ranks else {n: _profile_alone(cfg, layouts[n], args.seq) for n in names}
+    speedup: tuple[float, ...] = ()
+    if args.lend:  # measured here before the ranks start, as `conveyor simulate --lend-cores`
+        from conveyor.sim.block_profile import thread_speedups
+
+        mbs = args.batch // args.microbatches
+        speedup = thread_speedups(cfg, microbatch_size=mbs, seq_len=args.seq, max_threads=pp)
     load_before = os.getloadavg()[0]
     print(f"measuring pp={pp}{', profiling in the ranks' if in_ranks else ''} ...",
           file=sys.stderr)
     measured = launch(_measure, pp, cfg, layouts, args.batch, args.steps, in_ranks,
-                      args.wait_idle, timeout_s=max(300.0, args.wait_idle + 300.0))
+                      args.wait_idle, args.lend, timeout_s=max(300.0, args.wait_idle + 300.0))
     load_after = os.getloadavg()[0]
     oversubscribed = pp > (os.cpu_count() or 1)
     rows = []
@@ -223,7 +234,7 @@ def run_once(cfg: ModelConfig, names: list[str], args: argparse.Namespace, pp: i
                 cfg, layout.partition, [measured[r][name]["profile"] for r in sorted(measured)],
                 microbatch_size=layout.microbatch_size, seq_len=args.seq,
                 source=f"StageRunner replayed in the ranks, median over {args.steps} steps")
-        sim = simulate(layout.schedule, cost_of[name])
+        sim = simulate(layout.schedule, dataclasses.replace(cost_of[name], thread_speedup=speedup))
         steps = [measured_execution({r: measured[r][name]["steps"][i] for r in measured})
                  for i in range(args.steps)]
         real = _median_step(steps)
@@ -236,6 +247,7 @@ def run_once(cfg: ModelConfig, names: list[str], args: argparse.Namespace, pp: i
             "pp": pp,
             "microbatches": args.microbatches,
             "run": run,
+            "lend_cores": args.lend,
             "measured_step_s": round(step_s, 5),
             "simulated_step_s": round(sim.step_time, 5),
             "step_error": round(sim.step_time / step_s - 1, 4),
@@ -327,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each schedule wait up to S seconds for an idle machine")
     p.add_argument("--no-trim", action="store_true",
                    help="ranks keep freed memory (glibc: no heap trimming, no mmap); see above")
+    p.add_argument("--lend", action="store_true",
+                   help="run and simulate with --lend-cores (the k-thread speedup measured first)")
     p.add_argument("--plots", default=None, help="write measured-vs-simulated PNGs here")
     p.add_argument("--dump", default=None, help="write raw timelines and costs (JSON) here")
     args = p.parse_args(argv)
