@@ -45,3 +45,17 @@ def test_simulation_tracks_measurement(capsys: pytest.CaptureFixture[str]) -> No
         if r["others_cpu"] < 0.1:
             assert abs(r["step_error"]) <= 0.6, r
             assert abs(r["bubble_error_pp"]) <= 30, r
+
+
+def test_lent_cores_are_run_and_simulated(capsys: pytest.CaptureFixture[str]) -> None:
+    import sim_accuracy
+
+    sim_accuracy.main(["--layers", "2", "--d-model", "128", "--heads", "2", "--seq", "64",
+                       "--vocab", "2048", "--batch", "8", "--microbatches", "4", "--steps", "2",
+                       "--schedules", "gpipe", "--lend"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert row["lend_cores"] is True and row["schedule"] == "gpipe"
+    assert row["measured_peak_units"] == {str(k): v for k, v in row["simulated_peak_units"].items()}
+    if row["others_cpu"] < 0.1:
+        assert abs(row["step_error"]) <= 0.6, row
+
