@@ -27,6 +27,7 @@ __all__ = [
     "SHAPE_FIELDS",
     "hf_field",
     "refuse",
+    "activation_from_hf",
     "check_exportable",
     "expected_hf_names",
     "to_conveyor",
@@ -132,6 +133,14 @@ def hf_field(raw: Mapping[str, Any], key: str, default: Any) -> Any:
 def refuse(where: str, field: str, value: Any, why: str) -> ConfigError:
     """The one-line error for an HF setting Conveyor has no equivalent of."""
     return ConfigError(f"{where}: {field}={value!r} is not supported: {why}")
+
+
+def activation_from_hf(act: Any, where: str) -> str:
+    """The ``ModelConfig.activation`` of HF's ``hidden_act`` name; ConfigError if it has none."""
+    if act not in HF_ACTIVATIONS:
+        raise refuse(where, "hidden_act", act,
+                     f"Conveyor's activations are {', '.join(sorted(HF_ACTIVATIONS))}")
+    return HF_ACTIVATIONS[act]
 
 
 def check_exportable(cfg: ModelConfig, family: HFFamily) -> None:

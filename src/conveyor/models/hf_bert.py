@@ -25,11 +25,11 @@ from typing import Any
 
 from conveyor.config import ConfigError, ModelConfig
 from conveyor.models.hf import (
-    HF_ACTIVATIONS,
     SHAPE_FIELDS,
     TO_HF_ACTIVATION,
     HFFamily,
     TensorMap,
+    activation_from_hf,
     hf_field,
     refuse,
 )
@@ -53,10 +53,7 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
     def get(key: str) -> Any:
         return hf_field(raw, key, _DEFAULTS[key])
 
-    act = get("hidden_act")
-    if act not in HF_ACTIVATIONS:
-        raise refuse(where, "hidden_act", act,
-                     f"Conveyor's activations are {', '.join(sorted(HF_ACTIVATIONS))}")
+    act = activation_from_hf(get("hidden_act"), where)
     for key, want, why in (
         ("type_vocab_size", NUM_SEGMENTS, "Conveyor's bert has two segments (sentence A, B)"),
         ("position_embedding_type", "absolute", "Conveyor's bert learns absolute positions"),
@@ -87,7 +84,7 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         norm_eps=float(get("layer_norm_eps")),
         init_std=float(get("initializer_range")),
         norm_position="post",
-        activation=HF_ACTIVATIONS[act],  # type: ignore[arg-type]
+        activation=act,  # type: ignore[arg-type]
         head_bias=True,
         **fields,
     )

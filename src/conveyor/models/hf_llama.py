@@ -15,11 +15,11 @@ from typing import Any
 
 from conveyor.config import ModelConfig
 from conveyor.models.hf import (
-    HF_ACTIVATIONS,
     SHAPE_FIELDS,
     TO_HF_ACTIVATION,
     HFFamily,
     TensorMap,
+    activation_from_hf,
     hf_field,
     refuse,
 )
@@ -53,10 +53,7 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
     def get(key: str) -> Any:
         return hf_field(raw, key, _DEFAULTS[key])
 
-    act = get("hidden_act")
-    if act not in HF_ACTIVATIONS:  # the gate's activation: silu is SwiGLU, gelu_tanh GeGLU
-        raise refuse(where, "hidden_act", act,
-                     f"Conveyor's activations are {', '.join(sorted(HF_ACTIVATIONS))}")
+    act = activation_from_hf(get("hidden_act"), where)  # the gate's: silu SwiGLU, gelu_tanh GeGLU
     for key in ("attention_bias", "mlp_bias"):
         if get(key):
             raise refuse(where, key, get(key), "Conveyor's llama projections have no biases")
@@ -80,7 +77,7 @@ def config_from_hf(raw: Mapping[str, Any], where: str) -> ModelConfig:
         rope_theta=_rope_theta(raw, where),
         init_std=float(get("initializer_range")),
         # None (the flavour's silu) keeps an ordinary Llama's config equal to a fresh one's
-        activation=None if HF_ACTIVATIONS[act] == "silu" else HF_ACTIVATIONS[act],  # type: ignore[arg-type]
+        activation=None if act == "silu" else act,  # type: ignore[arg-type]
     )
 
 
