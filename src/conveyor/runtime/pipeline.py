@@ -143,7 +143,7 @@ class Pipeline:
         )
         self.executor.threads = self._lent_threads(self.schedule)
         if par.lend_cores and mesh.rank == 0:
-            why_not = cannot_lend(self.device, mesh.pp * mesh.dp * mesh.tp, compiled=par.compile)
+            why_not = cannot_lend(self.device, layout.world_size, compiled=par.compile)
             if why_not is not None:
                 log.warning("lend_cores: no cores are lent: %s", why_not)
             else:
@@ -177,7 +177,7 @@ class Pipeline:
         if not self.par.lend_cores:
             return {}
         return lent_threads(schedule, self.mesh.pp_rank, self.device,
-                            self.mesh.pp * self.mesh.dp * self.mesh.tp, compiled=self.par.compile)
+                            self.layout.world_size, compiled=self.par.compile)
 
     def _make_buckets(self, bucket_mb: float) -> GradBuckets:
         """Data-parallel buckets of this rank's parameters, each under the stage that finishes it."""
